@@ -17,13 +17,41 @@ from models.base import (
 )
 
 # --- autoencoders.py (helper A) ---
+from models.autoencoders import (
+    AutoEncoder,
+    ConvAutoEncoder,
+    DenoisingAutoEncoder,
+    LinearAutoEncoder,
+    LSTMAutoEncoder,
+    MLPAutoEncoder,
+    SparseAutoEncoder,
+    TiedAutoEncoder,
+)
 # --- vae.py, gan.py, aae.py, glo.py (helper B) ---
+from models.aae import AAE, AAEConfig
+from models.gan import GAN, GANConfig
+from models.glo import GLO, GLOConfig
+from models.vae import VAE, VAEConfig
 # --- vqvae2.py, priors.py (helper C) ---
+from models.vqvae2 import VQVAE2, VQVAE2Config
 
 MODELS: dict[str, type[PretrainedModel]] = {
     # --- autoencoders (helper A) ---
+    "ae": AutoEncoder,
+    "mlp_ae": MLPAutoEncoder,
+    "conv_ae": ConvAutoEncoder,
+    "sparse_ae": SparseAutoEncoder,
+    "denoising_ae": DenoisingAutoEncoder,
+    "tied_ae": TiedAutoEncoder,
+    "lstm_ae": LSTMAutoEncoder,
+    "linear_ae": LinearAutoEncoder,
     # --- vae / gan / aae / glo (helper B) ---
+    "vae": VAE,
+    "gan": GAN,
+    "aae": AAE,
+    "glo": GLO,
     # --- vqvae2 (helper C) ---
+    "vqvae2": VQVAE2,
 }
 
 

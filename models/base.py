@@ -212,6 +212,23 @@ class PretrainedModel(nn.Module):
     def after_step(self, step: int) -> None:
         """Non-gradient updates after all phases of a step (EMA weights). Default: nothing."""
 
+    # -- validation ------------------------------------------------------------------------------
+    #: False for families without an encoder network (a GAN): callers skip ``encode`` for them.
+    has_encoder: ClassVar[bool] = True
+    #: The key of :meth:`validation_step`'s output that checkpoints are scored by (lower is better).
+    val_metric: ClassVar[str] = "recon_mse"
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Held-out figures for one batch, each a scalar tensor averaged over the batch.
+
+        Default: the reconstruction MSE through ``encode``/``decode``. Families override it to add
+        their own terms (a VAE's negative ELBO) or when they cannot reconstruct (a GAN).
+        """
+        x = batch["image"]
+        recon = self.decode(self.encode(x).latent).images
+        return {"recon_mse": torch.mean((recon.float() - x.float()) ** 2)}
+
     # -- save / load -----------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write ``config.json`` (with the class name) and ``model.safetensors`` to ``directory``.

@@ -1,0 +1,277 @@
+"""DCGAN-style GAN (Radford et al. 2016) with a choice of loss and an EMA generator.
+
+Generator: z (B, latent_dim) ~ N(0, I) -> linear -> small feature map -> stride-2 transposed convs with
+BatchNorm + ReLU -> tanh, mapped to [0, 1] inside the model. Discriminator: stride-2 convs with LeakyReLU
+and no normalisation (BatchNorm would couple the samples of a batch, which breaks the per-sample
+gradient penalty of WGAN-GP), optionally spectrally normalised (Miyato et al. 2018).
+
+Losses (``loss``): ``"nonsaturating"`` (the original GAN with the -log D(G(z)) generator loss),
+``"hinge"`` (Lim & Ye 2017; Miyato et al. 2018) and ``"wgan-gp"`` (Gulrajani et al. 2017, penalty weight
+``gp_weight``). Each step is two phases, ``"disc"`` then ``"gen"``, each with its own Adam.
+
+An exponential moving average of the generator's weights (``generator_ema``) is updated in
+:meth:`GAN.after_step`; ``decode``/``sample`` use it in eval mode, where it usually gives better samples
+than the live generator. It is a frozen submodule, so it is saved and loaded with the rest.
+
+A GAN has no encoder: ``has_encoder = False`` and :meth:`GAN.encode` raises ``NotImplementedError``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
+
+from models.base import (
+    ConfigError,
+    DecoderOutput,
+    EncoderOutput,
+    LossOutput,
+    ModelConfig,
+    PretrainedModel,
+    require_choice,
+    require_positive,
+)
+from models.blocks import check_images, check_latent
+from models.vae import check_phase, spatial_plan, standard_normal
+
+LOSSES = ("nonsaturating", "hinge", "wgan-gp")
+
+
+@dataclass
+class GANConfig(ModelConfig):
+    """DCGAN. ``image_size`` must be b * 2**n with b in 3..7 (16, 28, 32, 64 ...).
+
+    ``gen_channels`` / ``disc_channels``: width of the last generator / first discriminator stage (doubled
+    per stage towards the latent end, capped at 8x). ``lr_g`` / ``lr_d``: per-phase learning rates
+    (``None`` = ``lr``); both Adams use ``betas=(beta1, beta2)``. ``ema_decay``: decay of the EMA
+    generator (0 = a plain copy of the live one).
+    """
+
+    latent_dim: int = 100
+    gen_channels: int = 64
+    disc_channels: int = 64
+    loss: str = "nonsaturating"
+    gp_weight: float = 10.0
+    spectral_norm: bool = False
+    lr_g: float | None = None
+    lr_d: float | None = None
+    beta1: float = 0.5
+    beta2: float = 0.999
+    ema_decay: float = 0.999
+
+    def validate(self) -> None:
+        super().validate()
+        require_positive(self, "latent_dim", "gen_channels", "disc_channels")
+        require_choice(self, "loss", LOSSES)
+        if self.gp_weight < 0:
+            raise ConfigError(f"{type(self).__name__}.gp_weight must be >= 0, got {self.gp_weight!r}")
+        for name in ("lr_g", "lr_d"):
+            if getattr(self, name) is not None:
+                require_positive(self, name)
+        for name in ("beta1", "beta2", "ema_decay"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"{type(self).__name__}.{name} must be in [0, 1), got {value!r}")
+        spatial_plan(self)
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> "GANConfig":
+        return cls(
+            **{"image_size": 16, "channels": 1, "latent_dim": 8, "gen_channels": 8, "disc_channels": 8, **overrides}
+        )
+
+
+def _widths(base_channels: int, stages: int) -> list[int]:
+    return [base_channels * min(2**i, 8) for i in range(stages)]
+
+
+class Generator(nn.Module):
+    """(B, latent_dim) -> (B, C, H, W) in [0, 1]."""
+
+    def __init__(self, config: GANConfig):
+        super().__init__()
+        stages, base = spatial_plan(config)
+        widths = _widths(config.gen_channels, stages)[::-1]
+        self.base, self.top = base, widths[0]
+        self.project = nn.Sequential(
+            nn.Linear(config.latent_dim, widths[0] * base * base, bias=False),
+            nn.Unflatten(1, (widths[0], base, base)),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(),
+        )
+        layers: list[nn.Module] = []
+        for w_in, w_out in zip(widths, widths[1:]):
+            layers += [nn.ConvTranspose2d(w_in, w_out, 4, 2, 1, bias=False), nn.BatchNorm2d(w_out), nn.ReLU()]
+        layers += [nn.ConvTranspose2d(widths[-1], config.channels, 4, 2, 1), nn.Tanh()]
+        self.convs = nn.Sequential(*layers)
+        _dcgan_init(self)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return (self.convs(self.project(z)) + 1.0) * 0.5
+
+
+class Discriminator(nn.Module):
+    """(B, C, H, W) in [0, 1] -> (B,) real/fake logits (critic scores for WGAN-GP)."""
+
+    def __init__(self, config: GANConfig):
+        super().__init__()
+        stages, base = spatial_plan(config)
+        widths = _widths(config.disc_channels, stages)
+        sn = _spectral_norm if config.spectral_norm else (lambda m: m)
+        layers: list[nn.Module] = []
+        in_ch = config.channels
+        for w in widths:
+            layers += [sn(nn.Conv2d(in_ch, w, 4, 2, 1)), nn.LeakyReLU(0.2)]
+            in_ch = w
+        layers += [nn.Flatten(), sn(nn.Linear(in_ch * base * base, 1))]
+        self.net = nn.Sequential(*layers)
+        _dcgan_init(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x * 2.0 - 1.0).squeeze(1)
+
+
+def pixel_mmd(a: Tensor, b: Tensor, scales: tuple[float, ...] = (0.01, 0.05, 0.2)) -> Tensor:
+    """Biased squared MMD between image sets a (N, C, H, W) and b (M, C, H, W), a scalar >= 0.
+
+    The kernel is a sum of RBFs on the mean squared pixel difference, exp(-msd / s) for s in ``scales``:
+    fixed bandwidths (not the median heuristic) so that scores of different checkpoints compare.
+    """
+    x = torch.cat([a.flatten(1), b.flatten(1)])
+    msd = torch.cdist(x, x).square() / x.shape[1]
+    k = sum(torch.exp(-msd / s) for s in scales)
+    n = a.shape[0]
+    return (k[:n, :n].mean() + k[n:, n:].mean() - 2 * k[:n, n:].mean()).clamp(min=0)
+
+
+def _dcgan_init(module: nn.Module) -> None:
+    # DCGAN's N(0, 0.02) init; BatchNorm scales N(1, 0.02). Spectral norm wraps the weight, so its
+    # "original" tensor is what gets initialised there.
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            weight = m.parametrizations.weight.original if hasattr(m, "parametrizations") else m.weight
+            nn.init.normal_(weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
+class GAN(PretrainedModel):
+    """DCGAN with non-saturating, hinge or WGAN-GP loss and an EMA generator. Latent: (B, latent_dim)."""
+
+    config_class = GANConfig
+    phases = ("disc", "gen")
+    has_encoder = False
+    val_metric = "mmd"
+
+    def __init__(self, config: GANConfig):
+        super().__init__(config)
+        self.generator = Generator(config)
+        self.discriminator = Discriminator(config)
+        self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False).eval()
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return (self.config.latent_dim,)
+
+    def train(self, mode: bool = True) -> "GAN":
+        # The EMA generator is never trained: keep its BatchNorm on the running statistics.
+        super().train(mode)
+        self.generator_ema.eval()
+        return self
+
+    # -- stepping ---------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        c = self.config
+        betas = (c.beta1, c.beta2)
+        return {
+            "disc": torch.optim.Adam(self.discriminator.parameters(), lr=c.lr_d or c.lr, betas=betas),
+            "gen": torch.optim.Adam(self.generator.parameters(), lr=c.lr_g or c.lr, betas=betas),
+        }
+
+    def forward(self, batch: dict[str, Tensor], phase: str = "disc", step: int = 0) -> LossOutput:
+        """The loss of one phase: ``"disc"`` (discriminator on real vs generated) or ``"gen"``."""
+        check_phase(self, phase)
+        real = batch["image"]
+        check_images(real, self.config, "forward")
+        z = torch.randn(real.shape[0], self.config.latent_dim, device=real.device, dtype=real.dtype)
+        loss_type = self.config.loss
+        if phase == "gen":
+            d_fake = self.discriminator(self.generator(z)).float()
+            loss = F.softplus(-d_fake).mean() if loss_type == "nonsaturating" else -d_fake.mean()
+            return LossOutput(loss=loss, logs={"d_fake": d_fake.mean().detach()})
+
+        with torch.no_grad():
+            fake = self.generator(z)
+        d_real, d_fake = self.discriminator(real).float(), self.discriminator(fake).float()
+        logs: dict[str, Tensor] = {"d_real": d_real.mean().detach(), "d_fake": d_fake.mean().detach()}
+        if loss_type == "nonsaturating":
+            loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+        elif loss_type == "hinge":
+            loss = F.relu(1.0 - d_real).mean() + F.relu(1.0 + d_fake).mean()
+        else:
+            gp = self.gradient_penalty(real, fake)
+            loss = d_fake.mean() - d_real.mean() + self.config.gp_weight * gp
+            logs["gp"] = gp.detach()
+        return LossOutput(loss=loss, logs=logs)
+
+    def gradient_penalty(self, real: Tensor, fake: Tensor) -> Tensor:
+        """WGAN-GP: E[(||grad_x D(x_hat)|| - 1)^2] on random interpolates of real and fake, a scalar
+        that stays differentiable w.r.t. the discriminator (``create_graph=True``)."""
+        eps = torch.rand(real.shape[0], 1, 1, 1, device=real.device, dtype=real.dtype)
+        x_hat = (eps * real + (1.0 - eps) * fake.detach()).requires_grad_(True)
+        with torch.enable_grad():
+            scores = self.discriminator(x_hat)
+            (grad,) = torch.autograd.grad(scores.sum(), x_hat, create_graph=True)
+        return (grad.flatten(1).norm(2, dim=1) - 1.0).square().mean()
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        """Move the EMA generator towards the live one. The decay ramps up as (1 + step) / (10 + step)
+        early on, so the average does not remember the random initialisation for thousands of steps."""
+        decay = min(self.config.ema_decay, (1.0 + step) / (10.0 + step))
+        for ema, live in zip(self.generator_ema.parameters(), self.generator.parameters()):
+            ema.lerp_(live, 1.0 - decay)
+        for ema, live in zip(self.generator_ema.buffers(), self.generator.buffers()):
+            ema.copy_(live)  # BatchNorm running statistics (and its step counter)
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A GAN cannot reconstruct, so it is scored by how far its samples are from held-out images:
+        ``mmd``, the squared maximum mean discrepancy in pixel space between the batch and as many EMA
+        generator samples (lower is better; 0 when the two sets are identical), and ``mean_gap``, the
+        mean squared difference of their mean images. Cheap, batch-level proxies, not an FID."""
+        real = batch["image"].float()
+        z = torch.randn(real.shape[0], self.config.latent_dim, device=real.device, dtype=real.dtype)
+        fake = self.decode(z, use_ema=True).images.float()  # the EMA copy is always in eval mode
+        return {
+            "mmd": pixel_mmd(real, fake),
+            "mean_gap": (real.mean(0) - fake.mean(0)).square().mean(),
+        }
+
+    # -- public surface ---------------------------------------------------------------------------
+    def encode(self, x: Tensor) -> EncoderOutput:
+        raise NotImplementedError(
+            "GAN has no encoder (has_encoder = False): it can decode/sample latents but not map images to them"
+        )
+
+    def decode(self, z: Tensor, use_ema: bool | None = None) -> DecoderOutput:
+        """z: (B, latent_dim) -> images (B, C, H, W) in [0, 1]. ``use_ema`` defaults to "in eval mode"."""
+        check_latent(z, self.latent_shape, "decode")
+        use_ema = (not self.training) if use_ema is None else use_ema
+        generator = self.generator_ema if use_ema else self.generator
+        return DecoderOutput(images=generator(z))
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None, noise: Tensor | None = None) -> DecoderOutput:
+        """Decode n draws z ~ N(0, I) (the EMA generator in eval mode); ``noise`` (n, latent_dim) replaces the draw."""
+        like = next(self.generator.parameters())
+        return self.decode(standard_normal(n, self.config.latent_dim, like, generator, noise))

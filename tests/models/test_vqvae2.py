@@ -1,0 +1,216 @@
+"""VQVAE2: latent sizes from the input size and factors, config errors, encode/decode/decode_indices/
+sample shapes, the straight-through gradient to the encoders, both training phases through the generic
+train_step, and save/load."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import MODELS, ConfigError, PretrainedModel, build_model, train_step
+from models.vqvae2 import VQVAE2, VQVAE2Config
+
+torch.set_num_threads(1)
+
+
+def _model(**overrides) -> VQVAE2:
+    torch.manual_seed(0)
+    return VQVAE2(VQVAE2Config.tiny(**overrides))
+
+
+def _batch(n: int = 8, size: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    # Smooth blobs rather than white noise: something an autoencoder can learn in a few steps.
+    images = F.interpolate(torch.rand(n, 1, size // 4, size // 4, generator=g), size=(size, size), mode="bilinear")
+    return {"image": images, "label": torch.full((n,), -1), "index": torch.arange(n)}
+
+
+def test_registered():
+    assert MODELS["vqvae2"] is VQVAE2
+    assert isinstance(build_model("vqvae2", **VQVAE2Config.tiny().to_dict()), VQVAE2)
+
+
+@pytest.mark.parametrize("size, bottom, top", [(16, 8, 4), (28, 14, 7), (32, 16, 8)])
+def test_latent_sizes_follow_the_input_size(size, bottom, top):
+    model = _model(image_size=size)
+    out = model.encode(torch.rand(2, 1, size, size))
+    idx_t, idx_b = out.indices
+    assert idx_t.shape == (2, top, top) and idx_b.shape == (2, bottom, bottom)
+    assert out.latent.shape == (2, 2 * model.config.code_dim, bottom, bottom) == (2, *model.latent_shape)
+    assert model.decode(out.latent).images.shape == (2, 1, size, size)
+
+
+def test_other_factors():
+    model = _model(image_size=32, bottom_factor=4, top_factor=16)
+    idx_t, idx_b = model.encode(torch.rand(1, 1, 32, 32)).indices
+    assert idx_t.shape == (1, 2, 2) and idx_b.shape == (1, 8, 8)
+    model = _model(image_size=8, bottom_factor=1, top_factor=2)
+    idx_t, idx_b = model.encode(torch.rand(1, 1, 8, 8)).indices
+    assert idx_t.shape == (1, 4, 4) and idx_b.shape == (1, 8, 8)
+
+
+def test_defaults_are_for_mnist():
+    config = VQVAE2Config()
+    assert (config.image_size, config.channels, config.bottom_size, config.top_size) == (28, 1, 14, 7)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(image_size=28, top_factor=8), "top_factor .8. does not divide the input size 28"),
+        (dict(image_size=30, bottom_factor=4, top_factor=8), "bottom_factor"),
+        (dict(bottom_factor=3, top_factor=6), "power of two"),
+        (dict(bottom_factor=4, top_factor=4), "larger than bottom_factor"),
+        (dict(image_size=-16), "image_size must be > 0"),
+        (dict(num_codes=-1), "num_codes must be > 0"),
+        (dict(code_dim=0), "code_dim must be > 0"),
+        (dict(bottom_factor=-2), "bottom_factor must be > 0"),
+        (dict(res_blocks=-1), "res_blocks must be >= 0"),
+        (dict(decay=1.0), "decay"),
+        (dict(dead_threshold=-1.0), "dead_threshold"),
+        (dict(prior_dim=30, prior_heads=4), "multiple of prior_heads"),
+        (dict(num_codes=2.5), "num_codes must be of type int"),
+    ],
+)
+def test_bad_configs_raise_config_error(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        VQVAE2Config.tiny(**overrides)
+
+
+def test_config_round_trips_through_a_dict():
+    config = VQVAE2Config.tiny(num_codes=32)
+    assert VQVAE2Config.from_dict(config.to_dict()) == config
+    with pytest.raises(ConfigError, match="unknown field"):
+        VQVAE2Config.from_dict({"codes": 3})
+
+
+def test_decode_and_decode_indices_agree_and_images_are_in_range():
+    model = _model().eval()
+    x = _batch(4)["image"]
+    enc = model.encode(x)
+    with torch.no_grad():
+        from_latent = model.decode(enc.latent).images
+        from_indices = model.decode_indices(*enc.indices).images
+    torch.testing.assert_close(from_latent, from_indices)
+    assert from_latent.shape == x.shape
+    assert float(from_latent.min()) >= 0 and float(from_latent.max()) <= 1
+
+
+def test_decode_rejects_bad_input():
+    model = _model().eval()
+    with pytest.raises(ValueError, match="latent must have shape"):
+        model.decode(torch.zeros(1, 3, 8, 8))
+    top, bottom = torch.zeros(1, 4, 4, dtype=torch.long), torch.zeros(1, 8, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match="top indices must have shape"):
+        model.decode_indices(bottom, bottom)
+    with pytest.raises(ValueError, match=r"bottom indices must lie in \[0, 16\)"):
+        model.decode_indices(top, bottom + 16)
+    with pytest.raises(ValueError, match="integers"):
+        model.decode_indices(top.float(), bottom)
+    with pytest.raises(ValueError, match="images must have shape"):
+        model.encode(torch.zeros(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="phases"):
+        model(_batch(2), phase="main")
+
+
+def test_straight_through_gradient_reaches_the_encoders():
+    model = _model()
+    x = _batch(4)["image"]
+    (q_t, _, _), (q_b, _, _) = model._quantize(x, update=False)
+    F.mse_loss(model._decode_raw(q_t, q_b), x).backward()  # reconstruction only, no commitment
+    for name, module in (("enc_b", model.enc_b), ("enc_t", model.enc_t), ("pre_t", model.pre_t)):
+        grads = [p.grad for p in module.parameters()]
+        assert all(g is not None for g in grads), name
+        assert sum(float(g.abs().sum()) for g in grads) > 0, name
+
+
+def test_encode_never_updates_the_codebooks():
+    model = _model().train()
+    before = model.vq_b.embed.clone()
+    model.encode(_batch(4)["image"])
+    assert torch.equal(model.vq_b.embed, before)
+
+
+def test_train_step_trains_both_phases_and_logs():
+    model = _model(lr=3e-3, prior_lr=3e-3).train()
+    optimizers = model.configure_optimizers()
+    assert set(optimizers) == set(model.phases) == {"vq", "prior"}
+    batch = _batch(16)
+    first = train_step(model, optimizers, batch, 0)
+    for key in (
+        "vq/loss", "vq/recon", "vq/commit_top", "vq/commit_bottom", "vq/usage_top", "vq/usage_bottom",
+        "vq/perplexity_top", "vq/perplexity_bottom", "prior/loss", "prior/prior_ce_top", "prior/prior_ce_bottom",
+    ):
+        assert key in first, key
+    for step in range(1, 40):
+        last = train_step(model, optimizers, batch, step)
+    assert last["vq/recon"] < 0.5 * first["vq/recon"]
+    assert last["prior/loss"] < first["prior/loss"]
+    assert last["vq/usage_bottom"] > 0.5
+
+
+def test_each_phase_touches_only_its_own_weights():
+    model = _model().train()
+    optimizers = model.configure_optimizers()
+    batch = _batch(8)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    optimizers["prior"].zero_grad()
+    model(batch, phase="prior").loss.backward()
+    optimizers["prior"].step()
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, state[k])}
+    assert changed and all(k.startswith("prior_") for k in changed)  # codebooks and encoders untouched
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizers["vq"].zero_grad()
+    model(batch, phase="vq").loss.backward()
+    optimizers["vq"].step()
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, state[k])}
+    assert "vq_b.embed" in changed and "enc_b.0.weight" in changed
+    assert not any(k.startswith("prior_") for k in changed)
+
+
+def test_sample_shapes_range_and_reproducibility():
+    model = _model().eval()
+    images = model.sample(3, generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (3, 1, 16, 16)
+    assert float(images.min()) >= 0 and float(images.max()) <= 1
+    again = model.sample(3, generator=torch.Generator().manual_seed(0)).images
+    torch.testing.assert_close(images, again)
+    top, bottom = model.sample_indices(3, top_k=1)
+    assert top.shape == (3, 4, 4) and bottom.shape == (3, 8, 8)
+    assert torch.equal(top, model.sample_indices(3, generator=torch.Generator().manual_seed(5), top_k=1)[0])
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = _model()
+    optimizers = model.configure_optimizers()
+    for step in range(3):
+        train_step(model, optimizers, _batch(8, seed=step), step)
+    model.eval()
+    model.save_pretrained(tmp_path / "vqvae2")
+    loaded = PretrainedModel.from_pretrained(tmp_path / "vqvae2")
+    assert isinstance(loaded, VQVAE2) and not loaded.training
+    assert dataclasses.asdict(loaded.config) == dataclasses.asdict(model.config)
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    x = _batch(4, seed=9)["image"]
+    a, b = model.encode(x), loaded.encode(x)
+    for ia, ib in zip(a.indices, b.indices):
+        assert torch.equal(ia, ib)
+    torch.testing.assert_close(model.decode(a.latent).images, loaded.decode(b.latent).images)
+
+
+def test_validation_step_reports_per_level_figures_and_changes_nothing():
+    model = _model().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    figures = model.validation_step(_batch(8))
+    assert model.val_metric == "recon_mse"
+    assert set(figures) == {
+        "recon_mse", "prior_ce_top", "prior_ce_bottom", "usage_top", "usage_bottom", "perplexity_top", "perplexity_bottom",
+    }
+    assert all(v.dim() == 0 and torch.isfinite(v) for v in figures.values())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
