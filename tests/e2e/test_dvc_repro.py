@@ -11,12 +11,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.pipelines.conftest import tiny_section
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's bin: dvc and the `latentforge` console script
 
 
 def sh(*cmd: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the copy's own params decide where runs go
     res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout}\n{res.stderr}"
     return res
@@ -35,8 +38,11 @@ def repo_copy(tmp_path) -> Path:
         if src.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
+    # Small data, one tiny family, one epoch: these tests are about the pipeline, not the models.
     params = yaml.safe_load((dest / "params.yaml").read_text())
-    params["data"]["shapes"]["num_images"] = 120  # small: this test is about the pipeline, not the data
+    params["data"]["shapes"].update(num_images=120, image_size=16)
+    params["train"].update(epochs=1, batch_size=16, families=["vae"], log_every_steps=2)
+    params["train"]["models"] = {"vae": tiny_section("vae")}
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh("git", "init", "-q", cwd=dest)
     sh("git", "add", "-A", cwd=dest)
@@ -46,10 +52,18 @@ def repo_copy(tmp_path) -> Path:
 
 def test_dvc_repro_twice_then_push(repo_copy):
     first = sh("dvc", "repro", cwd=repo_copy)
-    assert "Running stage 'prepare'" in first.stdout
+    assert "Running stage 'prepare'" in first.stdout and "Running stage 'train@vae'" in first.stdout
     prepared = repo_copy / "data" / "prepared" / "shapes"
     assert (prepared / "manifest.json").is_file() and (prepared / "train.parquet").is_file()
     assert "/shapes" in (repo_copy / "data" / "prepared" / ".gitignore").read_text()
+    # The train stage's outputs: a loadable model directory and its metrics, shown by `dvc metrics`.
+    from models import PretrainedModel
+
+    model = PretrainedModel.from_pretrained(repo_copy / "artifacts" / "train" / "vae" / "model")
+    assert model.sample(1).images.shape == (1, 3, 16, 16)
+    shown = sh("dvc", "metrics", "show", "--json", cwd=repo_copy).stdout
+    assert "val_score" in shown and "mlflow_run_id" in shown
+    assert (repo_copy / "mlflow.db").is_file()
 
     second = sh("dvc", "repro", cwd=repo_copy)
     assert "Running stage" not in second.stdout
@@ -77,8 +91,8 @@ def test_dvc_tracks_user_raw_data(repo_copy):
     params["data"].update(name="mine", source="idx")
     params["data"]["idx"] = {"images": "data/raw/mine/images.gz", "labels": "data/raw/mine/labels.gz", "class_names": ["even", "odd"]}
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = sh("dvc", "repro", cwd=repo_copy)
+    out = sh("dvc", "repro", "prepare", cwd=repo_copy)
     assert "Running stage 'prepare'" in out.stdout
     manifest = yaml.safe_load((repo_copy / "data" / "prepared" / "mine" / "manifest.json").read_text())
     assert manifest["count"] == 40 and manifest["class_names"] == ["even", "odd"]
-    assert "up to date" in sh("dvc", "repro", cwd=repo_copy).stdout
+    assert "up to date" in sh("dvc", "repro", "prepare", cwd=repo_copy).stdout

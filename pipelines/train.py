@@ -1,0 +1,682 @@
+"""The training job: one generic Ray Train loop for every model family, tracked in MLflow.
+
+``latentforge train --model vae`` resolves a :class:`TrainJob` from ``params.yaml`` (the ``train`` and
+``mlflow`` sections, the family's section ``train.models.<family>``, ``--set`` overrides and the
+prepared data's manifest), then :func:`run_training` runs it on a Ray Train ``TorchTrainer``:
+
+* data: the prepared Parquet splits through Ray Data (``datasets=`` + ``get_dataset_shard``);
+* model: DDP through ``prepare_model``; bf16 autocast on GPU; per-rank seeds;
+* every epoch a validation pass, every ``checkpoint_every`` epochs a checkpoint: the model's
+  ``save_pretrained`` directory plus the optimiser state, scored by the family's validation metric;
+* MLflow (rank 0 only): params, per-step and per-epoch metrics, sample/reconstruction grids, system
+  metrics; the driver creates the run so that a resumed run (same run name) logs into the same one.
+
+Running the same run name again resumes from its latest checkpoint (Ray Train restores the run from
+``<storage_path>/<run name>``), and the MLflow run is found again by its ``latentforge.run_name`` tag.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from pipelines.data import DataError
+from pipelines.params import ParamsError, apply_overrides, check_keys, section
+
+TRAIN_SCHEMA: dict[str, Any] = {
+    "epochs": int,
+    "batch_size": int,
+    "num_workers": int,
+    "use_gpu": bool,
+    "bf16": bool,
+    "cpus_per_worker": (int, float),
+    "checkpoint_every": int,
+    "keep_checkpoints": int,
+    "max_failures": int,
+    "storage_path": str,
+    "output_dir": str,
+    "log_every_steps": int,
+    "images_every": int,
+    "resource_timeout_s": (int, float),
+    "seed": int,
+    "families": list,
+    "models": dict,
+}
+MLFLOW_SCHEMA: dict[str, Any] = {"tracking_uri": str, "experiment": str}
+# Model config fields that come from the prepared data, not from params.
+DATA_FIELDS = ("image_size", "channels", "num_samples")
+
+
+class TrainingError(RuntimeError):
+    """The job could not run or finish; the message says why (resources, MLflow, a worker error)."""
+
+
+@dataclass
+class TrainJob:
+    """Everything a training run needs, resolved and checked before Ray starts."""
+
+    family: str
+    model_config: dict[str, Any]
+    train: dict[str, Any]
+    data_dir: str
+    manifest: dict[str, Any]
+    run_name: str
+    tracking_uri: str
+    experiment: str
+
+    @property
+    def storage_path(self) -> str:
+        return _absolute_uri(self.train["storage_path"])
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.train["output_dir"]) / self.family
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resolving the job from params
+
+
+def resolve_job(
+    params: dict[str, Any],
+    family: str,
+    overrides: list[str] | None = None,
+    num_workers: int | None = None,
+    use_gpu: bool | None = None,
+    run_name: str | None = None,
+) -> TrainJob:
+    """Check everything a user can get wrong (family, ``--set`` keys and types, data) before Ray starts.
+
+    ``overrides``: ``key=value``; a dotted key sets that param (``train.epochs=3``), a bare key sets the
+    family's config field (``beta=4``) or else a ``train`` setting (``epochs=3``).
+    """
+    import yaml
+
+    from models import MODELS, ConfigError
+
+    if family not in MODELS:
+        raise ConfigError(f"unknown model family {family!r}; choose one of: {', '.join(sorted(MODELS))}")
+    cls = MODELS[family]
+    config_fields = {f.name for f in dataclasses.fields(cls.config_class)}
+
+    dotted = [o for o in overrides or [] if "." in o.partition("=")[0]]
+    params = apply_overrides(params, dotted)
+    train_params = section(params, "train")
+    model_section = dict((train_params.get("models") or {}).get(family) or {})
+    train_extra: dict[str, Any] = {}
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if "." in key:
+            continue
+        if not sep or not key:
+            raise ParamsError(f"--set {item!r}: expected key=value")
+        value = yaml.safe_load(raw) if raw else ""
+        if key in config_fields:
+            model_section[key] = value
+        elif key in TRAIN_SCHEMA and key not in ("models", "families"):
+            train_extra[key] = value
+        else:
+            raise ParamsError(
+                f"--set {key}: not a field of {cls.config_class.__name__} ({', '.join(sorted(config_fields))}) "
+                f"nor a train setting ({', '.join(k for k in TRAIN_SCHEMA if k not in ('models', 'families'))})"
+            )
+    train = check_keys({**train_params, **train_extra}, TRAIN_SCHEMA, "train")
+    if num_workers is not None:
+        train["num_workers"] = num_workers
+    if use_gpu is not None:
+        train["use_gpu"] = use_gpu
+    for key in ("epochs", "batch_size", "num_workers", "checkpoint_every", "keep_checkpoints", "log_every_steps", "images_every"):
+        if train[key] <= 0:
+            raise ParamsError(f"params train.{key} must be > 0, got {train[key]}")
+
+    data = section(params, "data")
+    data_dir = Path(data["output_dir"]) / data["name"]
+    manifest_path = data_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise DataError(f"no prepared data at {data_dir}; run `latentforge prepare` (or `dvc repro prepare`) first")
+    manifest = json.loads(manifest_path.read_text())
+
+    height, width, channels = manifest["image_shape"]
+    derived = {"image_size": height, "channels": channels, "num_samples": manifest["splits"]["train"]["count"]}
+    for key, value in derived.items():
+        if key not in config_fields:
+            continue
+        if key in model_section and model_section[key] != value and key != "num_samples":
+            raise ConfigError(
+                f"{cls.config_class.__name__}.{key}={model_section[key]} does not match the data "
+                f"{data['name']} ({key}={value})"
+            )
+        model_section[key] = value
+    if height != width:
+        raise DataError(f"{data_dir}: images are {height}x{width}; the models need square images")
+    model_config = cls.config_class.from_dict(model_section).to_dict()  # validates types and values
+
+    if run_name is None:
+        run_name = f"{family}-{data['name']}-{config_digest(model_config, train, manifest['data_hash'])}"
+    mlflow_params = check_keys(section(params, "mlflow"), MLFLOW_SCHEMA, "mlflow")
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or mlflow_params["tracking_uri"]
+    return TrainJob(
+        family=family,
+        model_config=model_config,
+        train=train,
+        data_dir=str(data_dir.resolve()),
+        manifest=manifest,
+        run_name=run_name,
+        tracking_uri=_absolute_uri(tracking_uri),
+        experiment=mlflow_params["experiment"],
+    )
+
+
+# Settings that change what is trained; the others (epochs, workers, logging ...) do not, so changing
+# them keeps the run name, and running again resumes the same run (more epochs continue it).
+DIGEST_TRAIN_KEYS = ("batch_size", "bf16", "seed")
+
+
+def config_digest(model_config: dict[str, Any], train: dict[str, Any], data_hash: str) -> str:
+    """8 hex digits naming what a run trains: the model config, the training settings that change
+    the result, and the data. The default run name ends with it."""
+    import hashlib
+
+    key = {"model": model_config, "train": {k: train[k] for k in DIGEST_TRAIN_KEYS}, "data": data_hash}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _absolute_uri(uri: str) -> str:
+    """Make local paths absolute: Ray workers and MLflow must not depend on the driver's cwd."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
+    if "://" in uri:
+        return uri
+    return str(Path(uri).resolve())
+
+
+# ----------------------------------------------------------------------------------------------------
+# MLflow (driver side)
+
+
+def mlflow_client(tracking_uri: str):
+    """An MlflowClient for ``tracking_uri``, checked reachable within seconds (no endless retries)."""
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    client = MlflowClient(tracking_uri)
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as exc:  # the store's own exception types differ by backend
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrainingError(f"MLflow tracking store {tracking_uri} is unreachable: {first}") from None
+    return client
+
+
+def _experiment_id(client, name: str, tracking_uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifact_location = None
+    if tracking_uri.startswith("sqlite:///"):
+        # Keep artifacts beside the sqlite file, not in whatever the cwd happens to be.
+        artifact_location = (Path(tracking_uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def git_commit() -> str:
+    """The project's commit: $LATENTFORGE_GIT_COMMIT (set where there is no .git, e.g. in an image) or git."""
+    if os.environ.get("LATENTFORGE_GIT_COMMIT"):
+        return os.environ["LATENTFORGE_GIT_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def start_or_resume_run(client, job: TrainJob, cluster: dict[str, Any]) -> tuple[str, bool]:
+    """The MLflow run of ``job.run_name``: found again by tag (resume) or created with params and tags."""
+    from mlflow.entities import Param, RunTag
+
+    exp_id = _experiment_id(client, job.experiment, job.tracking_uri)
+    found = client.search_runs([exp_id], filter_string=f"tags.`latentforge.run_name` = '{job.run_name}'", max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id, True
+    tags = {
+        "mlflow.runName": job.run_name,
+        "latentforge.run_name": job.run_name,
+        "latentforge.family": job.family,
+        "latentforge.data_name": job.manifest["name"],
+        "latentforge.data_hash": job.manifest["data_hash"],
+        "mlflow.source.git.commit": git_commit(),
+        "ray.num_nodes": str(cluster["nodes"]),
+        "ray.num_cpus": str(cluster["CPU"]),
+        "ray.num_gpus": str(cluster["GPU"]),
+    }
+    run = client.create_run(exp_id, run_name=job.run_name, tags=tags)
+    flat = {f"model.{k}": v for k, v in job.model_config.items()}
+    flat.update({f"train.{k}": v for k, v in job.train.items() if k not in ("models", "families")})
+    flat.update({"family": job.family, "data.name": job.manifest["name"], "data.count": job.manifest["count"]})
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in flat.items()])
+    return run.info.run_id, False
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ray (driver side)
+
+
+def connect_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster at RAY_ADDRESS, or start a local one (only on 127.0.0.1)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+
+
+def cluster_resources() -> dict[str, Any]:
+    import ray
+
+    res = ray.cluster_resources()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return {"CPU": res.get("CPU", 0.0), "GPU": res.get("GPU", 0.0), "nodes": len(nodes)}
+
+
+def wait_for_resources(job: TrainJob, timeout_s: float) -> dict[str, Any]:
+    """Fail fast where Ray would wait forever: the job needs more CPUs/GPUs than the cluster has.
+
+    An autoscaling cluster may grow, so this waits up to ``timeout_s`` before giving up.
+    """
+    need_cpu = job.train["num_workers"] * job.train["cpus_per_worker"]
+    need_gpu = job.train["num_workers"] if job.train["use_gpu"] else 0
+    deadline = time.monotonic() + timeout_s
+    requested = False
+    while True:
+        have = cluster_resources()
+        if have["CPU"] >= need_cpu and have["GPU"] >= need_gpu:
+            return have
+        if not requested:
+            # Ask an autoscaling cluster for the nodes (a GPU worker group may start at zero pods);
+            # run_training clears the request once the job is over.
+            bundle = {"CPU": job.train["cpus_per_worker"], **({"GPU": 1} if need_gpu else {})}
+            _request_resources([bundle] * job.train["num_workers"])
+            requested = True
+        if time.monotonic() >= deadline:
+            _request_resources([])
+            raise TrainingError(
+                f"the job needs {job.train['num_workers']} workers x {job.train['cpus_per_worker']} CPU"
+                + (f" + 1 GPU each" if need_gpu else "")
+                + f" = {need_cpu:g} CPU / {need_gpu} GPU, but the Ray cluster has {have['CPU']:g} CPU / "
+                f"{have['GPU']:g} GPU (waited {timeout_s:g}s); lower --num-workers or add nodes"
+            )
+        time.sleep(1.0)
+
+
+def _request_resources(bundles: list[dict[str, float]]) -> None:
+    try:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=bundles)
+    except Exception:  # no autoscaler (a local or fixed-size cluster): nothing to ask
+        pass
+
+
+def run_training(job: TrainJob, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run ``job`` on Ray Train; return the summary (run id, checkpoint path, metrics, output dir)."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    client = mlflow_client(job.tracking_uri)
+    connect_ray()
+    cluster = wait_for_resources(job, job.train["resource_timeout_s"])
+    run_id, resumed = start_or_resume_run(client, job, cluster)
+    echo(f"{'resuming' if resumed else 'starting'} {job.run_name}: {job.family} on {job.manifest['name']}, "
+         f"{job.train['num_workers']} worker(s), {'GPU' if job.train['use_gpu'] else 'CPU'}; MLflow run {run_id}")
+
+    from models import MODELS
+
+    val_metric = MODELS[job.family].val_metric
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # one progress line per epoch is ours; Ray Data's bars drown it
+    ctx.print_on_execution_start = False
+    datasets = {
+        # Materialised up front: with every CPU given to training workers, lazy read tasks could starve.
+        split: ray.data.read_parquet(str(Path(job.data_dir) / f"{split}.parquet")).materialize()
+        for split in ("train", "val")
+    }
+    loop_config = {
+        "family": job.family,
+        "model_config": job.model_config,
+        "train": {k: v for k, v in job.train.items() if k not in ("models", "families")},
+        "image_shape": job.manifest["image_shape"],
+        "train_count": job.manifest["splits"]["train"]["count"],
+        "tracking_uri": job.tracking_uri,
+        "run_id": run_id,
+        "val_metric": val_metric,
+    }
+    scaling = ray.train.ScalingConfig(
+        num_workers=job.train["num_workers"],
+        use_gpu=job.train["use_gpu"],
+        resources_per_worker={"CPU": job.train["cpus_per_worker"], **({"GPU": 1} if job.train["use_gpu"] else {})},
+    )
+    run_config = ray.train.RunConfig(
+        name=job.run_name,
+        storage_path=job.storage_path,
+        checkpoint_config=ray.train.CheckpointConfig(
+            num_to_keep=job.train["keep_checkpoints"],
+            checkpoint_score_attribute="val_score",
+            checkpoint_score_order="min",
+        ),
+        failure_config=ray.train.FailureConfig(max_failures=job.train["max_failures"]),
+    )
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
+        run_config=run_config, datasets=datasets,
+    )
+    t0 = time.time()
+    try:
+        result = trainer.fit()
+    except Exception as exc:
+        client.set_terminated(run_id, status="FAILED")
+        raise TrainingError(f"training {job.run_name} failed: {_root_cause(exc)}") from exc
+    finally:
+        _request_resources([])
+    if result.error is not None:
+        client.set_terminated(run_id, status="FAILED")
+        raise TrainingError(f"training {job.run_name} failed: {_root_cause(result.error)}")
+    best = result.get_best_checkpoint(metric="val_score", mode="min") or result.checkpoint
+    if best is None:
+        raise TrainingError(f"training {job.run_name} reported no checkpoint")
+    summary = _write_outputs(job, best, result.metrics, run_id, time.time() - t0)
+    client.log_artifacts(run_id, str(job.output_dir / "model"), artifact_path="model")
+    client.log_artifact(run_id, str(job.output_dir / "metrics.json"))
+    client.set_terminated(run_id, status="FINISHED")
+    echo(f"done {job.run_name}: best checkpoint {summary['checkpoint']} ({val_metric} {summary['val_score']:.5g}); "
+         f"model -> {summary['model_dir']}; MLflow run {run_id}")
+    return summary
+
+
+def _root_cause(exc: BaseException) -> str:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1] if text else ''}"
+
+
+def _write_outputs(job: TrainJob, checkpoint, last_metrics: dict, run_id: str, seconds: float) -> dict[str, Any]:
+    """Copy the chosen checkpoint's model to ``<output_dir>/<family>/model`` and write ``metrics.json``
+    (both DVC stage outputs), atomically."""
+    out = job.output_dir
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        with checkpoint.as_directory() as ckpt_dir:
+            shutil.copytree(Path(ckpt_dir) / "model", tmp / "model")
+            state = json.loads((Path(ckpt_dir) / "metrics.json").read_text())
+        summary = {
+            "family": job.family,
+            "run_name": job.run_name,
+            "mlflow_run_id": run_id,
+            "checkpoint": checkpoint.path,
+            "val_metric": state["val_metric"],
+            "val_score": state["val_score"],
+            "epoch": state["epoch"],
+            "step": state["step"],
+            "val": state["val"],
+            "last_epoch_metrics": {k: v for k, v in last_metrics.items() if isinstance(v, (int, float))},
+            "data_hash": job.manifest["data_hash"],
+            "seconds": round(seconds, 2),
+        }
+        (tmp / "metrics.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary["model_dir"] = str(out / "model")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop every worker runs
+
+
+def decode_batch(batch: dict[str, Any], image_shape: list[int]) -> dict[str, Any]:
+    """A Ray Data numpy batch (image as raw HWC bytes) -> the models' batch dict of tensors."""
+    import numpy as np
+    import torch
+
+    from pipelines.imaging import batch_to_tensor
+
+    blob = b"".join(batch["image"])
+    images = np.frombuffer(blob, dtype=np.uint8).reshape((len(batch["image"]), *image_shape))
+    return {
+        "image": batch_to_tensor(images),
+        "label": torch.as_tensor(batch["label"], dtype=torch.int64),
+        "index": torch.as_tensor(batch["index"], dtype=torch.int64),
+    }
+
+
+def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+    """Ray Train's per-worker function: the same for every family (no per-family branch)."""
+    import numpy as np
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+
+    from models import MODELS, train_step
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    train_cfg = cfg["train"]
+    torch.manual_seed(train_cfg["seed"] + rank)
+    np.random.seed(train_cfg["seed"] + rank)
+    device = ray.train.torch.get_device()
+    amp = train_cfg["use_gpu"] and train_cfg["bf16"] and device.type == "cuda"
+
+    cls = MODELS[cfg["family"]]
+    start_epoch, step, opt_state = 0, 0, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            model = cls.from_pretrained(Path(ckpt_dir) / "model")
+            state = torch.load(Path(ckpt_dir) / "training_state.pt", map_location="cpu", weights_only=False)
+        start_epoch, step, opt_state = state["epoch"] + 1, state["step"], state["optimizers"]
+    else:
+        model = cls(cls.config_class.from_dict(cfg["model_config"]))
+    model.train()
+    wrapped = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+    core = wrapped.module if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else wrapped
+    optimizers = core.configure_optimizers()
+    if opt_state is not None:
+        for name, opt in optimizers.items():
+            opt.load_state_dict(opt_state[name])
+
+    def forward(batch, phase, step):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            return wrapped(batch, phase=phase, step=step)
+
+    logger = _RankZeroLogger(cfg, step) if rank == 0 else None
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    batch_size, epochs = train_cfg["batch_size"], train_cfg["epochs"]
+    shape = cfg["image_shape"]
+    to_device = lambda b: {k: v.to(device, non_blocking=True) for k, v in b.items()}  # noqa: E731
+    run_start = time.time()
+    for epoch in range(start_epoch, epochs):
+        core.train()
+        epoch_start, window_start, window_samples = time.time(), time.time(), 0
+        sums: dict[str, float] = {}
+        n_steps = 0
+        for raw in train_shard.iter_batches(
+            batch_size=batch_size, batch_format="numpy", drop_last=True,
+            local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=train_cfg["seed"] + 1000 * epoch + rank,
+        ):
+            logs = train_step(core, optimizers, to_device(decode_batch(raw, shape)), step, forward=forward)
+            step += 1
+            n_steps += 1
+            window_samples += batch_size * world
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if logger and step % train_cfg["log_every_steps"] == 0:
+                rate = window_samples / max(time.time() - window_start, 1e-9)
+                lrs = {f"lr/{name}": opt.param_groups[0]["lr"] for name, opt in optimizers.items()}
+                logger.log({**{f"train/{k}": v for k, v in logs.items()}, **lrs, "samples_per_sec": rate}, step)
+                window_start, window_samples = time.time(), 0
+        epoch_seconds = time.time() - epoch_start
+        val, val_images = _validate(core, val_shard, shape, batch_size, to_device, world)
+        score = val[cfg["val_metric"]]
+        metrics = {
+            "epoch": epoch,
+            "step": step,
+            "val_score": score,
+            **{f"val_{k}": v for k, v in val.items()},
+            **{f"train_{k}": v / max(n_steps, 1) for k, v in sums.items()},
+            "epoch_seconds": epoch_seconds,
+            "epoch_samples_per_sec": n_steps * batch_size * world / max(epoch_seconds, 1e-9),
+        }
+        if logger:
+            logger.log({f"epoch/{k}": v for k, v in metrics.items() if k not in ("epoch", "step")}, step)
+            done = epoch + 1 - start_epoch
+            eta = (time.time() - run_start) / done * (epochs - epoch - 1)
+            losses = "  ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items()) if k.startswith("train_") and k.endswith("loss"))
+            print(f"[latentforge] epoch {epoch + 1}/{epochs}  {losses}  val_{cfg['val_metric']} {score:.4g}  "
+                  f"{metrics['epoch_samples_per_sec']:.0f} samples/s  ETA {eta:.0f}s", flush=True)
+            if (epoch + 1) % train_cfg["images_every"] == 0 or epoch + 1 == epochs:
+                logger.log_images(core, val_images, epoch)
+        is_last = epoch + 1 == epochs
+        if (epoch + 1) % train_cfg["checkpoint_every"] == 0 or is_last:
+            with tempfile.TemporaryDirectory() as tmp:
+                ckpt = None
+                if rank == 0:
+                    core.save_pretrained(Path(tmp) / "model")
+                    torch.save({"epoch": epoch, "step": step, "optimizers": {k: o.state_dict() for k, o in optimizers.items()}},
+                               Path(tmp) / "training_state.pt")
+                    (Path(tmp) / "metrics.json").write_text(json.dumps(
+                        {"epoch": epoch, "step": step, "val_metric": cfg["val_metric"], "val_score": score, "val": val}))
+                    ckpt = ray.train.Checkpoint.from_directory(tmp)
+                ray.train.report(metrics, checkpoint=ckpt)
+        else:
+            ray.train.report(metrics)
+        if world > 1:
+            dist.barrier()
+    if world > 1:
+        _check_replicas_in_sync(core)
+    if logger:
+        logger.close()
+
+
+def _check_replicas_in_sync(core) -> None:
+    """All workers must end with the same weights and buffers (DDP gradients, all-reduced EMA codebooks);
+    a divergence is a bug worth failing the run for rather than a silently wrong checkpoint."""
+    import torch
+    import torch.distributed as dist
+
+    state = core.state_dict()
+    mine = torch.stack([t.detach().double().sum() for t in state.values() if t.is_floating_point()])
+    gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    divergence = max(float((g - gathered[0]).abs().max()) for g in gathered)
+    if divergence > 0:
+        names = [k for k, t in state.items() if t.is_floating_point()]
+        worst = names[int(torch.stack([(g - gathered[0]).abs() for g in gathered]).amax(0).argmax())]
+        raise RuntimeError(f"workers diverged after training (max checksum difference {divergence:g}, first at {worst})")
+
+
+def _validate(core, shard, shape, batch_size, to_device, world):
+    """Batch-size-weighted mean of ``validation_step`` over this worker's val shard, averaged over workers.
+
+    Also returns up to 32 of the val images, for the reconstruction grid: every rank must iterate its
+    shard in step with the others (a streaming split), so rank 0 cannot read the val set on its own.
+    """
+    import torch
+    import torch.distributed as dist
+
+    core.eval()
+    sums: dict[str, float] = {}
+    count = 0
+    first = None
+    with torch.no_grad():
+        for raw in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
+            batch = to_device(decode_batch(raw, shape))
+            first = batch["image"][:32] if first is None else first
+            n = len(batch["image"])
+            for k, v in core.validation_step(batch).items():
+                sums[k] = sums.get(k, 0.0) + float(v) * n
+            count += n
+    core.train()
+    keys = sorted(sums) if sums else [core.val_metric]
+    if world > 1:
+        # Every rank must contribute the same keys; an empty shard contributes zeros.
+        t = torch.tensor([sums.get(k, 0.0) for k in keys] + [float(count)], dtype=torch.float64)
+        dist.all_reduce(t)
+        values, count = t[:-1].tolist(), t[-1].item()
+        sums = dict(zip(keys, values))
+    return {k: sums.get(k, 0.0) / max(count, 1) for k in keys}, first
+
+
+class _RankZeroLogger:
+    """MLflow logging from rank 0: metrics with monotonic steps, image grids, system metrics."""
+
+    def __init__(self, cfg: dict[str, Any], step: int):
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(cfg["tracking_uri"])
+        self.run_id = cfg["run_id"]
+        self.cfg = cfg
+        # After a restart from a checkpoint the steps since that checkpoint come again; MLflow already
+        # has them from the failed attempt, so skip up to the last step logged to keep steps monotonic.
+        logged = [m.step for key in ("samples_per_sec", "epoch/val_score") for m in self.client.get_metric_history(self.run_id, key)]
+        self.resume_step = max(logged, default=-1)
+        self.monitor = None
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=5, resume_logging=step > 0,
+                                                tracking_uri=cfg["tracking_uri"])
+            self.monitor.start()
+        except Exception as exc:  # system metrics are nice to have, never a reason to fail a run
+            print(f"[latentforge] system metrics off: {exc}", flush=True)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        if step <= self.resume_step:
+            return
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_images(self, core, val_images, epoch) -> None:
+        import torch
+
+        from pipelines.imaging import make_grid, save_png, tensor_to_uint8
+
+        core.eval()
+        with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+            gen = torch.Generator(device=next(core.parameters()).device).manual_seed(0)
+            samples = core.sample(64, generator=gen).images
+            save_png(make_grid(tensor_to_uint8(samples)), Path(tmp) / f"samples_epoch{epoch + 1:03d}.png", scale=2)
+            if core.has_encoder and val_images is not None:
+                x = val_images
+                recon = core.decode(core.encode(x).latent).images
+                pairs = torch.stack([x, recon.to(x.dtype)], dim=1).flatten(0, 1)  # original, recon, ...
+                save_png(make_grid(tensor_to_uint8(pairs), nrow=8), Path(tmp) / f"recon_epoch{epoch + 1:03d}.png", scale=2)
+            for png in Path(tmp).glob("*.png"):
+                self.client.log_artifact(self.run_id, str(png), artifact_path="images")
+        core.train()
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.finish()
