@@ -735,4 +735,4 @@ def test_dockerfile_installs_pinned_torch_before_the_project_on_the_projects_ray
                 assert (REPO / src).exists(), f"COPY {src}: no such path in the repository"
     install_at = next(i for i, (ins, rest) in enumerate(instructions) if ins == "RUN" and re.search(r"pip install .* \.(\s|$)", rest))
     copied = {w.rstrip("/") for ins, rest in instructions[:install_at] if ins == "COPY" for w in rest.split()[:-1] if not w.startswith("--")}
-    assert {"pyproject.toml", "README.md", "models", "pipelines", "serving"} <= copied
+    assert {"pyproject.toml", "README.md", "models", "pipelines"} <= copied
