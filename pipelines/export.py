@@ -1,0 +1,843 @@
+"""The ``export`` stage: a trained model -> parity-checked ONNX graphs + ``manifest.json``.
+
+``export_model(model_dir, prepared_dir, out_dir)`` loads a ``save_pretrained`` directory, exports every
+graph its family needs with ``torch.onnx.export`` (the torch.export-based exporter, a dynamic batch
+axis, opset :data:`OPSET`), checks each graph (``onnx.checker`` with ``full_check``, no random op) and
+compares ONNX Runtime against PyTorch on real test images and on random latents, noise and codes. Only
+when every graph passes is the export directory written (a temporary sibling, then renamed), so an
+existing export is replaced on success only. Serving and the registry read nothing but the manifest
+and the graphs (:func:`load_sessions`); VQ-VAE-2 sampling runs the prior-step graphs in a loop outside
+ONNX (:func:`sample_vqvae2_onnx`), with the randomness drawn by numpy and fed in.
+
+Graphs (inputs -> outputs; ``B`` is the dynamic batch):
+
+* ``encoder``: ``images`` (B, C, H, W) float32 in [0, 1] -> ``mean``, ``logvar`` (Gaussian: vae),
+  ``latent`` (the deterministic autoencoders, aae) or ``top_indices``, ``bottom_indices`` int64
+  (vqvae2). Not for gan (no encoder) nor glo (its encoder is an optimisation).
+* ``decoder``: ``latent`` (B, *latent_shape) -> ``images``; vqvae2: ``top_indices``, ``bottom_indices``.
+* ``generator``: ``noise`` (B, *noise_shape) standard normal -> ``images``: ``model.sample(noise=)``,
+  for every family whose ``sample`` takes noise (all but vqvae2).
+* vqvae2: ``prior_top_step`` (``prev_token`` (B,), ``position`` () int64, ``cache``) -> ``logits``
+  (B, K), ``new_cache``; ``prior_bottom_step`` (the same plus ``cond_emb``); ``prior_bottom_condition``
+  (``top_indices`` -> ``cond_emb``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+FORMAT_VERSION = 1
+OPSET = 18
+MAX_PARITY_IMAGES = 16
+# Ops that draw random numbers inside a graph: none may appear (DESIGN.md, "Exported graphs").
+RANDOM_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"})
+PREPROCESSING = "uint8 HWC -> float32 NCHW / 255"
+# Above this many bytes of weights a graph keeps them in a side file (<graph>.onnx.data): protobuf
+# cannot hold more than 2 GiB in one message.
+EXTERNAL_DATA_BYTES = 1 << 30
+
+
+class ExportError(RuntimeError):
+    """The model could not be exported or a graph failed its checks; the message names the graph."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# What gets exported: thin modules around the models' public surface
+
+
+class _Encoder(nn.Module):
+    """images (B, C, H, W) -> the family's encoder outputs (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, kind: str):
+        super().__init__()
+        self.model, self.kind = model, kind
+
+    def forward(self, images: Tensor):
+        out = self.model.encode(images)
+        if self.kind == "codes":
+            return out.indices[0], out.indices[1]
+        if self.kind == "gaussian":
+            return out.mean, out.logvar
+        return out.latent
+
+
+class _Decoder(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, latent: Tensor) -> Tensor:
+        return self.model.decode(latent).images
+
+
+class _IndexDecoder(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, top_indices: Tensor, bottom_indices: Tensor) -> Tensor:
+        return self.model.decode_indices(top_indices, bottom_indices).images
+
+
+class _Generator(nn.Module):
+    """noise (B, *noise_shape) -> images: ``model.sample(noise=noise)``, deterministic given the noise."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, noise: Tensor) -> Tensor:
+        return self.model.sample(noise.shape[0], noise=noise).images
+
+
+class _CodeDistributionGenerator(nn.Module):
+    """GLO's ``sample(noise=)`` with its code distribution frozen into the graph.
+
+    GLO fits a Gaussian to its learned codes (a float64 Cholesky factorisation, which ONNX has no op
+    for) on every ``sample`` call. The fit depends on the weights only, so it is done once here and
+    kept as constants; the rest is :meth:`models.glo.GLO.latent_from_noise` and ``decode``. Parity
+    is checked against ``model.sample`` itself.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        mean, scale_tril = model.code_distribution()
+        self.register_buffer("mean", mean.detach().clone())
+        self.register_buffer("scale_tril_t", scale_tril.detach().t().contiguous())
+
+    def forward(self, noise: Tensor) -> Tensor:
+        latent = nn.functional.normalize(self.mean + noise @ self.scale_tril_t, dim=1)
+        return self.model.decode(latent).images
+
+
+class _PriorStep(nn.Module):
+    """One cached autoregressive step of a :class:`models.priors.CodePrior`."""
+
+    def __init__(self, prior: nn.Module):
+        super().__init__()
+        self.prior = prior
+
+    def forward(self, prev_token: Tensor, position: Tensor, cache: Tensor, cond_emb: Tensor | None = None):
+        return self.prior.step_logits(prev_token, position, cache, cond_emb)
+
+
+class _PriorCondition(nn.Module):
+    def __init__(self, prior: nn.Module):
+        super().__init__()
+        self.prior = prior
+
+    def forward(self, top_indices: Tensor) -> Tensor:
+        return self.prior.embed_condition(top_indices)
+
+
+@dataclass
+class _Graph:
+    """One graph to export. ``inputs``/``outputs``: name -> (shape with None for the batch, dtype);
+    ``batch_axes``: input name -> its batch axis (absent: static). ``check`` compares ONNX Runtime with
+    PyTorch and returns ``(max_abs_diff, index_ties)``."""
+
+    name: str
+    module: nn.Module
+    inputs: dict[str, tuple[list[int | None], str]]
+    outputs: dict[str, tuple[list[int | None], str]]
+    example: tuple[Tensor, ...]
+    batch_axes: dict[str, int]
+    check: Callable[[Any, float], tuple[float, dict[str, int]]]
+    file: str = ""
+    parity: float = 0.0
+    ties: dict[str, int] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The stage
+
+
+def export_model(
+    model_dir: str | Path,
+    prepared_dir: str | Path,
+    out_dir: str | Path,
+    metrics: dict | None = None,
+    source: dict | None = None,
+    atol: float = 1e-4,
+) -> dict:
+    """Export the model in ``model_dir`` to ONNX graphs + ``manifest.json`` in ``out_dir``; returns the manifest.
+
+    ``prepared_dir``: the prepared data the model was trained on (its test split is the parity data and
+    its manifest gives the data set's name and hash). ``metrics`` (evaluation figures) and ``source``
+    (``mlflow_run_id``, ``git_commit`` ...) are recorded in the manifest as given. ``atol``: the largest
+    allowed absolute difference between ONNX Runtime and PyTorch on any float output; indices must
+    match exactly (but for exact ties between two codes, see :func:`_check_codes`). Raises
+    :class:`ExportError` on any failure, having written nothing.
+    """
+    from models import MODELS, PretrainedModel
+    from pipelines.data import DataError
+    from pipelines.imaging import batch_to_tensor
+    from pipelines.prepare import _replace_dir, load_split
+
+    model_dir, prepared_dir, out_dir = Path(model_dir), Path(prepared_dir), Path(out_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ExportError(f"no model at {model_dir} (no config.json); give a save_pretrained directory")
+    data_manifest_path = prepared_dir / "manifest.json"
+    if not data_manifest_path.is_file():
+        raise DataError(f"no prepared data at {prepared_dir}; run `latentforge prepare` (or `dvc repro prepare`) first")
+    data_manifest = json.loads(data_manifest_path.read_text())
+
+    model = PretrainedModel.from_pretrained(model_dir)
+    model.eval()  # a GAN decodes with its EMA generator in eval mode only
+    family = next((name for name, cls in MODELS.items() if cls is type(model)), None)
+    if family is None:
+        raise ExportError(f"{type(model).__name__} is not a registered family (models.MODELS)")
+    config = model.config
+    image_shape = [int(v) for v in data_manifest["image_shape"]]  # H, W, C
+    expected = [config.image_size, config.image_size, config.channels]
+    if image_shape != expected:
+        raise ExportError(
+            f"the data {data_manifest.get('name')!r} at {prepared_dir} has {_hwc(image_shape)} images but the model "
+            f"in {model_dir} takes {_hwc(expected)}; export with the data the model was trained on"
+        )
+
+    test = load_split(prepared_dir, "test")["images"][:MAX_PARITY_IMAGES]
+    if len(test) == 0:
+        raise DataError(f"{prepared_dir}: the test split is empty; parity needs real images (give data.splits.test > 0)")
+    images = batch_to_tensor(np.array(test))  # a writable copy (the split is a read-only buffer)
+    if len(images) < 2:  # the export traces a batch of 2 (a batch of 1 would be specialised as static)
+        images = images.repeat(2, 1, 1, 1)
+
+    with torch.no_grad():
+        graphs, latent, sampling = _plan(model, images)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        external = _weight_bytes(model) > EXTERNAL_DATA_BYTES
+        with _reuse_onnx_registry():
+            for graph in graphs:  # each graph checked as soon as it exists: a failure stops early
+                graph.file = f"{graph.name}.onnx"
+                _export_graph(graph, tmp / graph.file, external)
+                session = _onnx_session(tmp / graph.file, spin=False)
+                with torch.no_grad():
+                    graph.parity, graph.ties = graph.check(session, atol)
+        shutil.copytree(model_dir, tmp / "model")
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "family": family,
+            "model_class": type(model).__name__,
+            "model_config": config.to_dict(),
+            "data": {
+                "name": data_manifest.get("name"),
+                "data_hash": data_manifest.get("data_hash"),
+                "image_shape": image_shape,
+            },
+            "pixel_range": [0, 1],
+            "layout": "NCHW",
+            "preprocessing": PREPROCESSING,
+            "latent": latent,
+            "sampling": sampling,
+            "graphs": {
+                g.name: {
+                    "file": g.file,
+                    "inputs": {k: shape for k, (shape, _) in g.inputs.items()},
+                    "outputs": {k: shape for k, (shape, _) in g.outputs.items()},
+                    "dtypes": {k: dtype for k, (_, dtype) in {**g.inputs, **g.outputs}.items()},
+                }
+                for g in graphs
+            },
+            "parity": {g.name: g.parity for g in graphs},
+            "parity_index_ties": {g.name: g.ties for g in graphs if g.ties},
+            "parity_atol": atol,
+            "metrics": dict(metrics or {}),
+            "source": dict(source or {}),
+            "opset": OPSET,
+        }
+        # Not key-sorted: a graph's inputs and outputs are listed in the graph's own order.
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def load_sessions(export_dir: str | Path, providers: list[str] | None = None) -> tuple[dict, dict[str, Any]]:
+    """``(manifest, {graph name: onnxruntime.InferenceSession})`` of an :func:`export_model` directory.
+
+    ``providers``: ONNX Runtime execution providers (default: CPU).
+    """
+    export_dir = Path(export_dir)
+    path = export_dir / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{export_dir}: no manifest.json; is it an export directory (`latentforge export`)?")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ExportError(f"{path}: format_version {manifest.get('format_version')!r}; this code reads {FORMAT_VERSION}")
+    sessions = {name: _onnx_session(export_dir / g["file"], providers) for name, g in manifest["graphs"].items()}
+    return manifest, sessions
+
+
+# ----------------------------------------------------------------------------------------------------
+# Planning the graphs of a family
+
+
+def _plan(model: nn.Module, images: Tensor) -> tuple[list[_Graph], dict, dict]:
+    """The graphs ``model`` needs, with their parity checks, plus the manifest's latent and sampling."""
+    from models.glo import GLO
+    from models.vqvae2 import VQVAE2
+
+    gen = torch.Generator().manual_seed(0)
+    c = model.config
+    img = [None, c.channels, c.image_size, c.image_size]
+    graphs: list[_Graph] = []
+
+    if isinstance(model, VQVAE2):
+        return _plan_vqvae2(model, images, gen, img)
+
+    latent_shape = list(getattr(model, "latent_shape", None) or (c.latent_dim,))
+    lat = [None, *latent_shape]
+    real_latents: Tensor | None = None
+    kind = "deterministic"
+    if model.has_encoder and not isinstance(model, GLO):
+        enc = model.encode(images)
+        kind = "gaussian" if enc.mean is not None else "deterministic"
+        outputs = {"mean": (lat, "float32"), "logvar": (lat, "float32")} if kind == "gaussian" else {"latent": (lat, "float32")}
+        real_latents = enc.mean if kind == "gaussian" else enc.latent
+
+        def check_encoder(session, atol, kind=kind):
+            out = model.encode(images)
+            ref = {"mean": out.mean, "logvar": out.logvar} if kind == "gaussian" else {"latent": out.latent}
+            return _compare("encoder", session, {"images": images}, ref, atol, "the test images"), {}
+
+        graphs.append(_Graph("encoder", _Encoder(model, kind), {"images": (img, "float32")}, outputs,
+                             (images[:2],), {"images": 0}, check_encoder))
+    elif isinstance(model, GLO):
+        real_latents = model.codes.weight[:MAX_PARITY_IMAGES].detach()  # the codes of training images
+
+    random_latents = torch.randn((3, *latent_shape), generator=gen)
+
+    def check_decoder(session, atol):
+        cases = [("random latents", random_latents)]
+        if real_latents is not None:
+            cases.insert(0, ("latents of the test images" if not isinstance(model, GLO) else "learned codes", real_latents))
+        worst = 0.0
+        for label, z in cases:
+            worst = max(worst, _compare("decoder", session, {"latent": z}, {"images": model.decode(z).images}, atol, label))
+        return worst, {}
+
+    graphs.append(_Graph("decoder", _Decoder(model), {"latent": (lat, "float32")}, {"images": (img, "float32")},
+                         (random_latents[:2],), {"latent": 0}, check_decoder))
+
+    sampling: dict[str, Any] = {"kind": "none"}
+    if "noise" in inspect.signature(model.sample).parameters:
+        noise = torch.randn((5, *latent_shape), generator=gen)
+        module = _CodeDistributionGenerator(model) if isinstance(model, GLO) else _Generator(model)
+
+        def check_generator(session, atol):
+            ref = model.sample(noise.shape[0], noise=noise).images
+            return _compare("generator", session, {"noise": noise}, {"images": ref}, atol, "random noise"), {}
+
+        graphs.append(_Graph("generator", module, {"noise": (lat, "float32")}, {"images": (img, "float32")},
+                             (noise[:2],), {"noise": 0}, check_generator))
+        sampling = {"kind": "noise", "graph": "generator", "noise_shape": latent_shape, "distribution": "standard_normal"}
+    return graphs, {"kind": kind, "shape": latent_shape}, sampling
+
+
+def _plan_vqvae2(model, images: Tensor, gen: torch.Generator, img: list) -> tuple[list[_Graph], dict, dict]:
+    c = model.config
+    k = c.num_codes
+    ht, wt = model.top_shape
+    hb, wb = model.bottom_shape
+    top_real, bottom_real = model.encode(images).indices
+    top_rand = torch.randint(0, k, (3, ht, wt), generator=gen)
+    bottom_rand = torch.randint(0, k, (3, hb, wb), generator=gen)
+    top_spec, bottom_spec = ([None, ht, wt], "int64"), ([None, hb, wb], "int64")
+
+    def check_encoder(session, atol):
+        return _check_codes(model, session, images, atol)
+
+    def check_decoder(session, atol):
+        worst = 0.0
+        for label, top, bottom in (("codes of the test images", top_real, bottom_real), ("random codes", top_rand, bottom_rand)):
+            ref = {"images": model.decode_indices(top, bottom).images}
+            worst = max(worst, _compare("decoder", session, {"top_indices": top, "bottom_indices": bottom}, ref, atol, label))
+        return worst, {}
+
+    graphs = [
+        _Graph("encoder", _Encoder(model, "codes"), {"images": (img, "float32")},
+               {"top_indices": top_spec, "bottom_indices": bottom_spec}, (images[:2],), {"images": 0}, check_encoder),
+        _Graph("decoder", _IndexDecoder(model), {"top_indices": top_spec, "bottom_indices": bottom_spec},
+               {"images": (img, "float32")}, (top_rand[:2], bottom_rand[:2]), {"top_indices": 0, "bottom_indices": 0},
+               check_decoder),
+    ]
+    levels = {}
+    for level, prior, real, rand, cond_real, cond_rand in (
+        ("top", model.prior_top, top_real, top_rand, None, None),
+        ("bottom", model.prior_bottom, bottom_real, bottom_rand, top_real, top_rand),
+    ):
+        cache = list(prior.new_cache(1).shape)
+        cache[2] = None
+        name = f"prior_{level}_step"
+        inputs = {"prev_token": ([None], "int64"), "position": ([], "int64"), "cache": (cache, "float32")}
+        batch_axes = {"prev_token": 0, "cache": 2}
+        example: tuple[Tensor, ...] = (rand[:2, 0, 0].clone(), torch.tensor(1), prior.new_cache(2))
+        if cond_real is not None:
+            inputs["cond_emb"] = ([None, prior.length, prior.dim], "float32")
+            batch_axes["cond_emb"] = 0
+            example += (prior.embed_condition(cond_rand[:2]),)
+
+        def check_step(session, atol, prior=prior, real=real, rand=rand, cond_real=cond_real, cond_rand=cond_rand, name=name):
+            worst = 0.0
+            for label, codes, cond in (("codes of the test images", real, cond_real), ("random codes", rand, cond_rand)):
+                worst = max(worst, _check_prior_steps(name, prior, session, codes, cond, atol, label))
+            return worst, {}
+
+        graphs.append(_Graph(name, _PriorStep(prior), inputs,
+                             {"logits": ([None, k], "float32"), "new_cache": (cache, "float32")},
+                             example, batch_axes, check_step))
+        levels[level] = {
+            "graph": name, "shape": [prior.height, prior.width], "length": prior.length, "cache_shape": cache,
+        }
+        if cond_real is not None:
+            cond_graph = f"prior_{level}_condition"
+            levels[level]["condition_graph"] = cond_graph
+
+            def check_condition(session, atol, prior=prior, cond_real=cond_real, cond_rand=cond_rand, cond_graph=cond_graph):
+                worst = 0.0
+                for label, cond in (("codes of the test images", cond_real), ("random codes", cond_rand)):
+                    ref = {"cond_emb": prior.embed_condition(cond)}
+                    worst = max(worst, _compare(cond_graph, session, {"top_indices": cond}, ref, atol, label))
+                return worst, {}
+
+            graphs.append(_Graph(cond_graph, _PriorCondition(prior), {"top_indices": top_spec},
+                                 {"cond_emb": ([None, prior.length, prior.dim], "float32")},
+                                 (top_rand[:2],), {"top_indices": 0}, check_condition))
+    latent = {
+        "kind": "codes",
+        "shape": list(model.latent_shape),  # encode(x).latent in PyTorch; the graphs exchange indices
+        "num_codes": k,
+        "levels": ["top", "bottom"],
+        "indices": {"top": [ht, wt], "bottom": [hb, wb]},
+    }
+    sampling = {
+        "kind": "prior",
+        "num_codes": k,
+        "order": ["top", "bottom"],  # bottom is conditioned on top
+        "levels": levels,
+        "decoder": "decoder",
+    }
+    return graphs, latent, sampling
+
+
+# ----------------------------------------------------------------------------------------------------
+# Exporting and checking one graph
+
+
+def _export_graph(graph: _Graph, path: Path, external: bool) -> None:
+    import onnx
+
+    batch = torch.export.Dim("batch", min=1)
+    names = list(graph.inputs)
+    dynamic = tuple({graph.batch_axes[n]: batch} if n in graph.batch_axes else None for n in names)
+    graph.module.eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                graph.module, graph.example, str(path), input_names=names, output_names=list(graph.outputs),
+                opset_version=OPSET, dynamo=True, dynamic_shapes=dynamic, external_data=external, verbose=False,
+            )
+    except Exception as exc:  # the exporter's errors are long; the first line says what failed
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"graph {graph.name!r}: torch.onnx.export failed: {first}") from exc
+    _cast_like_to_cast(path)
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:
+        raise ExportError(f"graph {graph.name!r}: onnx.checker rejected it: {exc}") from exc
+    found = sorted(graph_op_types(path) & RANDOM_OPS)
+    if found:
+        raise ExportError(f"graph {graph.name!r} contains random ops ({', '.join(found)}); noise must be an input")
+    _check_signature(graph, onnx.load(str(path), load_external_data=False))
+
+
+def _cast_like_to_cast(path: Path) -> None:
+    """Rewrite ``CastLike(x, like)`` as ``Cast(x, to=<element type of like>)``, its definition.
+
+    The exporter leaves CastLike nodes on constants; ONNX Runtime has no kernel to fold them and warns
+    about each one whenever a session is created (every serving replica). Types come from ONNX shape
+    inference; a node whose target type is unknown is left as it is. Parity is checked afterwards.
+    """
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)  # initializers keep their external references
+    if not any(n.op_type == "CastLike" for n in proto.graph.node):
+        return
+    inferred = onnx.shape_inference.infer_shapes(proto).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.value_info, *inferred.input, *inferred.output]}
+    types.update({t.name: t.data_type for t in inferred.initializer})
+    for node in proto.graph.node:
+        if node.op_type == "CastLike" and types.get(node.input[1]):
+            cast = onnx.helper.make_node("Cast", [node.input[0]], list(node.output), name=node.name, to=types[node.input[1]])
+            node.CopyFrom(cast)
+    onnx.save(proto, str(path))
+
+
+def _op_types(g) -> set[str]:
+    """Every node op type of an ONNX graph, its subgraphs (If/Loop bodies) included."""
+    ops = set()
+    for node in g.node:
+        ops.add(node.op_type)
+        for attr in node.attribute:
+            if attr.g.node:
+                ops |= _op_types(attr.g)
+            for sub in attr.graphs:
+                ops |= _op_types(sub)
+    return ops
+
+
+def graph_op_types(path: str | Path) -> set[str]:
+    """All op types in the ONNX file at ``path`` (nodes of the graph, its subgraphs and its functions)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    ops = _op_types(proto.graph)
+    for fn in proto.functions:
+        ops |= {n.op_type for n in fn.node}
+    return ops
+
+
+def _check_signature(graph: _Graph, proto) -> None:
+    """The exported graph's declared inputs/outputs are the names, dtypes and shapes the manifest states."""
+    import onnx
+
+    declared = {v.name: v for v in [*proto.graph.input, *proto.graph.output]}
+    for name, (shape, dtype) in {**graph.inputs, **graph.outputs}.items():
+        if name not in declared:
+            raise ExportError(f"graph {graph.name!r}: no input/output named {name!r} (has {', '.join(declared)})")
+        t = declared[name].type.tensor_type
+        got_dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).name
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        if got_dtype != dtype or len(dims) != len(shape) or any(s is not None and s != d for s, d in zip(shape, dims)):
+            raise ExportError(f"graph {graph.name!r}: {name!r} is {got_dtype} {dims}, expected {dtype} {shape}")
+        if any(s is None and d is not None for s, d in zip(shape, dims)):
+            raise ExportError(f"graph {graph.name!r}: {name!r} has a fixed batch size {dims}; the batch axis must be dynamic")
+
+
+def _onnx_session(path: Path, providers: list[str] | None = None, spin: bool = True):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if not spin:
+        # ORT's idle threads spin-wait for the next run by default; between runs PyTorch computes the
+        # reference on the same cores, and the spinning would starve it (parity loops run ~10x slower).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+
+
+def _run(session, feed: dict[str, Tensor], outputs: list[str]) -> list[np.ndarray]:
+    return session.run(outputs, {k: v.detach().cpu().numpy() for k, v in feed.items()})
+
+
+def _compare(graph: str, session, feed: dict[str, Tensor], ref: dict[str, Tensor], atol: float, label: str) -> float:
+    """Max |ONNX - PyTorch| over ``ref``'s outputs; raises :class:`ExportError` above ``atol``."""
+    got = _run(session, feed, list(ref))
+    worst = 0.0
+    for (name, expected), actual in zip(ref.items(), got):
+        expected = expected.detach().cpu().numpy()
+        if actual.shape != expected.shape:
+            raise ExportError(f"parity: graph {graph!r}, output {name!r}: shape {actual.shape} != PyTorch {expected.shape} on {label}")
+        diff = float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64)))) if actual.size else 0.0
+        if not np.isfinite(diff) or diff > atol:
+            raise ExportError(
+                f"parity: graph {graph!r}, output {name!r}: max |onnx - torch| = {diff:.3g} > atol {atol:g} on {label}"
+            )
+        worst = max(worst, diff)
+    return worst
+
+
+def _check_prior_steps(graph: str, prior, session, codes: Tensor, cond: Tensor | None, atol: float, label: str) -> float:
+    """Teacher-force ``codes`` through every position with PyTorch's and ONNX's step, each on its own
+    cache (as sampling does); compare the logits and the caches at every step."""
+    with _torch_threads(1):
+        return _teacher_force(graph, prior, session, codes, cond, atol, label)
+
+
+def _teacher_force(graph: str, prior, session, codes: Tensor, cond: Tensor | None, atol: float, label: str) -> float:
+    b = codes.shape[0]
+    flat = codes.reshape(b, -1)
+    cond_emb = prior.embed_condition(cond) if cond is not None else None
+    cache = prior.new_cache(b)
+    onnx_cache = cache.numpy()
+    worst = 0.0
+    for i in range(prior.length):
+        prev = flat[:, i - 1] if i else torch.zeros(b, dtype=torch.long)
+        logits, cache = prior.step_logits(prev, i, cache, cond_emb)
+        feed = {"prev_token": prev.numpy(), "position": np.array(i, dtype=np.int64), "cache": onnx_cache}
+        if cond_emb is not None:
+            feed["cond_emb"] = cond_emb.numpy()
+        onnx_logits, onnx_cache = session.run(["logits", "new_cache"], feed)
+        for name, actual, expected in (("logits", onnx_logits, logits), ("new_cache", onnx_cache, cache)):
+            diff = float(np.max(np.abs(actual.astype(np.float64) - expected.numpy().astype(np.float64))))
+            if not np.isfinite(diff) or diff > atol:
+                raise ExportError(
+                    f"parity: graph {graph!r}, output {name!r}: max |onnx - torch| = {diff:.3g} > atol {atol:g} "
+                    f"at position {i} on {label}"
+                )
+            worst = max(worst, diff)
+    return worst
+
+
+def _check_codes(model, session, images: Tensor, atol: float) -> tuple[float, dict[str, int]]:
+    """VQ-VAE-2 encoder parity: the ONNX indices must equal PyTorch's, except at exact ties.
+
+    ONNX Runtime's convolutions sum in another order than PyTorch's, so an encoder output can move by
+    ~1e-6. Where it lies (within that) as near to two codes, the argmin may pick either: both are the
+    nearest code, neither answer is wrong. A differing index is accepted only when PyTorch's distances
+    to the two codes agree within ``1e-4`` of their scale (a tie); any other difference fails. A top
+    tie changes the input of the bottom quantiser, so the bottom codes of that image are not compared.
+    """
+    captured: dict[str, Tensor] = {}
+    hooks = [
+        quantizer.register_forward_hook(lambda mod, args, out, level=level: captured.__setitem__(level, args[0]))
+        for level, quantizer in (("top", model.vq_t), ("bottom", model.vq_b))
+    ]
+    try:
+        top, bottom = model.encode(images).indices
+    finally:
+        for hook in hooks:
+            hook.remove()
+    onnx_top, onnx_bottom = session.run(["top_indices", "bottom_indices"], {"images": images.numpy()})
+    ties: dict[str, int] = {}
+    same_top = np.ones(len(images), dtype=bool)
+    for level, name, ref, got, quantizer in (
+        ("top", "top_indices", top.numpy(), onnx_top, model.vq_t),
+        ("bottom", "bottom_indices", bottom.numpy(), onnx_bottom, model.vq_b),
+    ):
+        if got.shape != ref.shape or got.dtype != np.int64:
+            raise ExportError(f"parity: graph 'encoder', output {name!r}: {got.dtype} {got.shape}, expected int64 {ref.shape}")
+        rows = same_top if level == "bottom" else np.ones(len(images), dtype=bool)
+        differ = (got != ref) & rows[:, None, None]
+        n_ties = 0
+        for b, y, x in zip(*np.nonzero(differ)):
+            z = captured[level][b, :, y, x].double()
+            e = quantizer.embed.double()
+            a, o = int(ref[b, y, x]), int(got[b, y, x])
+            gap = abs(float((z - e[a]).square().sum() - (z - e[o]).square().sum()))
+            scale = float(z.square().sum() + e[a].square().sum() + e[o].square().sum())
+            if gap > 1e-4 * max(scale, 1.0):
+                raise ExportError(
+                    f"parity: graph 'encoder', output {name!r}: {int(differ.sum())} of {ref.size} indices differ "
+                    f"from PyTorch (image {b}, cell {y},{x}: {o} vs {a}, distance gap {gap:.3g}, not a tie)"
+                )
+            n_ties += 1
+        ties[name] = n_ties
+        if level == "top":
+            same_top = ~np.any(got != ref, axis=(1, 2))
+    return 0.0, {k: v for k, v in ties.items() if v}
+
+
+# ----------------------------------------------------------------------------------------------------
+# VQ-VAE-2 sampling from the exported graphs
+
+
+def pick_tokens_np(logits: np.ndarray, noise: np.ndarray, temperature: float = 1.0, top_k: int | None = None) -> np.ndarray:
+    """numpy twin of :func:`models.priors.pick_tokens`: Gumbel-max over ``logits`` (B, K) / ``temperature``
+    restricted to the ``top_k`` largest, with uniform ``noise`` (B, K) in [0, 1). Returns (B,) int64."""
+    logits = logits.astype(np.float32) / np.float32(temperature)
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = -np.partition(-logits, top_k - 1, axis=-1)[..., top_k - 1 : top_k]
+        logits = np.where(logits < kth, np.float32(-np.inf), logits)
+    u = np.clip(noise.astype(np.float32), 1e-10, 1.0 - 1e-7)
+    return np.argmax(logits - np.log(-np.log(u)), axis=-1).astype(np.int64)
+
+
+def sample_vqvae2_onnx(
+    sessions: dict[str, Any],
+    manifest: dict,
+    n: int,
+    seed: int | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Draw ``n`` VQ-VAE-2 samples with the exported graphs (no PyTorch): top codes from the top prior's
+    step graph, bottom codes given the top ones, then the decoder.
+
+    Randomness is a ``numpy.random.default_rng(seed)`` whose uniforms feed the Gumbel-max pick outside
+    the graphs, so a seed reproduces the draw. ``temperature`` scales the logits; ``top_k`` keeps the k
+    likeliest codes at each step (``top_k=1``: greedy, the same codes as PyTorch's greedy sampler).
+    Returns ``top_indices`` (n, ht, wt) int64, ``bottom_indices`` (n, hb, wb) int64 and ``images``
+    (n, C, H, W) float32 in [0, 1].
+    """
+    sampling = manifest.get("sampling", {})
+    if sampling.get("kind") != "prior":
+        raise ValueError(f"{manifest.get('family')}: this export samples from {sampling.get('kind')!r}, not a code prior")
+    if n <= 0:
+        raise ValueError(f"n must be > 0, got {n}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    rng = np.random.default_rng(seed)
+    k = sampling["num_codes"]
+    codes: dict[str, np.ndarray] = {}
+    for level in sampling["order"]:
+        spec = sampling["levels"][level]
+        cond_emb = None
+        if "condition_graph" in spec:
+            cond_emb = sessions[spec["condition_graph"]].run(["cond_emb"], {"top_indices": codes["top"]})[0]
+        step = sessions[spec["graph"]]
+        cache = np.zeros([n if d is None else d for d in spec["cache_shape"]], dtype=np.float32)
+        prev = np.zeros(n, dtype=np.int64)
+        out = np.empty((n, spec["length"]), dtype=np.int64)
+        for i in range(spec["length"]):
+            feed = {"prev_token": prev, "position": np.array(i, dtype=np.int64), "cache": cache}
+            if cond_emb is not None:
+                feed["cond_emb"] = cond_emb
+            logits, cache = step.run(["logits", "new_cache"], feed)
+            prev = pick_tokens_np(logits, rng.random((n, k), dtype=np.float32), temperature, top_k)
+            out[:, i] = prev
+        codes[level] = out.reshape(n, *spec["shape"])
+    images = sessions[sampling["decoder"]].run(["images"], {"top_indices": codes["top"], "bottom_indices": codes["bottom"]})[0]
+    return {"top_indices": codes["top"], "bottom_indices": codes["bottom"], "images": images}
+
+
+# ----------------------------------------------------------------------------------------------------
+# From params (the CLI)
+
+
+def export_from_params(
+    params: dict, family: str, out: str | Path | None = None, metrics_path: str | Path | None = None
+) -> tuple[Path, dict]:
+    """Resolve the paths of ``latentforge export --model <family>`` from ``params`` and export.
+
+    Model: ``<train.output_dir>/<family>/model``; data: ``<data.output_dir>/<data.name>``; metrics:
+    ``metrics_path`` or, when present, ``artifacts/evaluate/<family>/metrics.json``; source: the
+    training run recorded in ``<train.output_dir>/<family>/metrics.json``. Returns ``(out_dir, manifest)``.
+    """
+    from models import MODELS, ConfigError
+    from pipelines.data import DataError
+    from pipelines.params import section
+    from pipelines.train import git_commit
+
+    if family not in MODELS:
+        raise ConfigError(f"unknown model family {family!r}; choose one of: {', '.join(sorted(MODELS))}")
+    train_dir = Path(section(params, "train")["output_dir"]) / family
+    model_dir = train_dir / "model"
+    if not (model_dir / "config.json").is_file():
+        raise ExportError(f"no trained model at {model_dir}; run `latentforge train --model {family}` (or `dvc repro`) first")
+    data = section(params, "data")
+    prepared_dir = Path(data["output_dir"]) / data["name"]
+    if not (prepared_dir / "manifest.json").is_file():
+        raise DataError(f"no prepared data at {prepared_dir}; run `latentforge prepare` (or `dvc repro prepare`) first")
+    data_hash = json.loads((prepared_dir / "manifest.json").read_text()).get("data_hash")
+
+    source: dict[str, Any] = {"model_dir": str(model_dir), "git_commit": git_commit()}
+    train_metrics_path = train_dir / "metrics.json"
+    if train_metrics_path.is_file():
+        trained = json.loads(train_metrics_path.read_text())
+        if trained.get("data_hash") and data_hash and trained["data_hash"] != data_hash:
+            raise ExportError(
+                f"{model_dir} was trained on data {trained['data_hash'][:12]}, but {prepared_dir} holds "
+                f"{data_hash[:12]}; re-run `latentforge train --model {family}` on this data"
+            )
+        source.update({k: trained[k] for k in ("mlflow_run_id", "run_name", "checkpoint", "val_metric", "val_score") if k in trained})
+
+    if metrics_path is not None:
+        metrics_path = Path(metrics_path)
+        if not metrics_path.is_file():
+            raise FileNotFoundError(f"--metrics {metrics_path}: no such file")
+    else:
+        evaluate_dir = Path(((params.get("evaluate") or {}).get("output_dir")) or "artifacts/evaluate")
+        candidate = evaluate_dir / family / "metrics.json"
+        metrics_path = candidate if candidate.is_file() else None
+    metrics = {}
+    if metrics_path is not None:
+        try:
+            metrics = json.loads(metrics_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ExportError(f"{metrics_path}: not valid JSON ({exc})") from None
+        if not isinstance(metrics, dict):
+            raise ExportError(f"{metrics_path}: expected a JSON object of metrics")
+
+    if out is None:
+        out = Path(((params.get("export") or {}).get("output_dir")) or "artifacts/export") / family
+    out = Path(out)
+    manifest = export_model(model_dir, prepared_dir, out, metrics=metrics, source=source)
+    return out, manifest
+
+
+# ----------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _hwc(shape: list[int]) -> str:
+    return "x".join(str(v) for v in shape)
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """Run PyTorch on ``n`` intra-op threads inside the block. One decoding step works on (B, 1, D)
+    tensors, far too small to split: with a thread pool each op pays a barrier, which makes the
+    step loop 10-100x slower on a busy machine than on one thread."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+_REGISTRIES: dict[Any, Any] = {}
+
+
+@contextlib.contextmanager
+def _reuse_onnx_registry():
+    """Build the exporter's aten -> ONNX function registry once per process, not once per graph.
+
+    ``torch.onnx.export`` (dynamo) rebuilds it from the onnxscript torchlib sources on every call, about
+    3 s of ``inspect.getsource`` that dwarfs the export of a small graph. The registry depends only on
+    the opset and we register no custom op into it, so reusing it changes nothing in the graphs. It is a
+    private torch API: where it is missing this does nothing and every export pays the full price.
+    """
+    try:
+        from torch.onnx._internal.exporter import _registration
+
+        registry_cls = _registration.ONNXRegistry
+        original = registry_cls.__dict__["from_torchlib"]
+        build = original.__func__
+    except (ImportError, AttributeError, KeyError):
+        yield
+        return
+
+    def from_torchlib(cls, *args, **kwargs):
+        key = (cls, args, tuple(sorted(kwargs.items())))
+        if key not in _REGISTRIES:
+            _REGISTRIES[key] = build(cls, *args, **kwargs)
+        return _REGISTRIES[key]
+
+    # Building it logs a warning per torchvision op ("torchvision is not installed"), irrelevant here.
+    logger = logging.getLogger(_registration.__name__)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    registry_cls.from_torchlib = classmethod(from_torchlib)
+    try:
+        yield
+    finally:
+        registry_cls.from_torchlib = original
+        logger.setLevel(level)

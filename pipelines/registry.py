@@ -1,0 +1,643 @@
+"""The ``register`` and ``promote`` stages: export directories -> MLflow registry versions -> aliases.
+
+One registered model per family and data set, named ``<family>-<data name>`` (``vae-shapes``). Each
+:func:`register` call adds a version: an MLflow pyfunc model (:class:`OnnxAutoencoderModel`) whose
+artifacts are the export directory (``manifest.json``, the ONNX graphs, the ``model/`` copy of the
+``save_pretrained`` directory), logged to the training run named in the manifest
+(``source.mlflow_run_id``) or, when the export names none, to a new run. Versions are tagged with
+``family``, ``mlflow_run_id``, ``git_commit``, ``data_name``, ``data_hash``, ``primary_metric``,
+``primary_metric_value`` and every evaluation metric of the manifest as ``metric.<name>``.
+
+Serving follows two aliases, never stages (deprecated in MLflow):
+
+* ``champion``: the version served by default;
+* ``challenger``: the latest version that was registered but did not beat the champion.
+
+:func:`promote` without a version applies the family's :class:`Policy` to the *newest* version:
+
+* no champion yet: the newest version becomes champion;
+* the newest version is the champion already: nothing changes;
+* otherwise the first of the policy's metrics that both the newest version and the champion record is
+  compared; the newest version becomes champion when it beats the champion by more than ``margin``
+  (``mode: min``: ``new < champion - margin``; ``max``: ``new > champion + margin``; a tie never
+  wins), else it becomes challenger. When neither the metric nor its fallback is recorded on both,
+  :class:`RegistryError` says so and no alias moves.
+
+:func:`promote` with a version overrides the policy by hand: that version becomes champion. When the
+champion moves (by policy or by hand) the displaced champion keeps no alias (it is still a version:
+``latentforge promote --version N`` rolls back to it), and the ``challenger`` alias is removed if it
+pointed at the new champion, so that one version never carries both aliases. The reason for every
+alias change is written to the version's ``latentforge.promotion`` tag.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow.pyfunc
+import numpy as np
+
+from pipelines.params import ParamsError, check_keys, section
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+PROMOTION_TAG = "latentforge.promotion"
+METRIC_TAG_PREFIX = "metric."
+ARTIFACT_KEY = "export"  # the name of the export directory among the pyfunc model's artifacts
+
+
+class RegistryError(RuntimeError):
+    """A registry operation a user asked for cannot be done; the message names the model/version and why."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# The promotion policy
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How :func:`promote` ranks a version against the champion.
+
+    ``metric``: an evaluation metric of the export manifest (``manifest["metrics"]``); ``mode``: ``min``
+    (lower is better) or ``max``; ``margin``: how much better, in the metric's own units, the new
+    version must be (0: strictly better). ``fallback``: the policy compared when either version lacks
+    ``metric`` (a VAE ranked by ``iwae_nll`` falls back to ``recon_mse``).
+    """
+
+    metric: str
+    mode: str = "min"
+    margin: float = 0.0
+    fallback: "Policy | None" = None
+
+    def __post_init__(self) -> None:
+        if not self.metric or not isinstance(self.metric, str):
+            raise ParamsError(f"registry policy: metric must be a metric name, got {self.metric!r}")
+        if self.mode not in ("min", "max"):
+            raise ParamsError(f"registry policy for {self.metric}: mode must be min or max, got {self.mode!r}")
+        if not (isinstance(self.margin, (int, float)) and math.isfinite(self.margin) and self.margin >= 0):
+            raise ParamsError(f"registry policy for {self.metric}: margin must be a number >= 0, got {self.margin!r}")
+
+    def candidates(self) -> list["Policy"]:
+        """This policy, then its fallbacks, in the order they are tried."""
+        return [self, *(self.fallback.candidates() if self.fallback else [])]
+
+    @property
+    def metric_names(self) -> list[str]:
+        return [p.metric for p in self.candidates()]
+
+    def beats(self, new: float, champion: float) -> bool:
+        """Whether ``new`` is better than ``champion`` by more than the margin."""
+        if self.mode == "min":
+            return new < champion - self.margin
+        return new > champion + self.margin
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str) -> "Policy":
+        if not isinstance(values, dict):
+            raise ParamsError(f"params {where}: expected a mapping with metric, mode, margin; got {values!r}")
+        schema = {"metric": str, "mode": str, "margin": float, "fallback": (dict, type(None))}
+        values = check_keys({"fallback": None, **values}, schema, where)
+        fallback = cls.from_dict(values["fallback"], f"{where}.fallback") if values["fallback"] else None
+        return cls(values["metric"], values["mode"], float(values["margin"]), fallback)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"metric": self.metric, "mode": self.mode, "margin": self.margin}
+        if self.fallback:
+            out["fallback"] = self.fallback.to_dict()
+        return out
+
+
+# Used where params have no `registry` section; params.yaml states the same. Each family is ranked first by
+# the primary metric `latentforge evaluate` names for it (pipelines.evaluate.PRIMARY_METRICS).
+_RECON = Policy("recon_mse", "min", 0.0)
+DEFAULT_POLICIES: dict[str, Policy] = {
+    "default": _RECON,
+    "vae": Policy("iwae_nll", "min", 0.0, fallback=_RECON),
+    "vqvae2": Policy("fd_classifier", "min", 0.0, fallback=_RECON),
+    "gan": Policy("fd_classifier", "min", 0.0),
+    "aae": Policy("fd_classifier", "min", 0.0, fallback=_RECON),
+    "glo": Policy("fd_classifier", "min", 0.0, fallback=_RECON),
+    "denoising_ae": Policy("denoise_psnr_db", "max", 0.0, fallback=_RECON),
+}
+
+
+def policy_for(params: dict[str, Any] | None, family: str) -> Policy:
+    """The promotion policy of ``family``: ``registry.policies.<family>``, else ``registry.policies.default``
+    (else the built-in :data:`DEFAULT_POLICIES`)."""
+    policies = ((params or {}).get("registry") or {}).get("policies")
+    if policies is None:
+        return DEFAULT_POLICIES.get(family, DEFAULT_POLICIES["default"])
+    if not isinstance(policies, dict):
+        raise ParamsError(f"params registry.policies: expected a mapping of family -> policy, got {policies!r}")
+    key = family if family in policies else "default"
+    if key not in policies:
+        raise ParamsError(f"params registry.policies: no policy for {family!r} and no default")
+    return Policy.from_dict(policies[key], f"registry.policies.{key}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The pyfunc model
+
+
+def pyfunc_task(manifest: dict[str, Any]) -> str:
+    """What :class:`OnnxAutoencoderModel` predicts for an export: ``"reconstruct"`` when it has an
+    encoder and a decoder graph, else ``"generate"`` when it samples from noise (a GAN, GLO)."""
+    graphs = manifest.get("graphs") or {}
+    if "encoder" in graphs and "decoder" in graphs:
+        return "reconstruct"
+    if (manifest.get("sampling") or {}).get("kind") == "noise" and "generator" in graphs:
+        return "generate"
+    raise RegistryError(
+        f"the {manifest.get('family')} export has graphs {', '.join(sorted(graphs)) or 'none'}: neither "
+        "encoder + decoder nor a noise generator, so it has no pyfunc predict"
+    )
+
+
+class OnnxAutoencoderModel(mlflow.pyfunc.PythonModel):
+    """An exported latentforge model as an MLflow pyfunc, running the ONNX graphs with ONNX Runtime.
+
+    ``predict`` takes one float32 numpy array and returns a dict of numpy arrays; which depends on the
+    family (``manifest.json`` decides, see :func:`pyfunc_task`):
+
+    * families with an encoder (vae, vqvae2, the autoencoders, aae): ``images`` (B, C, H, W) float32
+      in [0, 1] -> ``reconstruction`` (B, C, H, W) float32 in [0, 1] (decoded from the posterior mean
+      for a VAE) plus the encoder's outputs: ``mean``, ``logvar`` (B, *latent) for a VAE, ``latent``
+      for deterministic autoencoders, ``top_indices`` (B, ht, wt), ``bottom_indices`` (B, hb, wb)
+      int64 for VQ-VAE-2;
+    * families without one (gan, glo): ``noise`` (B, *noise_shape) float32, standard normal ->
+      ``images`` (B, C, H, W) float32 in [0, 1]; the same noise gives the same images.
+
+    Input of the wrong shape, values outside [0, 1] (images) or non-finite values raise ``ValueError``.
+    The registered version's signature states the shapes; its input example is a batch of two.
+    """
+
+    def __init__(self, format_version: int | None = None):
+        #: The export format the version was registered with; a loaded export must have the same.
+        self.format_version = format_version
+
+    def load_context(self, context) -> None:
+        """Build one ONNX Runtime session per graph of the registered export.
+
+        Reads ``manifest.json`` and the graphs with onnxruntime alone, so that loading the model needs
+        neither PyTorch nor the exporter (:func:`pipelines.export.load_sessions` checked this export
+        when it was registered).
+        """
+        import onnxruntime as ort
+
+        export_dir = Path(context.artifacts[ARTIFACT_KEY])
+        manifest = json.loads((export_dir / "manifest.json").read_text())
+        if self.format_version is not None and manifest.get("format_version") != self.format_version:
+            raise RegistryError(
+                f"{export_dir}: export format_version {manifest.get('format_version')!r}, registered as {self.format_version}"
+            )
+        sessions = {
+            name: ort.InferenceSession(str(export_dir / graph["file"]), providers=["CPUExecutionProvider"])
+            for name, graph in manifest["graphs"].items()
+        }
+        self.use(manifest, sessions)
+
+    def use(self, manifest: dict[str, Any], sessions: dict[str, Any]) -> "OnnxAutoencoderModel":
+        """Predict with these sessions (:func:`pipelines.export.load_sessions`'s result)."""
+        self.manifest, self.sessions = manifest, sessions
+        self.task = pyfunc_task(manifest)
+        return self
+
+    def predict(self, context, model_input: np.ndarray, params=None) -> dict[str, np.ndarray]:
+        x = model_input
+        if not isinstance(x, np.ndarray):
+            raise ValueError(f"expected a float32 numpy array, got {type(x).__name__}")
+        if x.dtype != np.float32:
+            raise ValueError(f"expected float32, got {x.dtype}")
+        if not np.all(np.isfinite(x)):
+            raise ValueError("the input has NaN or infinite values")
+        if self.task == "generate":
+            noise_shape = list(self.manifest["sampling"]["noise_shape"])
+            if x.ndim != 1 + len(noise_shape) or list(x.shape[1:]) != noise_shape:
+                raise ValueError(f"noise must have shape (B, {', '.join(map(str, noise_shape))}), got {x.shape}")
+            return {"images": self.sessions["generator"].run(["images"], {"noise": x})[0]}
+
+        h, w, c = self.manifest["data"]["image_shape"]
+        if x.ndim != 4 or list(x.shape[1:]) != [c, h, w]:
+            raise ValueError(f"images must have shape (B, {c}, {h}, {w}) (NCHW), got {x.shape}")
+        if x.size and (x.min() < 0.0 or x.max() > 1.0):
+            raise ValueError(f"image values must lie in [0, 1], got [{x.min():.3g}, {x.max():.3g}]")
+        enc_names = list(self.manifest["graphs"]["encoder"]["outputs"])
+        encoded = dict(zip(enc_names, self.sessions["encoder"].run(enc_names, {"images": x})))
+        feed = {}
+        for name in self.manifest["graphs"]["decoder"]["inputs"]:
+            # A Gaussian encoder gives mean/logvar; the reconstruction decodes the mean.
+            feed[name] = encoded[name] if name in encoded else encoded["mean"]
+        recon = self.sessions["decoder"].run(["images"], feed)[0]
+        return {"reconstruction": recon, **encoded}
+
+
+def input_example(manifest: dict[str, Any], batch: int = 2) -> np.ndarray:
+    """A small, fixed batch of what :class:`OnnxAutoencoderModel` takes for this export."""
+    rng = np.random.default_rng(0)
+    if pyfunc_task(manifest) == "generate":
+        return rng.standard_normal((batch, *manifest["sampling"]["noise_shape"])).astype(np.float32)
+    h, w, c = manifest["data"]["image_shape"]
+    return rng.random((batch, c, h, w), dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Registering
+
+
+def register(
+    export_dir: str | os.PathLike,
+    tracking_uri: str,
+    name: str | None = None,
+    policy: Policy | None = None,
+    experiment: str = "latentforge",
+):
+    """Add the export in ``export_dir`` as a new version of a registered model; return that
+    ``ModelVersion`` (``.name``, ``.version``, ``.run_id``, ``.tags``).
+
+    ``name``: the registered model (default ``<family>-<data name>`` from the manifest). ``policy``
+    (default: :func:`policy_for` the family without params) decides which metric is tagged as the
+    primary one. The pyfunc model is logged to the manifest's training run (``source.mlflow_run_id``),
+    which must be in this tracking store, or to a new run in ``experiment`` when the export names no
+    run. No alias is set: that is :func:`promote`'s job.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import infer_signature
+
+    from pipelines.export import ExportError, load_sessions
+    from pipelines.train import _experiment_id
+
+    export_dir = Path(export_dir)
+    try:
+        manifest, sessions = load_sessions(export_dir)
+    except ExportError as exc:
+        raise RegistryError(f"cannot register {export_dir}: {exc}") from None
+    probe = OnnxAutoencoderModel(manifest["format_version"]).use(manifest, sessions)
+    family = manifest["family"]
+    data = manifest.get("data") or {}
+    name = name or f"{family}-{data.get('name')}"
+    policy = policy or policy_for(None, family)
+    example = input_example(manifest)
+    signature = infer_signature(example, probe.predict(None, example))
+
+    metrics = _numeric_metrics(manifest.get("metrics") or {})
+    primary = next((m for m in policy.metric_names if m in metrics), None)
+    source = manifest.get("source") or {}
+    tags = {
+        "family": family,
+        "data_name": str(data.get("name")),
+        "data_hash": str(data.get("data_hash")),
+        "git_commit": str(source.get("git_commit") or "unknown"),
+        "primary_metric": primary or policy.metric,
+        **({"primary_metric_value": repr(metrics[primary])} if primary else {}),
+        **{f"{METRIC_TAG_PREFIX}{k}": repr(v) for k, v in metrics.items()},
+        "export_format_version": str(manifest.get("format_version")),
+        "opset": str(manifest.get("opset")),
+    }
+
+    client = connect(tracking_uri)
+    try:
+        existing = client.get_registered_model(name)
+    except MlflowException:
+        existing = None
+    registered_family = (existing.tags or {}).get("family") if existing else None
+    if registered_family not in (None, family):
+        raise RegistryError(f"registered model {name!r} holds {registered_family} versions; this export is a {family}")
+    run_id = source.get("mlflow_run_id")
+    if run_id:
+        try:
+            client.get_run(run_id)
+        except MlflowException:
+            raise RegistryError(
+                f"the export's training run {run_id} is not in the tracking store {tracking_uri}; "
+                "set MLFLOW_TRACKING_URI (or params mlflow.tracking_uri) to the store the model was trained with"
+            ) from None
+    else:
+        run = client.create_run(
+            _experiment_id(client, experiment, tracking_uri),
+            run_name=f"register-{name}",
+            tags={"latentforge.family": family, "latentforge.data_name": str(data.get("name")),
+                  "latentforge.data_hash": str(data.get("data_hash")), "mlflow.source.git.commit": tags["git_commit"]},
+        )
+        run_id = run.info.run_id
+        for key, value in metrics.items():
+            client.log_metric(run_id, key, value)
+    tags["mlflow_run_id"] = run_id
+
+    with _tracking(tracking_uri), tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name=name,
+            python_model=OnnxAutoencoderModel(manifest["format_version"]),
+            artifacts={ARTIFACT_KEY: str(export_dir.resolve())},
+            code_paths=[str(_code_snapshot(Path(tmp)))],
+            signature=signature,
+            input_example=example,
+            pip_requirements=_requirements(),
+            metadata={"latentforge": {"family": family, "task": probe.task, "data": data}},
+        )
+        if existing is None:
+            client.create_registered_model(
+                name, tags={"family": family, "data_name": str(data.get("name"))},
+                description=f"latentforge {family} trained on {data.get('name')}; aliases {CHAMPION} / {CHALLENGER}",
+            )
+        version = mlflow.register_model(info.model_uri, name, tags=tags)
+    description = (
+        f"{family} on {data.get('name')} (data {str(data.get('data_hash'))[:12]}), ONNX opset {manifest.get('opset')}; "
+        + (f"{primary} = {metrics[primary]:.6g}" if primary else f"no {'/'.join(policy.metric_names)} recorded")
+    )
+    client.update_model_version(name, version.version, description=description)
+    return client.get_model_version(name, version.version)
+
+
+def _numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The finite numbers of a manifest's metrics (nested or non-numeric figures are not ranked)."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[str(key)] = float(value)
+    return out
+
+
+def _code_snapshot(tmp: Path) -> Path:
+    """A copy of the ``pipelines`` package's sources for ``code_paths``: the registered version unpickles
+    :class:`OnnxAutoencoderModel` and reads its export with the code it was registered with."""
+    here = Path(__file__).resolve().parent
+    dest = tmp / "pipelines"
+    dest.mkdir()
+    for src in here.glob("*.py"):
+        shutil.copy2(src, dest / src.name)
+    return dest
+
+
+def _requirements() -> list[str]:
+    """Pinned requirements of the pyfunc (the project itself must be installed where it is loaded)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for package in ("mlflow", "onnxruntime", "numpy", "pyyaml"):
+        try:
+            out.append(f"{package}=={version(package).split('+')[0]}")
+        except PackageNotFoundError:
+            out.append(package)
+    return out
+
+
+@contextlib.contextmanager
+def _tracking(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (start_run, log_model, register_model) at ``uri`` for the block only.
+
+    ``mlflow.set_tracking_uri`` also writes ``MLFLOW_TRACKING_URI`` (and unsets it when given None), so the
+    caller's environment is put back as it was, not only MLflow's global.
+    """
+    from mlflow.tracking._tracking_service import utils
+
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    previous = getattr(utils, "_tracking_uri", None)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+
+
+def _quote(name: str) -> str:
+    return name.replace("'", "\\'")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Promoting
+
+
+def connect(tracking_uri: str):
+    """An MlflowClient for ``tracking_uri``, or one :class:`RegistryError` line when it is unreachable."""
+    from pipelines.train import TrainingError, mlflow_client
+
+    try:
+        return mlflow_client(tracking_uri)
+    except TrainingError as exc:
+        raise RegistryError(str(exc)) from None
+
+
+def _registered_model(client, name: str, tracking_uri: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException:
+        known = sorted(m.name for m in client.search_registered_models(max_results=1000))
+        raise RegistryError(
+            f"no registered model {name!r} in {tracking_uri}; "
+            + (f"registered: {', '.join(known)}" if known else "nothing is registered there yet (`latentforge register`)")
+        ) from None
+
+
+def _versions(client, name: str) -> dict[int, Any]:
+    return {int(v.version): v for v in client.search_model_versions(f"name = '{_quote(name)}'")}
+
+
+def _metric(version, metric: str) -> float | None:
+    raw = (version.tags or {}).get(f"{METRIC_TAG_PREFIX}{metric}")
+    try:
+        value = float(raw) if raw is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and math.isfinite(value) else None
+
+
+def promote(name: str, tracking_uri: str, version: int | None = None, policy: Policy | None = None) -> dict[str, Any]:
+    """Move the ``champion`` / ``challenger`` aliases of registered model ``name`` (see the module docstring).
+
+    ``version``: promote that version to champion by hand; ``None``: apply ``policy`` (default: the
+    built-in policy of the newest version's ``family`` tag) to the newest version. Returns what
+    happened: ``name``, ``version``, ``alias`` (the alias it now has, or None), ``previous_champion``,
+    ``changed``, ``reason`` and, when compared, ``metric``, ``value``, ``champion_value``, ``mode``,
+    ``margin``. Raises :class:`RegistryError` (and moves no alias) for an unknown model or version,
+    for versions the policy cannot compare, and when the registry is unreachable.
+    """
+    client = connect(tracking_uri)
+    model = _registered_model(client, name, tracking_uri)
+    versions = _versions(client, name)
+    if not versions:
+        raise RegistryError(f"registered model {name!r} has no versions; `latentforge register` one first")
+    aliases = dict(model.aliases or {})
+    champion = int(aliases[CHAMPION]) if CHAMPION in aliases else None
+    challenger = int(aliases[CHALLENGER]) if CHALLENGER in aliases else None
+    result: dict[str, Any] = {"name": name, "previous_champion": champion, "changed": False}
+
+    if version is not None:
+        if int(version) not in versions:
+            raise RegistryError(
+                f"registered model {name!r} has no version {version}; versions: {', '.join(map(str, sorted(versions)))}"
+            )
+        target = int(version)
+        result.update(version=target, alias=CHAMPION)
+        if champion == target:
+            return {**result, "reason": f"version {target} is the champion already"}
+        reason = f"champion by hand (was {f'version {champion}' if champion else 'none'})"
+        _move_champion(client, name, target, challenger, reason)
+        return {**result, "changed": True, "reason": reason}
+
+    newest = max(versions)
+    new = versions[newest]
+    policy = policy or policy_for(None, (new.tags or {}).get("family", ""))
+    result.update(version=newest, mode=policy.mode)
+    if champion is None:
+        reason = "champion by policy: no champion before"
+        _move_champion(client, name, newest, challenger, reason)
+        return {**result, "alias": CHAMPION, "changed": True, "reason": reason}
+    if champion == newest:
+        return {**result, "alias": CHAMPION, "reason": f"the newest version {newest} is the champion already"}
+
+    current = versions.get(champion) or client.get_model_version(name, str(champion))
+    for candidate in policy.candidates():
+        value, champion_value = _metric(new, candidate.metric), _metric(current, candidate.metric)
+        if value is not None and champion_value is not None:
+            break
+    else:
+        def has(v):
+            found = [m for m in policy.metric_names if _metric(v, m) is not None]
+            return ", ".join(found) or "none of them"
+
+        raise RegistryError(
+            f"cannot rank {name} version {newest} against champion version {champion}: the policy compares "
+            f"{' or '.join(policy.metric_names)}, which must be recorded on both (version {newest}: {has(new)}; "
+            f"version {champion}: {has(current)}); register an export with these evaluation metrics, or promote "
+            f"by hand with --version {newest}"
+        )
+    op, bound = ("<", champion_value - candidate.margin) if candidate.mode == "min" else (">", champion_value + candidate.margin)
+    comparison = f"{candidate.metric} {value:.6g} {op} {champion_value:.6g} {'-' if op == '<' else '+'} margin {candidate.margin:g}"
+    result.update(metric=candidate.metric, value=value, champion_value=champion_value, mode=candidate.mode,
+                  margin=candidate.margin)
+    if candidate.beats(value, champion_value):
+        reason = f"champion by policy: {comparison} (version {champion})"
+        _move_champion(client, name, newest, challenger, reason)
+        return {**result, "alias": CHAMPION, "changed": True, "reason": reason}
+    reason = f"challenger by policy: not {comparison} (champion version {champion})"
+    if challenger != newest:
+        client.set_registered_model_alias(name, CHALLENGER, str(newest))
+        result["changed"] = True
+    client.set_model_version_tag(name, str(newest), PROMOTION_TAG, reason)
+    return {**result, "alias": CHALLENGER, "reason": reason}
+
+
+def _move_champion(client, name: str, version: int, challenger: int | None, reason: str) -> None:
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    if challenger == version:  # one version never carries both aliases
+        client.delete_registered_model_alias(name, CHALLENGER)
+    client.set_model_version_tag(name, str(version), PROMOTION_TAG, reason)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Listing
+
+
+def list_models(tracking_uri: str, name: str | None = None) -> list[dict[str, Any]]:
+    """One row per version (of ``name``, or of every registered model), newest first within a model:
+    ``name``, ``version``, ``aliases`` (list), ``primary_metric``, ``primary_metric_value`` (float or
+    None), ``run_id``, ``created`` (UTC, ``YYYY-MM-DD HH:MM:SS``)."""
+    client = connect(tracking_uri)
+    if name is not None:
+        models = [_registered_model(client, name, tracking_uri)]
+    else:
+        models, token = [], None
+        while True:
+            page = client.search_registered_models(max_results=1000, page_token=token)
+            models.extend(page)
+            token = page.token
+            if not token:
+                break
+    rows = []
+    for model in sorted(models, key=lambda m: m.name):
+        by_version: dict[int, list[str]] = {}
+        for alias, v in (model.aliases or {}).items():
+            by_version.setdefault(int(v), []).append(alias)
+        for number, v in sorted(_versions(client, model.name).items(), reverse=True):
+            tags = v.tags or {}
+            value = tags.get("primary_metric_value")
+            rows.append({
+                "name": model.name,
+                "version": number,
+                "aliases": sorted(by_version.get(number, [])),
+                "primary_metric": tags.get("primary_metric"),
+                "primary_metric_value": float(value) if value not in (None, "") else None,
+                "run_id": v.run_id,
+                "created": datetime.fromtimestamp(v.creation_timestamp / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+            })
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """``list_models`` rows as an aligned text table."""
+    header = ["NAME", "VERSION", "ALIASES", "PRIMARY METRIC", "RUN", "CREATED (UTC)"]
+    body = [
+        [
+            r["name"], str(r["version"]), ",".join(r["aliases"]) or "-",
+            f"{r['primary_metric']}={r['primary_metric_value']:.6g}" if r["primary_metric_value"] is not None
+            else f"{r['primary_metric'] or '-'}=?",
+            r["run_id"] or "-", r["created"],
+        ]
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *body])
+
+
+# ----------------------------------------------------------------------------------------------------
+# From params (the CLI)
+
+
+def tracking_uri_from_params(params: dict[str, Any]) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else params ``mlflow.tracking_uri`` (local paths made absolute)."""
+    from pipelines.train import _absolute_uri
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or section(params, "mlflow").get("tracking_uri")
+    if not uri:
+        raise ParamsError("params mlflow.tracking_uri is missing (or set MLFLOW_TRACKING_URI)")
+    return _absolute_uri(uri)
+
+
+def model_name(params: dict[str, Any], family: str) -> str:
+    """The registered model of ``family`` on the configured data set: ``<family>-<data.name>``."""
+    return f"{family}-{section(params, 'data')['name']}"
+
+
+def export_dir_from_params(params: dict[str, Any], family: str) -> Path:
+    """``<export.output_dir or artifacts/export>/<family>``, as the export stage writes it."""
+    return Path(((params.get("export") or {}).get("output_dir")) or "artifacts/export") / family
+
+
+def register_from_params(
+    params: dict[str, Any], family: str, export_dir: str | os.PathLike | None = None, name: str | None = None,
+    promote_it: bool = False,
+) -> tuple[Any, dict[str, Any] | None]:
+    """``latentforge register --model <family> [--promote]``: register the family's export (and apply the
+    policy). Returns ``(ModelVersion, promote result or None)``."""
+    from models import MODELS, ConfigError
+
+    if family not in MODELS:
+        raise ConfigError(f"unknown model family {family!r}; choose one of: {', '.join(sorted(MODELS))}")
+    export_dir = Path(export_dir) if export_dir else export_dir_from_params(params, family)
+    manifest_path = export_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise RegistryError(f"no export at {export_dir}; run `latentforge export --model {family}` (or `dvc repro`) first")
+    exported = json.loads(manifest_path.read_text()).get("family")
+    if exported != family:
+        raise RegistryError(f"{export_dir} holds a {exported} export, not {family}")
+    policy = policy_for(params, family)
+    uri = tracking_uri_from_params(params)
+    experiment = section(params, "mlflow").get("experiment") or "latentforge"
+    version = register(export_dir, uri, name=name, policy=policy, experiment=experiment)
+    decision = promote(version.name, uri, policy=policy) if promote_it else None
+    return version, decision

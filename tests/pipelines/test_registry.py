@@ -1,0 +1,275 @@
+"""The MLflow registry stage with a real sqlite store, real ONNX exports and real ONNX Runtime sessions.
+
+Exports come from :func:`pipelines.export.export_model` on tiny models (two training steps each); their
+evaluation metrics are passed in, so that the policy has known numbers to rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models import MODELS, train_step
+from pipelines.cli import main
+from pipelines.export import export_model, load_sessions
+from pipelines.imaging import batch_to_tensor
+from pipelines.prepare import load_split
+from pipelines.registry import CHALLENGER, CHAMPION, Policy, RegistryError, list_models, promote, register
+from tests.pipelines.conftest import REPO, tiny_section
+
+PSNR = Policy("psnr", "max", 0.5)  # higher is better, by more than 0.5 dB
+
+
+def _tiny_model(family: str, prepared: Path, out: Path) -> Path:
+    """A tiny model of ``family`` after two training steps on the prepared data, saved with save_pretrained."""
+    h, w, c = json.loads((prepared / "manifest.json").read_text())["image_shape"]
+    cls = MODELS[family]
+    torch.manual_seed(0)
+    model = cls(cls.config_class.from_dict({**tiny_section(family), "image_size": h, "channels": c}))
+    optimizers = model.configure_optimizers()
+    images = batch_to_tensor(load_split(prepared, "train")["images"][:16])
+    batch = {"image": images, "label": torch.zeros(16, dtype=torch.int64), "index": torch.arange(16)}
+    for step in range(2):
+        train_step(model, optimizers, batch, step)
+    return model.save_pretrained(out / family / "model")
+
+
+@pytest.fixture(scope="module")
+def store(project):
+    """A sqlite tracking store (and its artifacts beside it), with one finished "training" run."""
+    from pipelines.train import _experiment_id, mlflow_client
+
+    root, _ = project
+    uri = f"sqlite:///{root / 'registry' / 'mlflow.db'}"
+    (root / "registry").mkdir()
+    client = mlflow_client(uri)
+    run = client.create_run(_experiment_id(client, "latentforge", uri), run_name="train-vae")
+    client.set_terminated(run.info.run_id)
+    return uri, run.info.run_id
+
+
+@pytest.fixture(scope="module")
+def exports(project, store):
+    """Export directories: ``vae`` (iwae_nll 10, recon_mse 0.05, exported from the training run), ``ae-good``
+    / ``ae-worse`` / ``ae-better`` (psnr 20 / 18 / 21, no run) and ``gan`` (no evaluation metrics)."""
+    root, params = project
+    _, run_id = store
+    prepared = Path(params["data"]["output_dir"]) / params["data"]["name"]
+    out = root / "exports"
+    models = {family: _tiny_model(family, prepared, root / "models") for family in ("vae", "ae", "gan")}
+    dirs = {label: out / label for label in ("vae", "ae-good", "ae-worse", "ae-better", "gan")}
+    export_model(models["vae"], prepared, dirs["vae"], metrics={"iwae_nll": 10.0, "recon_mse": 0.05},
+                 source={"mlflow_run_id": run_id, "git_commit": "c0ffee"})
+    for label, psnr in (("ae-good", 20.0), ("ae-worse", 18.0), ("ae-better", 21.0)):
+        export_model(models["ae"], prepared, dirs[label], metrics={"psnr": psnr})
+    export_model(models["gan"], prepared, dirs["gan"])
+    return dirs
+
+
+def _aliases(uri: str, name: str) -> dict[str, str]:
+    from mlflow.tracking import MlflowClient
+
+    return {alias: str(v) for alias, v in MlflowClient(uri).get_registered_model(name).aliases.items()}
+
+
+def test_register_and_promote_by_policy(store, exports):
+    uri, train_run = store
+    name = "ae-policy"
+    first = register(exports["ae-good"], uri, name=name, policy=PSNR)
+    assert int(first.version) == 1 and first.tags["family"] == "ae"
+    assert first.tags["primary_metric"] == "psnr" and float(first.tags["primary_metric_value"]) == 20.0
+    assert first.tags["mlflow_run_id"] == first.run_id != train_run  # no run in the export: a new one
+    assert first.tags["git_commit"] == "unknown" and len(first.tags["data_hash"]) == 64
+    assert _aliases(uri, name) == {}  # registering sets no alias
+
+    # The first version becomes champion: there is none to beat.
+    decision = promote(name, uri, policy=PSNR)
+    assert decision["alias"] == CHAMPION and decision["changed"] and decision["previous_champion"] is None
+    assert _aliases(uri, name) == {CHAMPION: "1"}
+
+    # A worse version stays challenger; the champion does not move.
+    assert int(register(exports["ae-worse"], uri, name=name, policy=PSNR).version) == 2
+    decision = promote(name, uri, policy=PSNR)
+    assert decision["alias"] == CHALLENGER and (decision["value"], decision["champion_value"]) == (18.0, 20.0)
+    assert _aliases(uri, name) == {CHAMPION: "1", CHALLENGER: "2"}
+
+    # Better by 1 dB: not enough against a margin of 2, enough against the margin of 0.5.
+    register(exports["ae-better"], uri, name=name, policy=PSNR)
+    assert promote(name, uri, policy=Policy("psnr", "max", 2.0))["alias"] == CHALLENGER
+    assert _aliases(uri, name) == {CHAMPION: "1", CHALLENGER: "3"}
+    decision = promote(name, uri, policy=PSNR)
+    assert decision["alias"] == CHAMPION and decision["previous_champion"] == 1 and decision["metric"] == "psnr"
+    # The new champion is no longer challenger; the displaced champion keeps no alias.
+    assert _aliases(uri, name) == {CHAMPION: "3"}
+    assert promote(name, uri, policy=PSNR)["changed"] is False  # idempotent
+
+    # By hand: any version becomes champion (a rollback), whatever the policy says.
+    decision = promote(name, uri, version=2)
+    assert decision["changed"] and decision["previous_champion"] == 3
+    assert _aliases(uri, name) == {CHAMPION: "2"}
+
+    rows = list_models(uri, name=name)
+    assert [(r["version"], r["aliases"]) for r in rows] == [(3, []), (2, [CHAMPION]), (1, [])]
+    assert rows[0]["primary_metric"] == "psnr" and rows[0]["primary_metric_value"] == 21.0
+    assert rows[2]["run_id"] == first.run_id and rows[0]["created"]
+
+
+def test_training_run_fallback_and_missing_metric(store, exports):
+    uri, train_run = store
+    # Logged to the training run the export names; the VAE's default policy ranks by iwae_nll.
+    name = "vae-fallback"
+    first = register(exports["vae"], uri, name=name)
+    assert first.run_id == first.tags["mlflow_run_id"] == train_run and first.tags["git_commit"] == "c0ffee"
+    assert first.tags["primary_metric"] == "iwae_nll" and first.tags["metric.recon_mse"] == "0.05"
+    register(exports["vae"], uri, name=name)
+    promote(name, uri, version=1)
+    # Neither version has `elbo`: the fallback ranks them; equal values: a tie never wins.
+    decision = promote(name, uri, policy=Policy("elbo", "max", 0.0, fallback=Policy("recon_mse", "min", 0.0)))
+    assert decision["metric"] == "recon_mse" and decision["alias"] == CHALLENGER
+    with pytest.raises(RegistryError, match="holds vae versions; this export is a gan"):
+        register(exports["gan"], uri, name=name)
+
+    # No metric at all (an export without evaluation figures): ranked by nothing, so promote refuses.
+    name = "gan-nometric"
+    version = register(exports["gan"], uri, name=name)
+    assert version.tags["primary_metric"] == "fd_classifier" and "primary_metric_value" not in version.tags
+    assert promote(name, uri)["alias"] == CHAMPION  # no champion: no metric needed
+    register(exports["gan"], uri, name=name)
+    with pytest.raises(RegistryError, match=r"cannot rank gan-nometric version 2 against champion version 1.*compares fd_classifier.*--version 2"):
+        promote(name, uri)
+    assert _aliases(uri, name) == {CHAMPION: "1"}
+
+
+def test_unknown_model_or_version_moves_nothing(store, exports):
+    uri, _ = store
+    name = "ae-errors"
+    register(exports["ae-good"], uri, name=name)
+    promote(name, uri)
+    with pytest.raises(RegistryError, match=r"no registered model 'vae-nope'.*ae-errors"):
+        promote("vae-nope", uri)
+    with pytest.raises(RegistryError, match=r"'ae-errors' has no version 7; versions: 1"):
+        promote(name, uri, version=7)
+    with pytest.raises(RegistryError, match="vae-nope"):
+        list_models(uri, name="vae-nope")
+    assert _aliases(uri, name) == {CHAMPION: "1"}
+
+    # An export naming a training run this store does not have.
+    moved = exports["vae"].parent / "vae-elsewhere"
+    shutil.copytree(exports["vae"], moved)
+    manifest = json.loads((moved / "manifest.json").read_text())
+    manifest["source"]["mlflow_run_id"] = "0" * 32
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RegistryError, match="training run 0{32} is not in the tracking store"):
+        register(moved, uri, name="vae-elsewhere")
+    assert [r["version"] for r in list_models(uri, name=name)] == [1]
+
+
+def test_champion_loads_in_a_fresh_process(store, exports, tmp_path):
+    """``mlflow.pyfunc.load_model("models:/<name>@champion")`` in a new interpreter, run from outside the
+    repo: its predictions equal the export's ONNX sessions called directly."""
+    uri, _ = store
+    for name, export in (("vae-served", exports["vae"]), ("gan-served", exports["gan"])):
+        register(export, uri, name=name)
+        promote(name, uri, version=1)
+    images = np.random.default_rng(1).random((3, 3, 16, 16), dtype=np.float32)
+    noise = np.random.default_rng(2).standard_normal((3, *json.loads((exports["gan"] / "manifest.json").read_text())["sampling"]["noise_shape"])).astype(np.float32)
+    np.savez(tmp_path / "inputs.npz", images=images, noise=noise)
+    script = textwrap.dedent(f"""
+        import mlflow, numpy as np
+        inputs = np.load({str(tmp_path / 'inputs.npz')!r})
+        vae = mlflow.pyfunc.load_model("models:/vae-served@champion")
+        gan = mlflow.pyfunc.load_model("models:/gan-served@champion")
+        out = {{f"vae_{{k}}": v for k, v in vae.predict(inputs["images"]).items()}}
+        out.update({{f"gan_{{k}}": v for k, v in gan.predict(inputs["noise"]).items()}})
+        np.savez({str(tmp_path / 'outputs.npz')!r}, **out)
+        try:
+            vae.predict(inputs["images"] * 2)
+        except Exception as exc:
+            print("rejected:", exc)
+    """)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rejected: image values must lie in [0, 1]" in proc.stdout
+    out = np.load(tmp_path / "outputs.npz")
+
+    _, vae = load_sessions(exports["vae"])
+    mean, logvar = vae["encoder"].run(["mean", "logvar"], {"images": images})
+    recon = vae["decoder"].run(["images"], {"latent": mean})[0]
+    np.testing.assert_allclose(out["vae_mean"], mean, atol=1e-6)
+    np.testing.assert_allclose(out["vae_logvar"], logvar, atol=1e-6)
+    np.testing.assert_allclose(out["vae_reconstruction"], recon, atol=1e-6)
+    assert recon.shape == (3, 3, 16, 16)
+    _, gan = load_sessions(exports["gan"])
+    np.testing.assert_allclose(out["gan_images"], gan["generator"].run(["images"], {"noise": noise})[0], atol=1e-6)
+
+
+def test_cli(project, store, exports, monkeypatch, capsys):
+    root, _ = project
+    uri, _ = store
+    params = str(root / "params.yaml")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(root)  # the default export dir, artifacts/export/<family>, is relative
+
+    def run(*argv):
+        code = main(list(argv) + ["--params", params])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, _ = run("register", "--model", "vae", "--export-dir", str(exports["vae"]), "--name", "cli-vae", "--promote")
+    assert code == 0 and "registered cli-vae version 1" in out and "champion by policy" in out
+    assert os.environ["MLFLOW_TRACKING_URI"] == uri  # MLflow's fluent API was pointed at it and put back
+    code, out, err = run("register", "--model", "vae", "--export-dir", str(exports["vae"]), "--name", "cli-vae", "--promote")
+    assert code == 0 and "cli-vae version 2: challenger by policy: not iwae_nll 10 < 10" in out, err
+    code, out, _ = run("promote", "--model", "vae", "--name", "cli-vae", "--version", "2")
+    assert code == 0 and "cli-vae version 2: champion by hand" in out
+    code, out, _ = run("models", "--name", "cli-vae")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].startswith("NAME") and len(lines) == 3
+    assert lines[1].split()[:3] == ["cli-vae", "2", "champion"] and "iwae_nll=10" in lines[1]
+
+    # User errors: one line on stderr, exit status 2, no alias moved.
+    for argv, message in (
+        (("promote", "--model", "vae", "--name", "cli-nope"), "no registered model 'cli-nope'"),
+        (("promote", "--model", "vae", "--name", "cli-vae", "--version", "9"), "has no version 9"),
+        (("register", "--model", "vae"), "no export at"),
+        (("register", "--model", "gan", "--export-dir", str(exports["vae"])), "holds a vae export, not gan"),
+    ):
+        code, _, err = run(*argv)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert _aliases(uri, "cli-vae") == {CHAMPION: "2"}
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    for argv in (("models",), ("promote", "--model", "vae")):
+        code, _, err = run(*argv)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert err.startswith(f"latentforge {argv[0]}: error: MLflow tracking store http://127.0.0.1:9 is unreachable")
+
+
+def test_params_policy():
+    from pipelines.evaluate import primary_metric
+    from pipelines.params import ParamsError, apply_overrides, load_params
+    from pipelines.registry import policy_for
+
+    params = load_params(REPO / "params.yaml")
+    assert policy_for(params, "vae").metric_names == ["iwae_nll", "recon_mse"]
+    assert policy_for(params, "ae") == Policy("recon_mse", "min", 0.0)  # the default entry
+    for family, cls in MODELS.items():
+        # params.yaml and the built-in defaults agree, and rank first by what `evaluate` calls primary.
+        policy = policy_for(params, family)
+        assert policy == policy_for(None, family), family
+        assert (policy.metric, policy.mode) == primary_metric(family, cls.has_encoder), family
+    assert policy_for(apply_overrides(params, ["registry.policies.vae.margin=0.25"]), "vae").margin == 0.25
+    with pytest.raises(ParamsError, match="mode must be min or max"):
+        policy_for(apply_overrides(params, ["registry.policies.vae.mode=lowest"]), "vae")
+    with pytest.raises(ParamsError, match=r"registry.policies.gan: unknown key\(s\) metrc"):
+        policy_for({"registry": {"policies": {"gan": {"metrc": "fid", "mode": "min", "margin": 0}}}}, "gan")
