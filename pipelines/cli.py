@@ -51,6 +51,74 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipelines.export import export_from_params
+
+    out_dir, manifest = export_from_params(_params(args), args.model, out=args.out, metrics_path=args.metrics)
+    figures = ", ".join(f"{name} {diff:.2g}" for name, diff in manifest["parity"].items())
+    print(f"exported {manifest['family']} ({len(manifest['graphs'])} graphs, opset {manifest['opset']}) -> {out_dir}; "
+          f"parity max |onnx - torch|: {figures}")
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from pipelines.registry import register_from_params
+
+    version, decision = register_from_params(_params(args), args.model, export_dir=args.export_dir, name=args.name,
+                                             promote_it=args.promote)
+    metric = version.tags.get("primary_metric")
+    value = version.tags.get("primary_metric_value")
+    print(f"registered {version.name} version {version.version} (run {version.run_id}; {metric} = {value or 'not recorded'})")
+    if decision is not None:
+        print(f"{version.name} version {decision['version']}: {decision['reason']}")
+    if args.record:
+        # A small receipt of what was registered: the DVC `register` stage's output.
+        record = {"name": version.name, "version": int(version.version), "run_id": version.run_id,
+                  "primary_metric": metric, "primary_metric_value": value, "promotion": decision}
+        args.record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.record.with_name(f".{args.record.name}.tmp")
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+        tmp.replace(args.record)
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from pipelines.registry import model_name, policy_for, promote, tracking_uri_from_params
+
+    params = _params(args)
+    name = args.name or model_name(params, args.model)
+    decision = promote(name, tracking_uri_from_params(params), version=args.version, policy=policy_for(params, args.model))
+    print(f"{name} version {decision['version']}: {decision['reason']}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from pipelines.registry import format_table, list_models, tracking_uri_from_params
+
+    uri = tracking_uri_from_params(_params(args))
+    rows = list_models(uri, name=args.name)
+    print(format_table(rows) if rows else f"no registered models in {uri}")
+    return 0
+
+
+def cmd_classifier(args: argparse.Namespace) -> int:
+    from pipelines.classifier import run_classifier
+
+    out_dir, metrics = run_classifier(_params(args))
+    print(json.dumps({"classifier_dir": str(out_dir), **metrics}))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipelines.evaluate import resolve_evaluation, run_evaluation
+
+    out = run_evaluation(resolve_evaluation(_params(args), args.model))
+    info = out["info"]
+    print(json.dumps({"primary_metric": info["primary_metric"], "value": out.get(info["primary_metric"]),
+                      "direction": info["primary_direction"], "mlflow_run_id": info["mlflow_run_id"]}))
+    return 0
+
+
 def cmd_mlflow_server(args: argparse.Namespace) -> int:
     """Replace this process with `mlflow server` on a sqlite backend and a local artifact store."""
     import os
@@ -98,6 +166,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the arguments of `latentforge train`")
     p.set_defaults(func=cmd_submit)
 
+    p = stage("export", "export a trained model to parity-checked ONNX graphs + manifest.json (artifacts/export/<family>)")
+    p.add_argument("--model", required=True, help="model family, e.g. vae; reads <train.output_dir>/<family>/model")
+    p.add_argument("--out", type=Path, help="output folder (default: <export.output_dir or artifacts/export>/<family>)")
+    p.add_argument("--metrics", type=Path, help="JSON metrics to record in the manifest "
+                   "(default: artifacts/evaluate/<family>/metrics.json when present)")
+    p.set_defaults(func=cmd_export)
+
+    p = stage("register", "register a family's ONNX export (artifacts/export/<family>) as a new MLflow model version")
+    p.add_argument("--model", required=True, help="model family, e.g. vae, vqvae2, gan")
+    p.add_argument("--export-dir", type=Path, help="the export directory (default: <export.output_dir>/<family>)")
+    p.add_argument("--name", help="registered model name (default: <family>-<data name of the export>)")
+    p.add_argument("--promote", action="store_true", help="then apply the promotion policy (params registry.policies)")
+    p.add_argument("--record", type=Path, help="also write what was registered (name, version, promotion) as JSON here")
+    p.set_defaults(func=cmd_register)
+
+    p = stage("promote", "move the champion/challenger aliases: by the family's policy, or to --version by hand")
+    p.add_argument("--model", required=True, help="model family; the registered model is <family>-<data.name>")
+    p.add_argument("--version", type=int, help="make this version champion by hand (default: apply the policy to the newest)")
+    p.add_argument("--name", help="registered model name (default: <family>-<data.name>)")
+    p.set_defaults(func=cmd_promote)
+
+    p = stage("models", "list registered model versions with their aliases and primary metric")
+    p.add_argument("--name", help="only this registered model")
+    p.set_defaults(func=cmd_models)
+
+    p = stage("classifier", "train the domain classifier (features for evaluate) -> artifacts/classifier/<data name>/")
+    p.set_defaults(func=cmd_classifier)
+
+    p = stage("evaluate", "evaluate a trained family on the test split -> artifacts/evaluate/<family>/, logged to its MLflow run")
+    p.add_argument("--model", required=True, help="model family (see `models.MODELS`), e.g. vae, vqvae2, gan")
+    p.set_defaults(func=cmd_evaluate)
+
     p = sub.add_parser("mlflow-server", help="start an MLflow tracking server (sqlite backend, local artifact store)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
@@ -111,9 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from models.base import ConfigError
     from pipelines.data import DataError
+    from pipelines.evaluate import EvaluationError
+    from pipelines.export import ExportError
+    from pipelines.registry import RegistryError
     from pipelines.train import TrainingError
 
-    return (ParamsError, DataError, ConfigError, FileNotFoundError, TrainingError)
+    return (ParamsError, DataError, ConfigError, FileNotFoundError, TrainingError, RegistryError, ExportError, EvaluationError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,8 @@ import torch
 
 def batch_to_tensor(images: np.ndarray) -> torch.Tensor:
     """(B, H, W, C) uint8 -> (B, C, H, W) float32 in [0, 1], the models' input convention."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    # np.require copies only when needed: decoded Parquet bytes are read-only, which torch warns about.
+    return torch.from_numpy(np.require(images, requirements=["C", "W"])).permute(0, 3, 1, 2).float().div_(255.0)
 
 
 def tensor_to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -43,6 +44,9 @@ def repo_copy(tmp_path) -> Path:
     params["data"]["shapes"].update(num_images=120, image_size=16)
     params["train"].update(epochs=1, batch_size=16, families=["vae"], log_every_steps=2)
     params["train"]["models"] = {"vae": tiny_section("vae")}
+    params["classifier"].update(epochs=1, widths=[8, 16], feature_dim=32)
+    params["evaluate"].update(iwae_k=4, iwae_images=16, num_samples=32, probe_images=64, tsne_points=40,
+                              interp_pairs=2, interp_steps=3)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh("git", "init", "-q", cwd=dest)
     sh("git", "add", "-A", cwd=dest)
@@ -64,6 +68,17 @@ def test_dvc_repro_twice_then_push(repo_copy):
     shown = sh("dvc", "metrics", "show", "--json", cwd=repo_copy).stdout
     assert "val_score" in shown and "mlflow_run_id" in shown
     assert (repo_copy / "mlflow.db").is_file()
+    # ... then evaluate, export and register: the version is in the registry as champion.
+    evaluation = json.loads((repo_copy / "artifacts" / "evaluate" / "vae" / "metrics.json").read_text())
+    assert "recon_psnr" in json.dumps(evaluation)
+    assert (repo_copy / "artifacts" / "export" / "vae" / "manifest.json").is_file()
+    record = json.loads((repo_copy / "artifacts" / "register" / "vae.json").read_text())
+    assert record["name"] == "vae-shapes" and record["version"] == 1
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo_copy / 'mlflow.db'}")
+    assert client.get_model_version_by_alias("vae-shapes", "champion").version in (1, "1")
+    assert "artifacts/evaluate/vae/plots" in sh("dvc", "plots", "show", "--json", cwd=repo_copy).stdout
 
     second = sh("dvc", "repro", cwd=repo_copy)
     assert "Running stage" not in second.stdout

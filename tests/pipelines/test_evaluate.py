@@ -1,0 +1,202 @@
+"""The domain classifier and the evaluate stage, end to end on a tiny trained VAE with a real MLflow store
+(sqlite in a temp dir)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from models import MODELS, train_step
+from pipelines.classifier import head_accuracies, load_classifier, run_classifier, train_classifier
+from pipelines.cli import main
+from pipelines.data import load_shapes
+from pipelines.evaluate import EvaluationError, resolve_evaluation, run_evaluation
+from pipelines.imaging import batch_to_tensor
+from pipelines.prepare import load_split
+from tests.pipelines.conftest import tiny_section
+
+
+def test_classifier_learns_shape_and_colour_at_16px():
+    data = load_shapes(4500, seed=0, image_size=16)
+    large = data.factors[:, 2] == 2  # 6-pixel shapes: a 3-pixel "small" one is hardly a shape at 16x16
+    images, factors = data.images[large], data.factors[large]
+    n_train = int(0.8 * len(images))
+    targets = {"factor_shape": factors[:, 0], "factor_colour": factors[:, 1]}
+    model = train_classifier(
+        images[:n_train], {k: v[:n_train] for k, v in targets.items()}, {"factor_shape": 5, "factor_colour": 8},
+        epochs=10, batch_size=32, lr=1.5e-3, seed=0,
+    )
+    accs = head_accuracies(model, images[n_train:], {k: v[n_train:] for k, v in targets.items()})
+    assert accs["factor_shape"] > 0.9 and accs["factor_colour"] > 0.9, accs
+
+
+# ----------------------------------------------------------------------------------------------------
+# The stage
+
+
+@pytest.fixture(scope="module")
+def evaluated(project, tmp_path_factory, monkeypatch_module):
+    """The project with a domain classifier (via the CLI), a tiny VAE trained for a few steps and saved
+    as the train stage would, its MLflow run, and one evaluation of it."""
+    from mlflow.tracking import MlflowClient
+
+    root, base = project
+    params = copy.deepcopy(base)
+    params["classifier"].update(epochs=1, output_dir=str(root / "classifier"))
+    data_dir = Path(params["data"]["output_dir"]) / params["data"]["name"]
+    test = load_split(data_dir, "test")
+    params["evaluate"].update(
+        iwae_k=4, iwae_images=8, num_samples=20, probe_images=64, tsne_points=20, interp_pairs=3, interp_steps=4,
+        anomaly_class=int(test["labels"][0]), output_dir=str(root / "evaluate"),
+    )
+    params_path = root / "params-eval.yaml"
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    monkeypatch_module.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["classifier", "--params", str(params_path)]) == 0
+
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    train = load_split(data_dir, "train")
+    torch.manual_seed(0)
+    model = MODELS["vae"](MODELS["vae"].config_class.from_dict({**tiny_section("vae"), "image_size": 16, "channels": 3}))
+    opts = model.configure_optimizers()
+    client = MlflowClient(params["mlflow"]["tracking_uri"])
+    exp = client.get_experiment_by_name("evaluate-test") or client.get_experiment(client.create_experiment("evaluate-test"))
+    run_id = client.create_run(exp.experiment_id, run_name="tiny-vae").info.run_id
+    for step in range(4):
+        rows = slice(16 * step, 16 * (step + 1))
+        batch = {"image": batch_to_tensor(train["images"][rows]), "label": torch.as_tensor(train["labels"][rows]),
+                 "index": torch.as_tensor(train["index"][rows])}
+        logs = train_step(model, opts, batch, step)
+        client.log_metric(run_id, "train/loss", logs["loss"], step=step)
+    client.log_metric(run_id, "epoch/val_score", 1000.0, step=3)
+    client.set_terminated(run_id)
+    model.eval()
+    train_dir = Path(params["train"]["output_dir"]) / "vae"
+    model.save_pretrained(train_dir / "model")
+    (train_dir / "metrics.json").write_text(json.dumps({"mlflow_run_id": run_id, "data_hash": manifest["data_hash"]}))
+
+    job = resolve_evaluation(params, "vae")
+    lines: list[str] = []
+    out = run_evaluation(job, echo=lines.append)
+    return params, params_path, job, out, client, lines
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def test_classifier_stage_writes_model_and_test_accuracy(evaluated):
+    params, *_ = evaluated
+    out = Path(params["classifier"]["output_dir"]) / params["data"]["name"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"test_accuracy_label", "test_accuracy_factor_shape", "test_accuracy_factor_colour"} <= set(metrics)
+    model, meta = load_classifier(out)
+    assert meta["heads"]["label"] == 40 and meta["heads"]["factor_shape"] == 5
+    assert model.features(torch.rand(2, 3, 16, 16)).shape == (2, meta["feature_dim"])
+
+
+def test_evaluate_writes_metrics_and_plots(evaluated):
+    params, _, job, out, _, lines = evaluated
+    folder = Path(params["evaluate"]["output_dir"]) / "vae"
+    written = json.loads((folder / "metrics.json").read_text())
+    assert written == out
+    c = params["evaluate"]["anomaly_class"]
+    expected = {
+        "recon_mse", "recon_psnr_db", "recon_ssim", "elbo", "iwae_nll", "iwae_nll_bits_per_dim", "test_nelbo",
+        "fd_classifier", "fd_classifier_floor", "sample_precision", "sample_recall", "probe_accuracy",
+        f"anomaly_auroc_class_{c}", "anomaly_threshold", "interp_min_confidence", "mig", "mig_shape",
+    }
+    assert expected <= set(out), expected - set(out)
+    assert 0 <= out["recon_mse"] <= 1 and -1 <= out["recon_ssim"] <= 1
+    assert out["iwae_nll"] <= -out["elbo"] + 50  # the IWAE bound is (noisily) no looser than the ELBO
+    assert 0 <= out[f"anomaly_auroc_class_{c}"] <= 1 and out["anomaly_threshold"] > 0
+    assert 0 <= out["sample_precision"] <= 1 and 0 <= out["sample_recall"] <= 1 and out["fd_classifier"] >= 0
+    info = out["info"]
+    assert info["primary_metric"] == "iwae_nll" and info["primary_direction"] == "min"
+    assert info["counts"]["iwae_images"] == 8 and info["counts"]["samples"] == 20 and info["iwae_k"] == 4
+    plots = {p.name for p in (folder / "plots").iterdir()}
+    assert plots == {"samples.png", "reconstructions.png", "interpolation.png", "tsne.png", "loss_curves.png"}
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+    assert any("iwae" in line for line in lines)
+
+
+def test_evaluate_logs_to_the_training_run(evaluated):
+    _, _, job, out, client, _ = evaluated
+    run = client.get_run(job.run_id)
+    assert run.data.metrics["eval/recon_mse"] == pytest.approx(out["recon_mse"])
+    assert run.data.metrics["eval/iwae_nll"] == pytest.approx(out["iwae_nll"])
+    assert run.data.tags["latentforge.eval.primary_metric"] == "eval/iwae_nll"
+    files = {a.path for a in client.list_artifacts(job.run_id, "evaluate")}
+    assert "evaluate/metrics.json" in files
+    plots = {a.path for a in client.list_artifacts(job.run_id, "evaluate/plots")}
+    assert "evaluate/plots/loss_curves.png" in plots and "evaluate/plots/tsne.png" in plots
+
+
+def test_wrong_image_shape_is_one_clear_error_and_writes_nothing(evaluated, tmp_path, capsys):
+    params, *_ = evaluated
+    params = copy.deepcopy(params)
+    params["train"]["output_dir"] = str(tmp_path / "train")
+    params["evaluate"]["output_dir"] = str(tmp_path / "evaluate")
+    model = MODELS["vae"](MODELS["vae"].config_class.tiny(image_size=32, channels=1))
+    model.save_pretrained(tmp_path / "train" / "vae" / "model")
+    (tmp_path / "train" / "vae" / "metrics.json").write_text(json.dumps({"mlflow_run_id": "x"}))
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    assert main(["evaluate", "--model", "vae", "--params", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "32x32x1" in err and "16x16x3" in err, err
+    assert not (tmp_path / "evaluate").exists()
+
+
+def test_missing_inputs_name_the_command_to_run(evaluated, tmp_path, capsys):
+    params, *_ = evaluated
+    params = copy.deepcopy(params)
+    params["evaluate"]["output_dir"] = str(tmp_path / "evaluate")
+    path = tmp_path / "params.yaml"
+
+    missing_classifier = copy.deepcopy(params)
+    missing_classifier["classifier"]["output_dir"] = str(tmp_path / "nowhere")
+    path.write_text(yaml.safe_dump(missing_classifier))
+    assert main(["evaluate", "--model", "vae", "--params", str(path)]) == 2
+    assert "latentforge classifier" in capsys.readouterr().err
+
+    path.write_text(yaml.safe_dump(params))
+    assert main(["evaluate", "--model", "gan", "--params", str(path)]) == 2  # never trained here
+    assert "latentforge train --model gan" in capsys.readouterr().err
+
+    unreachable = copy.deepcopy(params)
+    unreachable["mlflow"]["tracking_uri"] = "http://127.0.0.1:9"  # discard port: connection refused
+    path.write_text(yaml.safe_dump(unreachable))
+    assert main(["evaluate", "--model", "vae", "--params", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unreachable" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "evaluate").exists()
+
+
+def test_resolve_rejects_bad_evaluate_params(evaluated):
+    from pipelines.params import ParamsError
+
+    params, *_ = evaluated
+    bad = copy.deepcopy(params)
+    bad["evaluate"]["iwae_k"] = 0
+    with pytest.raises(ParamsError, match="iwae_k"):
+        resolve_evaluation(bad, "vae")
+    bad = copy.deepcopy(params)
+    bad["evaluate"]["anomaly_class"] = 40  # shapes has 40 classes
+    with pytest.raises(ParamsError, match="anomaly_class=40"):
+        resolve_evaluation(bad, "vae")
+    bad = copy.deepcopy(params)
+    bad["evaluate"]["tsne_points"] = "many"
+    with pytest.raises(ParamsError, match="tsne_points"):
+        resolve_evaluation(bad, "vae")
+    with pytest.raises(EvaluationError, match="no trained aae model"):
+        resolve_evaluation(params, "aae")
