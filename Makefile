@@ -25,6 +25,7 @@ $(STAMP): pyproject.toml
 
 demo: install
 	dvc repro
+	latentforge models
 
 test: install
 	$(BIN)/python -m pytest
