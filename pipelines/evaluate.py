@@ -56,6 +56,7 @@ import numpy as np
 
 from pipelines.data import DataError
 from pipelines.params import ParamsError, check_keys, section
+from pipelines.prepare import _replace_dir
 
 EVALUATE_SCHEMA: dict[str, Any] = {
     "iwae_k": int,
@@ -731,19 +732,3 @@ def _log_to_mlflow(client, job: EvalJob, metrics: dict[str, float], folder: Path
     for i in range(0, max(len(batch), 1), 1000):
         client.log_batch(job.run_id, metrics=batch[i : i + 1000], tags=tags if i == 0 else [])
     client.log_artifacts(job.run_id, str(folder), artifact_path="evaluate")
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Put ``new`` at ``target``: the old content is moved aside first and removed only on success."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{new.name[-8:]}")
-        target.rename(old)
-    try:
-        new.rename(target)
-    except BaseException:
-        if old is not None:
-            old.rename(target)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
