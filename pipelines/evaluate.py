@@ -6,11 +6,18 @@ and the domain classifier (``latentforge classifier``), and writes ``<evaluate.o
 and ``plots/*.png``. The same figures (as ``eval/<name>``) and files (under ``evaluate/``) are logged to
 the training's MLflow run. Everything is written to a temporary folder first and renamed at the end.
 
+Subsets keep a family well under a minute on 2 CPUs (``info.counts`` records every size): each split
+is encoded on at most ``split_images`` seeded images (``optimised_encode_images`` for families that
+encode by optimisation), the family's ``validation_step`` runs on ``validation_images`` of them, the
+IWAE on ``iwae_images``, sample metrics on ``num_samples`` samples (``prior_samples`` for families that
+sample from an autoregressive prior, VQ-VAE-2), the t-SNE on ``tsne_points``.
+
 What is computed, where the family allows it:
 
 * reconstruction (families with an encoder; GLO encodes by optimisation with ``encode_steps`` steps):
   ``recon_mse``, ``recon_psnr_db``, ``recon_ssim`` (means over test images), and ``test_<key>`` for
-  each figure of the family's own ``validation_step`` on the test split;
+  each figure of the family's own ``validation_step`` on the test split (batch means where the family
+  computes a figure per batch, such as codebook usage);
 * VAE: ``elbo`` (``-test_nelbo``, nats per image, one posterior sample, analytic KL) and ``iwae_nll``
   (nats per image; k = ``iwae_k``, on ``iwae_images`` test images) and ``iwae_nll_bits_per_dim``. Under
   the Bernoulli likelihood on non-binary pixels these are cross-entropies, comparable only between VAEs
@@ -62,7 +69,9 @@ EVALUATE_SCHEMA: dict[str, Any] = {
     "iwae_k": int,
     "iwae_images": int,
     "num_samples": int,
-    "probe_images": int,
+    "prior_samples": int,
+    "split_images": int,
+    "validation_images": int,
     "tsne_points": int,
     "encode_steps": int,
     "optimised_encode_images": int,
@@ -78,7 +87,7 @@ EVALUATE_SCHEMA: dict[str, Any] = {
 # use ("recon_mse", "min") when they have an encoder, else ("fd_classifier", "min").
 PRIMARY_METRICS: dict[str, tuple[str, str]] = {
     "vae": ("iwae_nll", "min"),
-    "vqvae2": ("fd_classifier", "min"),
+    "vqvae2": ("recon_mse", "min"),  # its FD rests on only prior_samples samples (slow sampler)
     "gan": ("fd_classifier", "min"),
     "aae": ("fd_classifier", "min"),
     "glo": ("fd_classifier", "min"),
@@ -132,8 +141,8 @@ def resolve_evaluation(params: dict[str, Any], family: str) -> EvalJob:
     if family not in MODELS:
         raise ConfigError(f"unknown model family {family!r}; choose one of: {', '.join(sorted(MODELS))}")
     settings = check_keys(section(params, "evaluate"), EVALUATE_SCHEMA, "evaluate")
-    for key in ("iwae_k", "iwae_images", "num_samples", "probe_images", "tsne_points", "optimised_encode_images",
-                "interp_pairs", "interp_steps"):
+    for key in ("iwae_k", "iwae_images", "num_samples", "prior_samples", "split_images", "validation_images",
+                "tsne_points", "optimised_encode_images", "interp_pairs", "interp_steps"):
         if settings[key] <= 0:
             raise ParamsError(f"params evaluate.{key} must be > 0, got {settings[key]}")
     if settings["encode_steps"] < 0:
@@ -254,6 +263,12 @@ def _encodes_by_optimisation(model) -> bool:
     return "steps" in inspect.signature(model.encode).parameters
 
 
+def _samples_autoregressively(model) -> bool:
+    """Families that sample discrete codes from an autoregressive prior (VQ-VAE-2's ``sample_indices``):
+    one network step per code position, by far the slowest sampler here."""
+    return hasattr(model, "sample_indices")
+
+
 def encode_images(model, images: np.ndarray, kwargs: dict[str, Any], batch: int = BATCH):
     """Encode (N, H, W, C) uint8 images; returns latents (N, ...), reconstructions (N, C, H, W) float in
     [0, 1] and, for quantised families, the code indices (one (N, h, w) array per level) or None."""
@@ -281,7 +296,9 @@ def _decode(model, latents, batch: int = BATCH):
         return torch.cat([model.decode(latents[i : i + batch]).images.float().clamp(0, 1) for i in range(0, len(latents), batch)])
 
 
-def _sample(model, n: int, generator, batch: int = 250):
+def _sample(model, n: int, generator, batch: int = 32):
+    # Small batches: an autoregressive prior's KV-cached step copies its whole cache each position,
+    # so its cost grows faster than linearly with the batch (memory-bound); a CNN decoder does not care.
     import torch
 
     with torch.no_grad():
@@ -357,14 +374,13 @@ def run_evaluation(job: EvalJob, echo: Callable[[str], None] = print) -> dict[st
 
     # -- reconstruction ---------------------------------------------------------------------------
     test_latents = test_recons = None
-    test_rows = np.arange(len(test["images"]))
+    slow = model.has_encoder and _encodes_by_optimisation(model)
+    cap = s["optimised_encode_images"] if slow else s["split_images"]  # images encoded per split
+    test_rows = _subset(rng, len(test["images"]), cap)
     if model.has_encoder:
         kwargs = _encode_kwargs(model, s, gen(1))
-        slow = _encodes_by_optimisation(model)
-        if slow:
-            test_rows = _subset(rng, len(test_rows), s["optimised_encode_images"])
-            info["encode"] = {"steps": s["encode_steps"], "images_per_split": int(len(test_rows)),
-                              "note": "encoded by optimisation: test, val and probe-train splits capped at optimised_encode_images"}
+        info["encode"] = {"images_per_split": int(cap), "by_optimisation": slow,
+                          **({"steps": s["encode_steps"]} if slow else {})}
         x_test = batch_to_tensor(test["images"][test_rows])
         test_latents, test_recons, test_indices = encode_images(model, test["images"][test_rows], kwargs)
         errors = M.per_image_mse(x_test, test_recons)
@@ -378,7 +394,9 @@ def run_evaluation(job: EvalJob, echo: Callable[[str], None] = print) -> dict[st
 
         if not slow:
             # The family's own validation figures, on the test split (GLO's would re-run the optimisation).
-            metrics.update({f"test_{k}": v for k, v in _validation_figures(model, test["images"], seed).items()})
+            rows = test_rows[: s["validation_images"]]
+            metrics.update({f"test_{k}": v for k, v in _validation_figures(model, test["images"][rows], seed).items()})
+            info["counts"]["validation_step"] = int(len(rows))
             lap("validation_step")
 
         # -- VAE: ELBO and IWAE ------------------------------------------------------------------
@@ -435,7 +453,7 @@ def run_evaluation(job: EvalJob, echo: Callable[[str], None] = print) -> dict[st
             lap("denoising")
 
     # -- samples -----------------------------------------------------------------------------------
-    n = min(s["num_samples"], len(test["images"]))
+    n = min(s["prior_samples"] if _samples_autoregressively(model) else s["num_samples"], len(test["images"]))
     samples = _sample(model, n, gen(4))
     plots["samples.png"] = lambda p, x=samples[:64]: _grid_png(tensor_to_uint8(x), p)
     lap("sampling")
@@ -461,8 +479,7 @@ def run_evaluation(job: EvalJob, echo: Callable[[str], None] = print) -> dict[st
 
     # -- linear probe ------------------------------------------------------------------------------
     if model.has_encoder and has_labels:
-        cap = s["optimised_encode_images"] if _encodes_by_optimisation(model) else s["probe_images"]
-        rows = _subset(np.random.default_rng(seed + 6), len(train["images"]), min(cap, s["probe_images"]))
+        rows = _subset(np.random.default_rng(seed + 6), len(train["images"]), cap)
         train_latents = encode_images(model, train["images"][rows], _encode_kwargs(model, s, gen(6)))[0]
         metrics["probe_accuracy"] = M.linear_probe_accuracy(
             train_latents.flatten(1).numpy(), train["labels"][rows], test_latents.flatten(1).numpy(), labels[test_rows], seed=seed
@@ -481,8 +498,7 @@ def run_evaluation(job: EvalJob, echo: Callable[[str], None] = print) -> dict[st
             metrics[f"anomaly_auroc_class_{c}"] = M.anomaly_auroc(errors[normal], errors[anomalous])
         val = load_split(job.data_dir, "val")
         val_rows = np.flatnonzero((val["labels"] >= 0) & (val["labels"] != c))
-        if _encodes_by_optimisation(model):
-            val_rows = val_rows[_subset(np.random.default_rng(seed + 7), len(val_rows), s["optimised_encode_images"])]
+        val_rows = val_rows[_subset(np.random.default_rng(seed + 7), len(val_rows), cap)]
         if len(val_rows):
             _, val_recons, _ = encode_images(model, val["images"][val_rows], _encode_kwargs(model, s, gen(7)))
             val_errors = M.per_image_mse(batch_to_tensor(val["images"][val_rows]), val_recons)
@@ -655,7 +671,7 @@ def _tsne_png(latents: np.ndarray, labels: np.ndarray, class_names: list[str], s
     fig, ax = plt.subplots(figsize=(7, 6), dpi=100)
     if len(x) >= 5:
         perplexity = float(min(30.0, (len(x) - 1) / 3))
-        xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+        xy = TSNE(n_components=2, perplexity=perplexity, init="pca", max_iter=500, random_state=seed).fit_transform(x)
         known = labels >= 0
         ax.scatter(xy[~known, 0], xy[~known, 1], s=6, c="lightgrey")
         sc = ax.scatter(xy[known, 0], xy[known, 1], s=6, c=labels[known], cmap="nipy_spectral",

@@ -52,7 +52,8 @@ def evaluated(project, tmp_path_factory, monkeypatch_module):
     data_dir = Path(params["data"]["output_dir"]) / params["data"]["name"]
     test = load_split(data_dir, "test")
     params["evaluate"].update(
-        iwae_k=4, iwae_images=8, num_samples=20, probe_images=64, tsne_points=20, interp_pairs=3, interp_steps=4,
+        iwae_k=4, iwae_images=8, num_samples=20, prior_samples=8, split_images=64, validation_images=16,
+        tsne_points=20, interp_pairs=3, interp_steps=4,
         anomaly_class=int(test["labels"][0]), output_dir=str(root / "evaluate"),
     )
     params_path = root / "params-eval.yaml"
@@ -123,6 +124,7 @@ def test_evaluate_writes_metrics_and_plots(evaluated):
     info = out["info"]
     assert info["primary_metric"] == "iwae_nll" and info["primary_direction"] == "min"
     assert info["counts"]["iwae_images"] == 8 and info["counts"]["samples"] == 20 and info["iwae_k"] == 4
+    assert info["counts"]["validation_step"] == 16 and info["counts"]["reconstruction"] == 24
     plots = {p.name for p in (folder / "plots").iterdir()}
     assert plots == {"samples.png", "reconstructions.png", "interpolation.png", "tsne.png", "loss_curves.png"}
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left behind

@@ -33,6 +33,25 @@ def test_psnr_and_mse_known_values():
     np.testing.assert_allclose(M.psnr(x, y), 20.0)  # 10 log10(1 / 0.01)
 
 
+def test_ssim_matches_a_direct_float64_computation():
+    import torch
+    import torch.nn.functional as F
+
+    x = _images(n=3)
+    y = np.clip(x + np.random.default_rng(1).normal(0, 0.1, x.shape), 0, 1)
+    coords = torch.arange(11, dtype=torch.float64) - 5
+    g = torch.exp(-(coords**2) / (2 * 1.5**2))
+    g = g / g.sum()
+    window = (g[:, None] * g[None, :]).expand(3, 1, 11, 11)
+    f = lambda t: F.conv2d(t, window, groups=3)  # noqa: E731
+    X, Y = torch.tensor(x), torch.tensor(y)
+    mx, my = f(X), f(Y)
+    sxx, syy, sxy = f(X * X) - mx**2, f(Y * Y) - my**2, f(X * Y) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    direct = ((2 * mx * my + c1) * (2 * sxy + c2) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))).flatten(1).mean(1)
+    np.testing.assert_allclose(M.ssim(x, y), direct.numpy(), atol=1e-5)
+
+
 def test_ssim_drops_with_noise_and_handles_small_images():
     x = _images(n=4, h=8, w=8)  # smaller than the 11x11 window
     noisy = np.clip(x + np.random.default_rng(1).normal(0, 0.3, x.shape), 0, 1)
