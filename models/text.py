@@ -1,0 +1,190 @@
+"""f_tau: a small network from a sentence embedding to the latent space of a frozen, pretrained decoder.
+
+Text-conditioned generation is ``decoder(f_tau(embed(text)))``: the decoder learned the image manifold
+from all the unlabelled images; f_tau is learned on a small aligned set of (image, caption) pairs with
+the decoder frozen. What f_tau outputs depends on the decoder's latent space:
+
+* ``kind="latent"`` (VAE, the autoencoders, GAN, AAE, GLO: a flat latent ``(B, *latent_shape)``): an
+  MLP regressing z. It is trained through the frozen decoder on the pixel loss, plus (where the family
+  has an encoder) a regression to the encoder's mean of the image, which keeps z on the region of the
+  latent space the decoder was trained on. ``n`` images per prompt: ``z + temperature * sample_std * eps``.
+* ``kind="codes"`` (VQ-VAE-2): per level and per position, logits over that level's codebook,
+  ``top (B, ht, wt, K)`` and ``bottom (B, hb, wb, K)``, trained by cross-entropy to the codes of the
+  image. Decoded by argmax (``temperature=0``) or by sampling each position for variety.
+
+Inputs are embeddings, not strings: the text encoders (a hashed n-gram encoder, MiniLM) live outside
+this package so that serving can run them without PyTorch (``pipelines/text_runtime.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.base import ConfigError, LossOutput, ModelConfig, PretrainedModel, require_choice, require_positive
+
+
+@dataclass
+class TextMapConfig(ModelConfig):
+    """f_tau's layout. ``image_size``/``channels`` are the decoder's (for the record only)."""
+
+    embed_dim: int = 384
+    kind: str = "latent"                 # "latent" | "codes"
+    latent_shape: tuple[int, ...] = ()   # kind latent: the decoder's latent shape without the batch
+    num_codes: int = 0                   # kind codes: codebook size K (both levels)
+    top_shape: tuple[int, ...] = ()      # kind codes: (ht, wt)
+    bottom_shape: tuple[int, ...] = ()   # kind codes: (hb, wb)
+    hidden_dim: int = 256
+    layers: int = 2
+    dropout: float = 0.1
+    sample_std: float = 0.5              # kind latent: the spread of z around f_tau(y) at temperature 1
+    latent_weight: float = 1.0           # kind latent: weight of the regression to the encoder's mean
+    lr: float = 1e-3
+
+    def validate(self) -> None:
+        super().validate()
+        require_positive(self, "embed_dim", "hidden_dim", "layers")
+        require_choice(self, "kind", ("latent", "codes"))
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"TextMapConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.sample_std < 0 or self.latent_weight < 0:
+            raise ConfigError("TextMapConfig.sample_std and latent_weight must be >= 0")
+        if self.kind == "latent" and (not self.latent_shape or min(self.latent_shape) <= 0):
+            raise ConfigError(f"TextMapConfig.latent_shape must be non-empty and positive for kind latent, got {self.latent_shape}")
+        if self.kind == "codes":
+            if self.num_codes <= 0:
+                raise ConfigError(f"TextMapConfig.num_codes must be > 0 for kind codes, got {self.num_codes}")
+            for name in ("top_shape", "bottom_shape"):
+                shape = getattr(self, name)
+                if len(shape) != 2 or min(shape) <= 0:
+                    raise ConfigError(f"TextMapConfig.{name} must be (h, w) > 0 for kind codes, got {shape}")
+
+
+class TextMap(PretrainedModel):
+    """f_tau: embeddings (B, embed_dim) -> a latent (kind latent) or per-level code logits (kind codes)."""
+
+    config_class = TextMapConfig
+    has_encoder = False
+    val_metric = "loss"
+
+    def __init__(self, config: TextMapConfig):
+        super().__init__(config)
+        c = config
+        blocks: list[nn.Module] = []
+        width = c.embed_dim
+        for _ in range(c.layers):
+            # LayerNorm first: hashed embeddings are sparse and MiniLM's are unit-norm; both feed in stably.
+            blocks += [nn.Linear(width, c.hidden_dim), nn.LayerNorm(c.hidden_dim), nn.SiLU(), nn.Dropout(c.dropout)]
+            width = c.hidden_dim
+        self.trunk = nn.Sequential(*blocks)
+        if c.kind == "latent":
+            self.head = nn.Linear(width, _numel(c.latent_shape))
+        else:
+            self.top_head = nn.Linear(width, _numel(c.top_shape) * c.num_codes)
+            self.bottom_head = nn.Linear(width, _numel(c.bottom_shape) * c.num_codes)
+
+    def forward(self, embedding: Tensor) -> Tensor | tuple[Tensor, Tensor]:  # type: ignore[override]
+        """embedding (B, E) -> latent (B, *latent_shape), or (top (B, ht, wt, K), bottom (B, hb, wb, K)) logits."""
+        c = self.config
+        if embedding.dim() != 2 or embedding.shape[1] != c.embed_dim:
+            raise ValueError(f"embedding must have shape (B, {c.embed_dim}), got {tuple(embedding.shape)}")
+        h = self.trunk(embedding)
+        if c.kind == "latent":
+            return self.head(h).view(-1, *c.latent_shape)
+        top = self.top_head(h).view(-1, *c.top_shape, c.num_codes)
+        bottom = self.bottom_head(h).view(-1, *c.bottom_shape, c.num_codes)
+        return top, bottom
+
+    def loss(self, decoder: PretrainedModel, batch: dict[str, Tensor]) -> LossOutput:
+        """The training loss on one aligned batch, through the frozen ``decoder`` (kind latent).
+
+        batch: ``embedding`` (B, E); kind latent: ``image`` (B, C, H, W) in [0, 1] and, when the decoder
+        has an encoder, ``target_latent`` (B, *latent_shape) (the encoder's mean of the image); kind
+        codes: ``top`` (B, ht, wt), ``bottom`` (B, hb, wb) int64, the codes of the image.
+        """
+        out = self(batch["embedding"])
+        if self.config.kind == "codes":
+            top, bottom = out
+            ce_t = F.cross_entropy(top.flatten(0, -2), batch["top"].flatten())
+            ce_b = F.cross_entropy(bottom.flatten(0, -2), batch["bottom"].flatten())
+            return LossOutput(ce_t + ce_b, {"ce_top": ce_t.detach(), "ce_bottom": ce_b.detach()})
+        # The decoder is frozen (no grad, eval mode) but differentiable: the pixel loss trains z.
+        pixel = F.mse_loss(decoder.decode(out).images, batch["image"])
+        logs = {"pixel": pixel.detach()}
+        loss = pixel
+        if "target_latent" in batch:
+            latent = F.mse_loss(out, batch["target_latent"])
+            logs["latent"] = latent.detach()
+            loss = loss + self.config.latent_weight * latent
+        return LossOutput(loss, logs)
+
+    @torch.no_grad()
+    def generate(
+        self, decoder: PretrainedModel, embedding: Tensor, n: int = 1, temperature: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Images (B, n, C, H, W) in [0, 1] for B embeddings: the mode at ``temperature`` 0, samples above.
+
+        The PyTorch reference of ``pipelines.text_runtime.TextDecoder`` (which draws its noise with
+        numpy); used for evaluation and the MLflow prompt grid.
+        """
+        out = self(embedding)
+        if self.config.kind == "latent":
+            z = out.repeat_interleave(n, 0)
+            if temperature > 0:
+                z = z + temperature * self.config.sample_std * torch.randn(z.shape, generator=generator)
+            images = decoder.decode(z).images
+        else:
+            top, bottom = (sample_codes(t.repeat_interleave(n, 0), temperature, generator) for t in out)
+            images = decoder.decode_indices(top, bottom).images
+        return images.view(embedding.shape[0], n, *images.shape[1:])
+
+
+def sample_codes(logits: Tensor, temperature: float, generator: torch.Generator | None = None) -> Tensor:
+    """(..., K) logits -> (...) int64: argmax at temperature 0, else Gumbel-max sampling of softmax(logits / T)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    u = torch.rand(logits.shape, generator=generator).clamp_(1e-9, 1 - 1e-9)
+    return (logits / temperature - torch.log(-torch.log(u))).argmax(-1)
+
+
+def text_map_for(decoder: PretrainedModel, embed_dim: int, **overrides: Any) -> TextMap:
+    """The f_tau that fits ``decoder``'s latent space: code logits for a model that decodes code maps
+    (VQ-VAE-2's ``decode_indices``), a latent regressor for any flat-latent decoder."""
+    c = decoder.config
+    base = {"image_size": c.image_size, "channels": c.channels, "embed_dim": embed_dim}
+    if hasattr(decoder, "decode_indices"):
+        base.update(kind="codes", num_codes=c.num_codes, top_shape=tuple(decoder.top_shape), bottom_shape=tuple(decoder.bottom_shape))
+    else:
+        shape = tuple(getattr(decoder, "latent_shape", None) or (c.latent_dim,))
+        base.update(kind="latent", latent_shape=shape)
+    return TextMap(TextMapConfig.from_dict({**base, **overrides}))
+
+
+def freeze(model: PretrainedModel) -> PretrainedModel:
+    """Eval mode (BatchNorm statistics and EMA copies untouched) and no gradients for any weight."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def state_digest(model: nn.Module) -> str:
+    """sha256 over every parameter and buffer (names, dtypes, shapes, bytes): equal iff bit-identical."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

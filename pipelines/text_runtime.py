@@ -1,0 +1,238 @@
+"""Text-conditioned decoding without PyTorch: numpy + ONNX Runtime (+ ``tokenizers`` for MiniLM).
+
+``TextDecoder.load(export_dir)`` reads a ``latentforge export-text`` directory (``manifest.json``, the
+f_tau graph, the frozen decoder's graph and the text encoder) and ``decoder(texts, n, seed)`` runs
+
+    text -> embedding (hashed n-grams in numpy, or MiniLM's ONNX graph) -> f_tau (ONNX)
+         -> latent noise around f_tau(y) / code sampling, drawn by numpy from ``seed`` -> decoder (ONNX)
+         -> images (T, n, C, H, W) float32 in [0, 1]
+
+Nothing here imports torch, so a serving replica stays small. The serving endpoint
+``POST /v1/models/{name}/text-decode`` is a thin shell over :func:`validate_request` and
+:meth:`TextDecoder.__call__`; :class:`TextRequestError` names the field of a bad request (a 4xx).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+FORMAT_VERSION = 1
+# Request limits (the endpoint's 4xx): texts per request, characters per text, images per text.
+MAX_TEXTS = 16
+MAX_TEXT_CHARS = 256
+MAX_N = 16
+
+
+class TextRequestError(ValueError):
+    """A bad text-decode request; ``field`` is the request field at fault (``texts``, ``texts[2]``, ``n``)."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field, self.reason = field, reason
+
+
+class DecoderMismatchError(RuntimeError):
+    """A text model loaded against a decoder version other than the one it was trained with."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Text encoders
+
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+class HashedTextEncoder:
+    """A dependency-light sentence encoder: hashed word unigrams, word bigrams and character n-grams.
+
+    ``encode(texts)`` -> (N, dim) float32, each row L2-normalised. Each feature (``w:red``,
+    ``b:red_circle``, ``c3:<re``) is hashed by blake2b to a bucket and a sign (signed hashing keeps
+    collisions unbiased); character n-grams of ``<word>`` make it robust to inflections and typos
+    ("squares", "colored"). Deterministic across processes and machines (no Python ``hash``).
+    """
+
+    def __init__(self, dim: int = 1024, char_ngrams: Sequence[int] = (3, 4), char_weight: float = 0.5):
+        if dim <= 0 or not char_ngrams or min(char_ngrams) <= 0:
+            raise ValueError(f"hashed encoder: dim and char_ngrams must be > 0, got {dim}, {list(char_ngrams)}")
+        self.dim, self.char_ngrams, self.char_weight = int(dim), tuple(int(n) for n in char_ngrams), float(char_weight)
+        self._cache: dict[str, tuple[int, float]] = {}
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "hashed", "dim": self.dim, "char_ngrams": list(self.char_ngrams), "char_weight": self.char_weight}
+
+    def _bucket(self, feature: str) -> tuple[int, float]:
+        hit = self._cache.get(feature)
+        if hit is None:
+            h = int.from_bytes(hashlib.blake2b(feature.encode(), digest_size=8).digest(), "little")
+            hit = (h % self.dim, 1.0 if (h >> 63) & 1 else -1.0)
+            if len(self._cache) < 200_000:
+                self._cache[feature] = hit
+        return hit
+
+    def features(self, text: str) -> list[tuple[str, float]]:
+        words = _WORD.findall(text.lower())
+        feats = [(f"w:{w}", 1.0) for w in words] + [(f"b:{a}_{b}", 1.0) for a, b in zip(words, words[1:])]
+        for w in words:
+            padded = f"<{w}>"
+            for n in self.char_ngrams:
+                feats += [(f"c{n}:{padded[i:i + n]}", self.char_weight) for i in range(len(padded) - n + 1)]
+        return feats
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for feature, weight in self.features(text):
+                bucket, sign = self._bucket(feature)
+                out[row, bucket] += sign * weight
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.maximum(norms, 1e-8)
+
+
+class OnnxMiniLMEncoder:
+    """all-MiniLM-L6-v2 as an ONNX graph (``input_ids``, ``attention_mask`` -> mean-pooled, L2-normalised
+    ``embedding`` (N, 384)) with its tokenizer run by the ``tokenizers`` package; no PyTorch."""
+
+    def __init__(self, graph: str | Path, tokenizer: str | Path, max_length: int = 128):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(tokenizer))
+        self.tokenizer.enable_truncation(max_length)
+        self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+        self.session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+        self.dim = int(self.session.get_outputs()[0].shape[-1])
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        enc = self.tokenizer.encode_batch(list(texts))
+        ids = np.array([e.ids for e in enc], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
+        return self.session.run(["embedding"], {"input_ids": ids, "attention_mask": mask})[0]
+
+
+def encoder_from_spec(spec: dict[str, Any], directory: str | Path | None = None):
+    """The torch-free encoder a manifest's ``text_encoder`` spec names (MiniLM's files are in ``directory``)."""
+    if spec["kind"] == "hashed":
+        return HashedTextEncoder(spec["dim"], spec["char_ngrams"], spec.get("char_weight", 0.5))
+    if spec["kind"] == "minilm":
+        directory = Path(directory or ".")
+        return OnnxMiniLMEncoder(directory / spec["graph"], directory / spec["tokenizer"], spec.get("max_length", 128))
+    raise ValueError(f"unknown text encoder kind {spec.get('kind')!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Requests
+
+
+def validate_request(texts: Any, n: Any = 1, seed: Any = None) -> tuple[list[str], int, int | None]:
+    """Check a text-decode request; return ``(texts, n, seed)`` or raise :class:`TextRequestError`.
+
+    ``texts``: a non-empty list of at most :data:`MAX_TEXTS` strings, each with non-whitespace content
+    and at most :data:`MAX_TEXT_CHARS` characters; ``n``: an int in 1..:data:`MAX_N`; ``seed``: None or
+    an int >= 0.
+    """
+    if not isinstance(texts, (list, tuple)):
+        raise TextRequestError("texts", f"must be a list of strings, got {type(texts).__name__}")
+    if not texts:
+        raise TextRequestError("texts", "must hold at least one text")
+    if len(texts) > MAX_TEXTS:
+        raise TextRequestError("texts", f"at most {MAX_TEXTS} texts per request, got {len(texts)}")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TextRequestError(f"texts[{i}]", f"must be a string, got {type(text).__name__}")
+        if not text.strip():
+            raise TextRequestError(f"texts[{i}]", "is empty or whitespace only")
+        if len(text) > MAX_TEXT_CHARS:
+            raise TextRequestError(f"texts[{i}]", f"at most {MAX_TEXT_CHARS} characters, got {len(text)}")
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TextRequestError("n", f"must be an integer, got {n!r}")
+    if not 1 <= n <= MAX_N:
+        raise TextRequestError("n", f"must be between 1 and {MAX_N}, got {n}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise TextRequestError("seed", f"must be null or an integer >= 0, got {seed!r}")
+    return list(texts), n, seed
+
+
+# ----------------------------------------------------------------------------------------------------
+# The decoder
+
+
+def sample_codes_np(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> np.ndarray:
+    """(..., K) logits -> (...) int64: argmax at temperature 0, else Gumbel-max draws of softmax(logits / T)."""
+    if temperature <= 0:
+        return logits.argmax(-1).astype(np.int64)
+    u = np.clip(rng.random(logits.shape, dtype=np.float32), 1e-9, 1 - 1e-9)
+    return (logits / temperature - np.log(-np.log(u))).argmax(-1).astype(np.int64)
+
+
+class TextDecoder:
+    """A loaded text export: ``decoder(texts, n, seed, temperature)`` -> images (T, n, C, H, W) float32."""
+
+    def __init__(self, manifest: dict[str, Any], directory: Path):
+        import onnxruntime as ort
+
+        self.manifest, self.directory = manifest, directory
+        session = lambda f: ort.InferenceSession(str(directory / f), providers=["CPUExecutionProvider"])  # noqa: E731
+        self.text_map = session(manifest["text_map"]["file"])
+        self.decoder = session(manifest["decoder_graph"]["file"])
+        self.encoder = encoder_from_spec(manifest["text_encoder"], directory)
+        self.kind = manifest["text_map"]["kind"]
+
+    @classmethod
+    def load(cls, export_dir: str | Path, decoder_name: str | None = None, decoder_version: int | str | None = None) -> "TextDecoder":
+        """Load an export-text directory; with ``decoder_name``/``decoder_version`` (the decoder being
+        served), refuse a text model trained against another decoder (:class:`DecoderMismatchError`)."""
+        export_dir = Path(export_dir)
+        path = export_dir / "manifest.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{export_dir}: no manifest.json; is it a `latentforge export-text` directory?")
+        manifest = json.loads(path.read_text())
+        if manifest.get("kind") != "text" or manifest.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path}: not a text export of format {FORMAT_VERSION} (kind {manifest.get('kind')!r})")
+        check_decoder(manifest, decoder_name, decoder_version)
+        return cls(manifest, export_dir)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image."""
+        h, w, c = self.manifest["data"]["image_shape"]
+        return (c, h, w)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """(T,) strings -> (T, E) float32 embeddings."""
+        return np.ascontiguousarray(self.encoder.encode(texts), dtype=np.float32)
+
+    def __call__(self, texts: Sequence[str], n: int = 1, seed: int | None = None, temperature: float = 1.0) -> np.ndarray:
+        """Images (T, n, C, H, W) float32 in [0, 1]; the same ``seed`` gives the same images. Validates
+        the request first (:func:`validate_request`). ``temperature`` 0 gives the mode n times."""
+        texts, n, seed = validate_request(texts, n, seed)
+        rng = np.random.default_rng(seed)
+        out = self.text_map.run(None, {"embedding": self.embed(texts)})
+        if self.kind == "latent":
+            z = np.repeat(out[0], n, axis=0)
+            if temperature > 0:
+                z = z + (temperature * self.manifest["sampling"]["sample_std"]) * rng.standard_normal(z.shape, dtype=np.float32)
+            images = self.decoder.run(["images"], {"latent": z.astype(np.float32)})[0]
+        else:
+            top, bottom = (sample_codes_np(np.repeat(t, n, axis=0), temperature, rng) for t in out)
+            images = self.decoder.run(["images"], {"top_indices": top, "bottom_indices": bottom})[0]
+        return images.reshape(len(texts), n, *images.shape[1:])
+
+
+def check_decoder(manifest: dict[str, Any], name: str | None, version: int | str | None) -> None:
+    """Raise :class:`DecoderMismatchError` when the served decoder (``name``, ``version``) is not the one
+    the text model was trained against (``manifest["decoder"]``). ``None`` skips that part of the check."""
+    trained = manifest.get("decoder") or {}
+    t_name, t_version = trained.get("name"), trained.get("version")
+    if name is not None and t_name != name or version is not None and str(t_version) != str(version):
+        raise DecoderMismatchError(
+            f"text model {manifest.get('name') or manifest.get('family')} was trained against decoder "
+            f"{t_name} version {t_version}, not {name} version {version}: serve {t_name} version {t_version}, "
+            f"or train a new text model with `latentforge train-text --model {name}/{version}`"
+        )
