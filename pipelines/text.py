@@ -348,6 +348,7 @@ def prepare_arrays(job: TextJob, echo: Callable[[str], None] = print) -> tuple[d
         "train_count": int(len(train["captions"])),
         "holdout": [[job.manifest["factor_values"]["shape"][s], job.manifest["factor_values"]["colour"][c]] for s, c in holdout],
         "text_encoder": spec,
+        "sample_captions": captions[:16],
     }
     return arrays, info
 
@@ -444,7 +445,7 @@ def _write_outputs(job: TextJob, ckpt: Path, info: dict, state: dict, run_id: st
             "data": {"name": job.manifest["name"], "data_hash": job.manifest["data_hash"], "image_shape": job.manifest["image_shape"]},
             "decoder": {**job.decoder_ref, "state_sha256": state["decoder_after"]},
             "text_encoder": info["text_encoder"],
-            "aligned": {k: info[k] for k in ("aligned_size", "train_count", "holdout", "aligned_rows")},
+            "aligned": {k: info[k] for k in ("aligned_size", "train_count", "holdout", "sample_captions", "aligned_rows")},
             "settings": job.text,
             "run_name": job.run_name,
             "mlflow_run_id": run_id,

@@ -1,6 +1,6 @@
-"""Text-conditioned decoding: the aligned set, f_tau trained on a real local Ray runtime with a real
-MLflow store, the frozen decoder, export parity and the torch-free runtime. Hashed encoder throughout
-(MiniLM has its own small test in test_text_minilm.py)."""
+"""Text-conditioned decoding end to end on tiny models: the aligned set, f_tau trained on a real local
+Ray runtime with a real MLflow store, the frozen decoder, ONNX export parity, the torch-free runtime,
+registration and evaluation. Hashed encoder throughout (MiniLM: test_text_minilm.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ import torch
 from models import MODELS, PretrainedModel, train_step
 from pipelines.imaging import batch_to_tensor
 from pipelines.prepare import load_split
+from pipelines.text_runtime import DecoderMismatchError, HashedTextEncoder, TextDecoder, TextRequestError, validate_request
 from tests.pipelines.conftest import tiny_section
+
+FAMILIES = ("vae", "vqvae2")
 
 
 def tiny_decoder(family: str, prepared: Path, out: Path, steps: int = 30) -> Path:
@@ -27,8 +30,7 @@ def tiny_decoder(family: str, prepared: Path, out: Path, steps: int = 30) -> Pat
     images = batch_to_tensor(load_split(prepared, "train")["images"][:64])
     for step in range(steps):
         idx = torch.randint(0, 64, (16,))
-        batch = {"image": images[idx], "label": torch.zeros(16, dtype=torch.int64), "index": idx}
-        train_step(model, optimizers, batch, step)
+        train_step(model, optimizers, {"image": images[idx], "label": torch.zeros(16, dtype=torch.int64), "index": idx}, step)
     return model.save_pretrained(out / family / "model")
 
 
@@ -37,7 +39,8 @@ def text_params(project):
     root, params = project
     params = json.loads(json.dumps(params))
     params["text"].update(encoder="hashed", hashed_dim=256, aligned_fraction=0.5, epochs=4, batch_size=16,
-                          hidden_dim=32, num_workers=1, cpus_per_worker=1, output_dir=str(root / "text"))
+                          hidden_dim=32, num_workers=1, cpus_per_worker=1, output_dir=str(root / "text"), eval_prompts=40)
+    params["evaluate"]["output_dir"] = str(root / "evaluate")
     return root, params
 
 
@@ -49,19 +52,220 @@ def trained(text_params, local_ray):
     root, params = text_params
     prepared = Path(params["data"]["output_dir"]) / params["data"]["name"]
     out = {}
-    for family in ("vae", "vqvae2"):
-        model_dir = tiny_decoder(family, prepared, root / "decoders")
-        job = resolve_text_job(params, str(model_dir))
+    for family in FAMILIES:
+        params["text"]["output_dir"] = str(root / "text" / family)  # each family its own tree, for the outputs test
+        job = resolve_text_job(params, str(tiny_decoder(family, prepared, root / "decoders")))
         out[family] = (job, run_text_training(job, echo=lambda s: None))
     return out
 
 
-@pytest.mark.parametrize("family", ["vae", "vqvae2"])
-def test_train_text_freezes_decoder_and_lowers_loss(trained, family):
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    from pipelines.text_export import export_text
+
+    out = tmp_path_factory.mktemp("text-export")
+    return {f: (out / f, export_text(Path(s["output_dir"]), out / f)) for f, (_, s) in trained.items()}
+
+
+# -- the aligned set and the encoder ------------------------------------------------------------------
+
+
+def test_aligned_set_holds_out_combinations_and_takes_the_fraction(project):
+    from pipelines.text import aligned_rows, holdout_pairs
+
+    root, params = project
+    prepared = Path(params["data"]["output_dir"]) / params["data"]["name"]
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    train = load_split(prepared, "train")
+    pairs = holdout_pairs([["circle", "red"], ["square", "green"]], manifest)
+    rows = aligned_rows(train["captions"], train["factors"], manifest, 0.25, pairs, seed=0)
+    assert len(rows) == round(0.25 * len(train["captions"]))
+    shape_colour = {tuple(f) for f in train["factors"][rows][:, :2]}
+    assert not shape_colour & set(pairs)
+    assert np.array_equal(rows, aligned_rows(train["captions"], train["factors"], manifest, 0.25, pairs, seed=0))
+    from pipelines.params import ParamsError
+
+    with pytest.raises(ParamsError, match="unknown pair"):
+        holdout_pairs([["circle", "purple"]], manifest)
+
+
+def test_hashed_encoder_is_deterministic_normalised_and_word_sensitive():
+    enc = HashedTextEncoder(512)
+    a, b, c = enc.encode(["a large red circle", "a large red circle", "a large blue circle"])
+    assert np.array_equal(a, b) and a.dtype == np.float32 and abs(np.linalg.norm(a) - 1) < 1e-5
+    assert np.array_equal(HashedTextEncoder(512).encode(["a large red circle"])[0], a)  # no per-process salt
+    assert not np.allclose(a, c)
+    near = HashedTextEncoder(512).encode(["a large red circles"])[0]
+    assert a @ near > a @ c  # character n-grams: an inflection stays closer than another colour
+
+
+@pytest.mark.parametrize("texts, n, seed, field", [
+    ([], 1, None, "texts"), (["ok"] * 17, 1, None, "texts"), ("a red circle", 1, None, "texts"),
+    (["  \n"], 1, None, "texts[0]"), (["ok", 3], 1, None, "texts[1]"), (["x" * 257], 1, None, "texts[0]"),
+    (["ok"], 0, None, "n"), (["ok"], 17, None, "n"), (["ok"], "2", None, "n"), (["ok"], 1, -1, "seed"),
+])
+def test_bad_requests_name_the_field(texts, n, seed, field):
+    with pytest.raises(TextRequestError) as err:
+        validate_request(texts, n, seed)
+    assert err.value.field == field
+
+
+# -- training -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_train_text_keeps_the_decoder_bit_identical_and_lowers_the_loss(trained, family):
     job, summary = trained[family]
     assert summary["loss_last_epoch"] < summary["loss_first_epoch"]
     original = PretrainedModel.from_pretrained(job.decoder_dir).state_dict()
     after = PretrainedModel.from_pretrained(Path(summary["output_dir"]) / "decoder").state_dict()
-    assert original.keys() == after.keys()
-    assert all(torch.equal(original[k], after[k]) for k in original)
+    assert original.keys() == after.keys() and all(torch.equal(original[k], after[k]) for k in original)
     assert summary["decoder_frozen"]
+
+
+def test_train_text_logs_to_mlflow(trained, text_params):
+    from mlflow.tracking import MlflowClient
+
+    _, params = text_params
+    job, summary = trained["vae"]
+    client = MlflowClient(params["mlflow"]["tracking_uri"])
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["latentforge.kind"] == "text"
+    assert run.data.metrics["aligned_size"] == summary["aligned_size"] == round(0.5 * job.manifest["splits"]["train"]["count"])
+    history = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert len(history) == params["text"]["epochs"] and history[-1] < history[0]
+    assert "images/prompts.png" in [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    record = json.loads((Path(summary["output_dir"]) / "text.json").read_text())
+    assert record["decoder"]["source"] == "checkpoint" and record["aligned"]["aligned_size"] == summary["aligned_size"]
+
+
+def test_train_text_cli_bad_input_is_one_line_exit_2(text_params, tmp_path, capsys):
+    import yaml
+
+    from pipelines.cli import main
+
+    _, params = text_params
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    assert main(["train-text", "--params", str(path), "--model", str(tmp_path / "nothing-here")]) == 2
+    assert "train-text: error:" in capsys.readouterr().err
+    assert main(["train-text", "--params", str(path), "--model", "vae", "--set", "aligned_fraction=2"]) == 2
+    assert "aligned_fraction" in capsys.readouterr().err
+
+
+# -- export and the torch-free runtime ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_parity_and_text_decode(exported, family):
+    out, manifest = exported[family]
+    assert all(v <= 1e-4 for v in manifest["parity"].values()) and "text_decode" in manifest["parity"]
+    decoder = TextDecoder.load(out)
+    texts = ["a large red circle in the center", "small blue square, top left"]
+    images = decoder(texts, n=3, seed=7)
+    c, h, w = decoder.image_shape
+    assert images.shape == (2, 3, c, h, w) and images.dtype == np.float32
+    assert 0.0 <= images.min() and images.max() <= 1.0
+    assert np.array_equal(images, decoder(texts, n=3, seed=7))
+    assert not np.array_equal(images, decoder(texts, n=3, seed=8))
+    assert not np.allclose(images[0, 0], images[0, 1])  # n samples per text differ
+    with pytest.raises(TextRequestError, match="texts\\[0\\]"):
+        decoder([" "], n=1)
+
+
+def test_text_decode_runs_without_torch(exported):
+    import subprocess
+    import sys
+
+    out, _ = exported["vqvae2"]
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # any import of torch now fails
+        "from pipelines.text_runtime import TextDecoder\n"
+        f"d = TextDecoder.load({str(out)!r}); print(d(['a red circle'], n=2, seed=0).shape)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2], timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "(1, 2, 3, 16, 16)" in res.stdout
+
+
+def test_decoder_version_mismatch_is_refused(exported):
+    out, manifest = exported["vae"]
+    assert manifest["decoder"]["source"] == "checkpoint" and manifest["decoder"]["version"] is None
+    TextDecoder.load(out, decoder_name=None, decoder_version=None)
+    with pytest.raises(DecoderMismatchError, match="trained against decoder"):
+        TextDecoder.load(out, decoder_name="vae-shapes", decoder_version=4)
+
+
+# -- registry -------------------------------------------------------------------------------------------
+
+
+def test_register_text_version_names_its_decoder(exported, text_params):
+    import mlflow.pyfunc
+
+    from pipelines.text_registry import register_text
+
+    _, params = text_params
+    uri = params["mlflow"]["tracking_uri"]
+    out, manifest = exported["vae"]
+    version = register_text(out, uri)
+    assert version.name == "vae-shapes-text" and version.tags["kind"] == "text"
+    assert version.tags["decoder_sha256"] == manifest["decoder"]["sha256"]
+    assert version.tags["decoder_version"] == "None"  # trained from a checkpoint directory, not a registered version
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    try:
+        model = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}")
+        import pandas as pd
+
+        out1 = model.predict(pd.DataFrame({"text": ["a large red circle in the center"]}), params={"n": 2, "seed": 3})
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert out1["images"].shape == (1, 2, 3, 16, 16)
+    assert np.array_equal(out1["images"], TextDecoder.load(out)(["a large red circle in the center"], n=2, seed=3))
+
+
+# -- evaluation -----------------------------------------------------------------------------------------
+
+
+def test_evaluate_text_reports_every_set(trained, text_params):
+    from pipelines.classifier import head_targets, train_classifier
+    from pipelines.text_eval import evaluate_text
+
+    root, params = text_params
+    prepared = Path(params["data"]["output_dir"]) / params["data"]["name"]
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    train = load_split(prepared, "train")
+    targets = head_targets(train["labels"], train["factors"], manifest["factor_names"], len(manifest["class_names"]))
+    heads = {k: (len(manifest["class_names"]) if k == "label" else len(manifest["factor_values"][k[7:]])) for k in targets}
+    clf = train_classifier(np.array(train["images"]), targets, heads, epochs=1, widths=(8,), feature_dim=16)
+    from safetensors.torch import save_model
+
+    cdir = root / "clf"
+    cdir.mkdir(exist_ok=True)
+    h, w, c = manifest["image_shape"]
+    (cdir / "config.json").write_text(json.dumps({"channels": c, "heads": heads, "widths": [8], "feature_dim": 16,
+                                                  "data_hash": manifest["data_hash"]}))
+    save_model(clf, str(cdir / "model.safetensors"))
+    _, summary = trained["vae"]
+    metrics = evaluate_text(summary["output_dir"], cdir, prepared, count=40, echo=lambda s: None)
+    for name in ("seen", "paraphrase", "heldout"):
+        for factor in manifest["factor_names"]:
+            assert 0.0 <= metrics[f"{name}_acc_{factor}"] <= 1.0
+        assert metrics[f"{name}_all_factors"] <= metrics[f"{name}_per_factor"]
+    assert metrics["aligned_size"] == summary["aligned_size"]
+    assert "paraphrase_drop" in metrics and set(metrics["targets"]) == {"seen_per_factor>=0.90", "heldout_all_factors>=0.75", "paraphrase_drop<=5"}
+
+
+def test_paraphrases_are_never_training_captions(project):
+    import re
+
+    from pipelines.paraphrases import TEMPLATES
+
+    root, params = project
+    prepared = Path(params["data"]["output_dir"]) / params["data"]["name"]
+    captions = set(load_split(prepared, "train")["captions"])
+    openings = {t.split("{")[0].strip() for t in TEMPLATES}
+    assert all(o and not any(c.startswith(o) for c in captions) for o in openings)
+    source = (Path(__file__).parents[2] / "pipelines" / "text.py").read_text()
+    assert not re.search(r"paraphrase", source)  # the training side never reads them

@@ -1,0 +1,154 @@
+"""``evaluate-text``: does ``decoder(f_tau(text))`` show what the text says?
+
+The project's domain classifier (``latentforge classifier``: one head per factor of ``shapes``) reads
+the factors of the generated images (the mode: latent f_tau(y), or argmax codes). Three prompt sets of
+``text.eval_prompts`` each:
+
+* ``seen``: captions of the aligned set (the training prompts);
+* ``paraphrase``: the same images' factors in the words of :mod:`pipelines.paraphrases` (a style the
+  training templates never use);
+* ``heldout``: training-style captions of the held-out (shape, colour) combinations (composition).
+
+Per set: ``<set>_acc_<factor>`` (per-factor accuracy), ``<set>_per_factor`` (their mean) and
+``<set>_all_factors`` (every factor right). Also ``paraphrase_drop`` (seen minus paraphrase per-factor
+accuracy, in points), the classifier's own test accuracy per head (it must be >= 0.98 to be trusted)
+and the targets of the issue. Data without factors but with classes: the label head's accuracy on seen
+prompts. Written to ``<evaluate.output_dir>/<family>-text/metrics.json`` and logged to the text run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+CLASSIFIER_MIN_ACCURACY = 0.98
+TARGETS = {"seen_per_factor": 0.90, "heldout_all_factors": 0.75, "paraphrase_drop_max_points": 5.0}
+
+
+def prompt_sets(record: dict[str, Any], manifest: dict[str, Any], train: dict[str, np.ndarray], count: int, seed: int) -> dict[str, tuple[list[str], np.ndarray]]:
+    """{set name: (prompts, targets (N, F) factor indices, or (N, 1) labels for data without factors)}."""
+    from pipelines.data import SHAPE_FACTORS, shape_caption
+    from pipelines.paraphrases import paraphrase
+
+    rng = np.random.default_rng(seed)
+    rows = np.asarray(record["aligned"]["aligned_rows"])
+    pick = rows[rng.choice(len(rows), size=min(count, len(rows)), replace=False)]
+    names = manifest.get("factor_names") or []
+    if not names:
+        return {"seen": ([str(c) for c in train["captions"][pick]], train["labels"][pick][:, None])}
+    factors = train["factors"][pick]
+    values = manifest["factor_values"]
+    sets = {"seen": ([str(c) for c in train["captions"][pick]], factors)}
+    if names == list(SHAPE_FACTORS):
+        as_values = lambda row: {k: values[k][row[j]] for j, k in enumerate(names)}  # noqa: E731
+        sets["paraphrase"] = ([paraphrase(as_values(r), rng) for r in factors], factors)
+        holdout = [(values["shape"].index(s), values["colour"].index(c)) for s, c in record["aligned"]["holdout"]]
+        if holdout:
+            held = np.stack([rng.integers(0, len(values[k]), size=count) for k in names], axis=1)
+            pairs = np.array(holdout)[rng.integers(0, len(holdout), size=count)]
+            held[:, names.index("shape")], held[:, names.index("colour")] = pairs[:, 0], pairs[:, 1]
+            sets["heldout"] = ([shape_caption(as_values(r), rng) for r in held], held)
+    return sets
+
+
+def evaluate_text(text_dir: str | Path, classifier_dir: str | Path, prepared_dir: str | Path, count: int = 300,
+                  seed: int = 0, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """The figures above for the train-text output in ``text_dir`` (see the module docstring)."""
+    from pipelines.classifier import LABEL_HEAD, load_classifier
+    from pipelines.prepare import load_split
+    from pipelines.text import embed_texts, load_text_model
+
+    text_map, decoder, record = load_text_model(text_dir)
+    classifier, meta = load_classifier(classifier_dir)
+    prepared_dir = Path(prepared_dir)
+    manifest = json.loads((prepared_dir / "manifest.json").read_text())
+    if meta.get("data_hash") != record["data"]["data_hash"]:
+        from pipelines.evaluate import EvaluationError
+
+        raise EvaluationError(f"the classifier in {classifier_dir} was trained on other data than the text model; "
+                              "re-run `latentforge classifier`")
+    train = load_split(prepared_dir, "train")
+    names = manifest.get("factor_names") or []
+    heads = [f"factor_{n}" for n in names] or [LABEL_HEAD]
+    metrics: dict[str, Any] = {"aligned_size": record["aligned"]["aligned_size"], "prompts_per_set": count,
+                               "encoder": record["text_encoder"]["kind"]}
+    cls_metrics_path = Path(classifier_dir) / "metrics.json"
+    if cls_metrics_path.is_file():
+        cls_metrics = json.loads(cls_metrics_path.read_text())
+        accs = {k[len("test_accuracy_"):]: v for k, v in cls_metrics.items() if k.startswith("test_accuracy_")}
+        metrics.update({f"classifier_test_accuracy_{k}": v for k, v in accs.items()})
+        used = [accs[h] for h in heads if h in accs]
+        metrics["classifier_min_accuracy"] = min(used) if used else float("nan")
+        metrics["classifier_trusted"] = bool(used) and min(used) >= CLASSIFIER_MIN_ACCURACY
+
+    sets = prompt_sets(record, manifest, train, count, seed)
+    with torch.no_grad():
+        for name, (prompts, targets) in sets.items():
+            images = []
+            for i in range(0, len(prompts), 128):
+                emb = torch.from_numpy(embed_texts(record["text_encoder"], prompts[i:i + 128]))
+                images.append(text_map.generate(decoder, emb, 1, 0.0)[:, 0])
+            logits = classifier(torch.cat(images))
+            correct = np.stack([logits[h].argmax(1).numpy() == targets[:, j] for j, h in enumerate(heads)], axis=1)
+            for j, h in enumerate(heads):
+                metrics[f"{name}_acc_{h.removeprefix('factor_')}"] = float(correct[:, j].mean())
+            metrics[f"{name}_per_factor"] = float(correct.mean())
+            metrics[f"{name}_all_factors"] = float(correct.all(1).mean())
+            metrics[f"{name}_examples"] = prompts[:3]
+    if "paraphrase_per_factor" in metrics:
+        metrics["paraphrase_drop"] = 100.0 * (metrics["seen_per_factor"] - metrics["paraphrase_per_factor"])
+        metrics["paraphrase_drop_all_factors"] = 100.0 * (metrics["seen_all_factors"] - metrics["paraphrase_all_factors"])
+    metrics["targets"] = {
+        "seen_per_factor>=0.90": metrics["seen_per_factor"] >= TARGETS["seen_per_factor"],
+        **({"heldout_all_factors>=0.75": metrics["heldout_all_factors"] >= TARGETS["heldout_all_factors"]}
+           if "heldout_all_factors" in metrics else {}),
+        **({"paraphrase_drop<=5": metrics["paraphrase_drop"] <= TARGETS["paraphrase_drop_max_points"]}
+           if "paraphrase_drop" in metrics else {}),
+    }
+    summary = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("seen_per_factor", "seen_all_factors", "paraphrase_per_factor",
+                                                          "heldout_all_factors") if k in metrics)
+    echo(f"evaluate-text {record['family']}: {summary} (aligned set {metrics['aligned_size']})")
+    return metrics
+
+
+def evaluate_text_from_params(params: dict[str, Any], family: str, echo: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]]:
+    """``latentforge evaluate-text --model <family>``: write ``<evaluate.output_dir>/<family>-text/metrics.json``
+    atomically and log the numbers to the text model's MLflow run."""
+    from pipelines.params import section
+    from pipelines.prepare import _replace_dir
+
+    text = section(params, "text")
+    data = section(params, "data")
+    text_dir = Path(text["output_dir"]) / family
+    classifier_dir = Path(section(params, "classifier")["output_dir"]) / data["name"]
+    prepared = Path(data["output_dir"]) / data["name"]
+    metrics = evaluate_text(text_dir, classifier_dir, prepared, int(text["eval_prompts"]), int(text["seed"]), echo)
+    out = Path(section(params, "evaluate")["output_dir"]) / f"{family}-text"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    run_id = json.loads((text_dir / "text.json").read_text()).get("mlflow_run_id")
+    if run_id:
+        from mlflow.entities import Metric
+
+        from pipelines.train import _absolute_uri, mlflow_client
+        import os
+        import time
+
+        client = mlflow_client(_absolute_uri(os.environ.get("MLFLOW_TRACKING_URI") or section(params, "mlflow")["tracking_uri"]))
+        now = int(time.time() * 1000)
+        numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        client.log_batch(run_id, metrics=[Metric(f"eval/{k}", v, now, 0) for k, v in numbers.items()])
+        client.log_artifact(run_id, str(out / "metrics.json"), artifact_path="evaluate")
+    return out, metrics

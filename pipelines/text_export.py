@@ -1,0 +1,213 @@
+"""``export-text``: a train-text output -> parity-checked ONNX graphs + ``manifest.json`` for serving.
+
+Graphs (``B`` is the dynamic batch):
+
+* ``text_map``: ``embedding`` (B, E) float32 -> ``latent`` (B, *latent_shape) (flat-latent decoders) or
+  ``top_logits`` (B, ht, wt, K) and ``bottom_logits`` (B, hb, wb, K) (VQ-VAE-2);
+* ``decoder``: the frozen decoder, ``latent`` -> ``images`` (B, C, H, W), or ``top_indices``,
+  ``bottom_indices`` int64 -> ``images``;
+* ``text_encoder`` (MiniLM only): ``input_ids``, ``attention_mask`` (B, T) int64 -> ``embedding``
+  (B, 384), mean-pooled and L2-normalised, beside its ``tokenizer.json`` (run by ``tokenizers``).
+  The hashed encoder needs no file: its settings are in the manifest.
+
+No graph draws random numbers: the latent noise and the code sampling are drawn by numpy in
+:class:`pipelines.text_runtime.TextDecoder`. Parity: each graph against PyTorch on the aligned captions
+(max abs difference <= ``atol``), then the whole torch-free path (:class:`TextDecoder`, mode) against
+:meth:`models.text.TextMap.generate`. Written to a temporary sibling and renamed on success only.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from pipelines.export import (
+    OPSET, ExportError, _compare, _Decoder, _export_graph, _Graph, _IndexDecoder, _onnx_session, _reuse_onnx_registry,
+)
+from pipelines.text_runtime import FORMAT_VERSION, MAX_N, MAX_TEXT_CHARS, MAX_TEXTS, TextDecoder
+
+PARITY_TEXTS = 16
+
+
+class _TextMapGraph(nn.Module):
+    def __init__(self, text_map: nn.Module):
+        super().__init__()
+        self.text_map = text_map
+
+    def forward(self, embedding: Tensor):
+        return self.text_map(embedding)
+
+
+class _MiniLMGraph(nn.Module):
+    """input_ids, attention_mask (B, T) -> mean-pooled, L2-normalised embedding (B, 384): what
+    sentence-transformers' all-MiniLM-L6-v2 pipeline computes (Transformer, Pooling(mean), Normalize)."""
+
+    def __init__(self, bert: nn.Module):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return nn.functional.normalize(pooled, p=2, dim=1)
+
+
+def export_text(text_dir: str | Path, out_dir: str | Path, metrics: dict | None = None, atol: float = 1e-4) -> dict[str, Any]:
+    """Export the train-text output in ``text_dir`` to ``out_dir``; return the manifest (see the module doc)."""
+    from pipelines.text import embed_texts, load_text_model
+    from pipelines.prepare import _replace_dir
+
+    text_dir, out_dir = Path(text_dir), Path(out_dir)
+    text_map, decoder, record = load_text_model(text_dir)
+    c = text_map.config
+    prompts = _parity_prompts(record)
+    emb = torch.from_numpy(embed_texts(record["text_encoder"], prompts))
+    h, w, ch = record["data"]["image_shape"]
+    img = [None, ch, h, w]
+    graphs: list[_Graph] = []
+
+    def check_text_map(session, atol):
+        out = text_map(emb)
+        ref = {"latent": out} if c.kind == "latent" else {"top_logits": out[0], "bottom_logits": out[1]}
+        return _compare("text_map", session, {"embedding": emb}, ref, atol, "the aligned captions"), {}
+
+    if c.kind == "latent":
+        outputs = {"latent": ([None, *c.latent_shape], "float32")}
+    else:
+        outputs = {"top_logits": ([None, *c.top_shape, c.num_codes], "float32"),
+                   "bottom_logits": ([None, *c.bottom_shape, c.num_codes], "float32")}
+    graphs.append(_Graph("text_map", _TextMapGraph(text_map), {"embedding": ([None, c.embed_dim], "float32")}, outputs,
+                         (emb[:2],), {"embedding": 0}, check_text_map))
+
+    with torch.no_grad():
+        mapped = text_map(emb)
+    if c.kind == "latent":
+        z = torch.cat([mapped, torch.randn(mapped.shape, generator=torch.Generator().manual_seed(0))])
+
+        def check_decoder(session, atol):
+            return _compare("decoder", session, {"latent": z}, {"images": decoder.decode(z).images}, atol, "f_tau's latents"), {}
+
+        graphs.append(_Graph("decoder", _Decoder(decoder), {"latent": ([None, *c.latent_shape], "float32")},
+                             {"images": (img, "float32")}, (z[:2],), {"latent": 0}, check_decoder))
+    else:
+        top, bottom = mapped[0].argmax(-1), mapped[1].argmax(-1)
+
+        def check_decoder(session, atol):
+            ref = {"images": decoder.decode_indices(top, bottom).images}
+            return _compare("decoder", session, {"top_indices": top, "bottom_indices": bottom}, ref, atol, "f_tau's codes"), {}
+
+        graphs.append(_Graph("decoder", _IndexDecoder(decoder),
+                             {"top_indices": ([None, *c.top_shape], "int64"), "bottom_indices": ([None, *c.bottom_shape], "int64")},
+                             {"images": (img, "float32")}, (top[:2], bottom[:2]), {"top_indices": 0, "bottom_indices": 0},
+                             check_decoder))
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        parity: dict[str, float] = {}
+        with _reuse_onnx_registry():
+            for graph in graphs:
+                graph.file = f"{graph.name}.onnx"
+                _export_graph(graph, tmp / graph.file, external=False)
+                with torch.no_grad():
+                    parity[graph.name], _ = graph.check(_onnx_session(tmp / graph.file, spin=False), atol)
+        spec = dict(record["text_encoder"])
+        if spec["kind"] == "minilm":
+            spec.update(graph="text_encoder.onnx", tokenizer="tokenizer.json")
+            parity["text_encoder"] = export_minilm(tmp, prompts, atol)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "kind": "text",
+            "family": record["family"],
+            "data": record["data"],
+            "text_encoder": spec,
+            "text_map": {"file": "text_map.onnx", "kind": c.kind, "inputs": {"embedding": [None, c.embed_dim]},
+                         "outputs": {k: v[0] for k, v in outputs.items()}},
+            "decoder_graph": {"file": "decoder.onnx", "inputs": {k: v[0] for k, v in graphs[1].inputs.items()}},
+            "sampling": {"kind": "latent_noise", "sample_std": c.sample_std} if c.kind == "latent" else {"kind": "codes"},
+            "decoder": {k: record["decoder"].get(k) for k in ("source", "name", "version", "sha256", "state_sha256", "path")},
+            "aligned": {k: record["aligned"][k] for k in ("aligned_size", "holdout")},
+            "limits": {"max_texts": MAX_TEXTS, "max_text_chars": MAX_TEXT_CHARS, "max_n": MAX_N},
+            "parity": parity,
+            "parity_atol": atol,
+            "metrics": dict(metrics or {}),
+            "source": {"mlflow_run_id": record.get("mlflow_run_id"), "run_name": record.get("run_name")},
+            "opset": OPSET,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        # The whole torch-free path against PyTorch, at the mode (no randomness to line up).
+        runtime = TextDecoder.load(tmp)
+        got = runtime(prompts[:MAX_TEXTS], n=1, temperature=0.0)
+        with torch.no_grad():
+            ref = text_map.generate(decoder, emb[:MAX_TEXTS], 1, 0.0).numpy()
+        parity["text_decode"] = float(np.abs(got - ref).max())
+        if parity["text_decode"] > atol:
+            raise ExportError(f"parity: text_decode (ONNX Runtime) differs from PyTorch by {parity['text_decode']:.3g} > {atol}")
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _parity_prompts(record: dict[str, Any]) -> list[str]:
+    """Real captions of the aligned set (recorded by train-text): the parity inputs."""
+    captions = list(record["aligned"].get("sample_captions") or [])[:PARITY_TEXTS]
+    if len(captions) < 2:
+        raise ExportError("the text model records fewer than 2 aligned captions; re-run `latentforge train-text`")
+    return captions
+
+
+def export_minilm(out: Path, texts: list[str], atol: float) -> float:
+    """Write ``text_encoder.onnx`` + ``tokenizer.json`` for all-MiniLM-L6-v2; return the max |ONNX - ST|."""
+    from pipelines.text import load_minilm, minilm_dir
+    from pipelines.text_runtime import OnnxMiniLMEncoder
+
+    st = load_minilm()
+    bert = st[0].auto_model.eval()
+    graph = _MiniLMGraph(bert).eval()
+    ids = torch.ones((2, 8), dtype=torch.int64)
+    mask = torch.ones((2, 8), dtype=torch.int64)
+    batch = torch.export.Dim("batch", min=1)
+    seq = torch.export.Dim("sequence", min=1, max=512)
+    import warnings
+
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(graph, (ids, mask), str(out / "text_encoder.onnx"), input_names=["input_ids", "attention_mask"],
+                              output_names=["embedding"], opset_version=OPSET, dynamo=True,
+                              dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}), verbose=False)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"graph 'text_encoder': torch.onnx.export failed: {first}") from exc
+    shutil.copy2(minilm_dir() / "tokenizer.json", out / "tokenizer.json")
+    got = OnnxMiniLMEncoder(out / "text_encoder.onnx", out / "tokenizer.json").encode(texts)
+    ref = st.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    diff = float(np.abs(got - ref).max())
+    if diff > atol:
+        raise ExportError(f"parity: text_encoder (ONNX + tokenizers) differs from sentence-transformers by {diff:.3g} > {atol}")
+    return diff
+
+
+def export_text_from_params(params: dict, family: str, out: str | Path | None = None) -> tuple[Path, dict]:
+    """``latentforge export-text --model <family>``: ``<text.output_dir>/<family>`` ->
+    ``<export.output_dir or artifacts/export-text>/<family>``, with evaluate-text's metrics when present."""
+    from pipelines.params import section
+
+    text_dir = Path(section(params, "text")["output_dir"]) / family
+    if not (text_dir / "text.json").is_file():
+        raise ExportError(f"no text model at {text_dir}; run `latentforge train-text --model {family}` first")
+    metrics_path = Path(section(params, "evaluate")["output_dir"]) / f"{family}-text" / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    out = Path(out) if out else Path("artifacts/export-text") / family
+    return out, export_text(text_dir, out, metrics=metrics)
