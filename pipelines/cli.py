@@ -129,6 +129,36 @@ def cmd_train_text(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate_text(args: argparse.Namespace) -> int:
+    from pipelines.text_eval import evaluate_text_from_params
+
+    out, metrics = evaluate_text_from_params(_params(args), args.model)
+    print(json.dumps({"metrics": str(out / "metrics.json"), **{k: v for k, v in metrics.items() if k.endswith(
+        ("per_factor", "all_factors", "drop", "aligned_size", "classifier_min_accuracy"))}}))
+    return 0
+
+
+def cmd_export_text(args: argparse.Namespace) -> int:
+    from pipelines.text_export import export_text_from_params
+
+    out, manifest = export_text_from_params(_params(args), args.model, out=args.out)
+    figures = ", ".join(f"{name} {diff:.2g}" for name, diff in manifest["parity"].items())
+    print(f"exported text model for {manifest['family']} -> {out}; parity max |onnx - torch|: {figures}")
+    return 0
+
+
+def cmd_register_text(args: argparse.Namespace) -> int:
+    from pipelines.registry import tracking_uri_from_params
+    from pipelines.text_registry import register_text
+
+    params = _params(args)
+    export_dir = args.export_dir or Path("artifacts/export-text") / args.model
+    version = register_text(export_dir, tracking_uri_from_params(params), name=args.name)
+    print(f"registered {version.name} version {version.version} (decoder {version.tags['decoder_name']} "
+          f"version {version.tags['decoder_version']})")
+    return 0
+
+
 def cmd_mlflow_server(args: argparse.Namespace) -> int:
     """Replace this process with `mlflow server` on a sqlite backend and a local artifact store."""
     import os
@@ -214,6 +244,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, help="Ray Train workers (default: params text.num_workers)")
     p.add_argument("--run-name", help="MLflow run name (default: <family>-<data>-text-<digest>)")
     p.set_defaults(func=cmd_train_text)
+
+    p = stage("evaluate-text", "score a text model's images with the attribute classifier: seen prompts, paraphrases, "
+              "held-out (shape, colour) combinations -> artifacts/evaluate/<family>-text/metrics.json")
+    p.add_argument("--model", required=True, help="model family whose text model (artifacts/text/<family>) to evaluate")
+    p.set_defaults(func=cmd_evaluate_text)
+
+    p = stage("export-text", "export a text model (f_tau + its frozen decoder [+ MiniLM]) to parity-checked ONNX -> artifacts/export-text/<family>")
+    p.add_argument("--model", required=True, help="model family whose text model (artifacts/text/<family>) to export")
+    p.add_argument("--out", type=Path, help="output folder (default: artifacts/export-text/<family>)")
+    p.set_defaults(func=cmd_export_text)
+
+    p = stage("register-text", "register a text export as a version of <family>-<data>-text, tagged with its decoder version")
+    p.add_argument("--model", required=True, help="model family (reads artifacts/export-text/<family>)")
+    p.add_argument("--export-dir", type=Path, help="the export-text directory (default: artifacts/export-text/<family>)")
+    p.add_argument("--name", help="registered model name (default: <family>-<data name>-text)")
+    p.set_defaults(func=cmd_register_text)
 
     p = sub.add_parser("mlflow-server", help="start an MLflow tracking server (sqlite backend, local artifact store)")
     p.add_argument("--host", default="127.0.0.1")
