@@ -287,8 +287,11 @@ def _download_registered(params: dict[str, Any], model: str) -> tuple[str, dict[
     if not (cache / "config.json").is_file():
         import mlflow.artifacts
 
-        with tempfile.TemporaryDirectory() as tmp:
-            local = Path(mlflow.artifacts.download_artifacts(f"models:/{mv.name}/{mv.version}", dst_path=tmp, tracking_uri=uri))
+        from pipelines.registry import _tracking
+
+        # _tracking: the models:/ URI resolves against this store's registry, not MLflow's default one.
+        with tempfile.TemporaryDirectory() as tmp, _tracking(uri):
+            local = Path(mlflow.artifacts.download_artifacts(f"models:/{mv.name}/{mv.version}", dst_path=tmp))
             found = next((p.parent for p in local.rglob("config.json") if p.parent.name == "model"
                           and (p.parent / "model.safetensors").is_file() and ARTIFACT_KEY in p.parts), None)
             if found is None:

@@ -6,7 +6,7 @@ Graphs (``B`` is the dynamic batch):
   ``top_logits`` (B, ht, wt, K) and ``bottom_logits`` (B, hb, wb, K) (VQ-VAE-2);
 * ``decoder``: the frozen decoder, ``latent`` -> ``images`` (B, C, H, W), or ``top_indices``,
   ``bottom_indices`` int64 -> ``images``;
-* ``text_encoder`` (MiniLM only): ``input_ids``, ``attention_mask`` (B, T) int64 -> ``embedding``
+* ``text_encoder`` (MiniLM only): ``input_ids``, ``attention_mask`` (B, T) int64 -> ``sentence_embedding``
   (B, 384), mean-pooled and L2-normalised, beside its ``tokenizer.json`` (run by ``tokenizers``).
   The hashed encoder needs no file: its settings are in the manifest.
 
@@ -185,7 +185,7 @@ def export_minilm(out: Path, texts: list[str], atol: float) -> float:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(graph, (ids, mask), str(out / "text_encoder.onnx"), input_names=["input_ids", "attention_mask"],
-                              output_names=["embedding"], opset_version=OPSET, dynamo=True,
+                              output_names=["sentence_embedding"], opset_version=OPSET, dynamo=True, external_data=False,
                               dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}), verbose=False)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -97,7 +97,7 @@ class HashedTextEncoder:
 
 class OnnxMiniLMEncoder:
     """all-MiniLM-L6-v2 as an ONNX graph (``input_ids``, ``attention_mask`` -> mean-pooled, L2-normalised
-    ``embedding`` (N, 384)) with its tokenizer run by the ``tokenizers`` package; no PyTorch."""
+    ``sentence_embedding`` (N, 384)) with its tokenizer run by the ``tokenizers`` package; no PyTorch."""
 
     def __init__(self, graph: str | Path, tokenizer: str | Path, max_length: int = 128):
         import onnxruntime as ort
@@ -113,7 +113,7 @@ class OnnxMiniLMEncoder:
         enc = self.tokenizer.encode_batch(list(texts))
         ids = np.array([e.ids for e in enc], dtype=np.int64)
         mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
-        return self.session.run(["embedding"], {"input_ids": ids, "attention_mask": mask})[0]
+        return self.session.run(["sentence_embedding"], {"input_ids": ids, "attention_mask": mask})[0]
 
 
 def encoder_from_spec(spec: dict[str, Any], directory: str | Path | None = None):

@@ -196,6 +196,26 @@ def test_decoder_version_mismatch_is_refused(exported):
         TextDecoder.load(out, decoder_name="vae-shapes", decoder_version=4)
 
 
+def test_train_text_from_a_registered_decoder_version(text_params, tmp_path):
+    from pipelines.export import export_model
+    from pipelines.registry import register
+    from pipelines.text import resolve_decoder, resolve_text_job
+
+    root, params = text_params
+    prepared = Path(params["data"]["output_dir"]) / params["data"]["name"]
+    model_dir = tiny_decoder("vae", prepared, tmp_path, steps=2)
+    export_model(model_dir, prepared, tmp_path / "export")
+    version = register(tmp_path / "export", params["mlflow"]["tracking_uri"], name="vae-decoder-test")
+    path, ref = resolve_decoder(params, f"vae-decoder-test/{version.version}")
+    assert (ref["name"], ref["version"], ref["source"]) == ("vae-decoder-test", int(version.version), "registry")
+    assert ref["sha256"] == resolve_decoder(params, str(model_dir))[1]["sha256"]  # the same weights came back
+    assert resolve_text_job(params, f"vae-decoder-test/{version.version}").decoder_ref["version"] == int(version.version)
+    from pipelines.registry import RegistryError
+
+    with pytest.raises(RegistryError, match="no such checkpoint directory"):
+        resolve_decoder(params, "vae-decoder-test/99")
+
+
 # -- registry -------------------------------------------------------------------------------------------
 
 
