@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed-$(shell (cat pyproject.toml; echo '$(TORCH_SPEC)') 
 # Run every tool from the venv without asking the user to activate it (dvc stages call `latentforge`).
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install demo test bench clean
+.PHONY: install chromium demo test bench clean
 
 install: $(STAMP)
 
@@ -27,8 +27,12 @@ demo: install
 	dvc repro
 	latentforge models
 
-test: install
+test: install chromium
 	$(BIN)/python -m pytest
+
+# The page test drives Debian's chromium (Playwright never downloads a browser here).
+chromium:
+	@test -x /usr/bin/chromium || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 bench: install
 	@mkdir -p bench/results

@@ -159,6 +159,28 @@ def cmd_register_text(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Deploy serving/config.yaml (or --config) on Ray Serve and serve until Ctrl-C."""
+    from serving.launch import resolve_config, serve_forever
+
+    params = _params(args)
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if args.params_store:
+        from pipelines.registry import tracking_uri_from_params
+
+        uri = tracking_uri_from_params(params)
+    models = None
+    if args.model:
+        from pipelines.registry import model_name
+
+        models = [model_name(params, family) for family in args.model]
+    config = resolve_config(args.config, tracking_uri=uri, models=models, host=args.host, port=args.port)
+    serve_forever(config, address=args.address, num_cpus=args.num_cpus,
+                  on_ready=lambda url: print(f"serving at {url}/ (try it in a browser; OpenAPI at {url}/docs); "
+                                             "Ctrl-C stops", flush=True))
+    return 0
+
+
 def cmd_mlflow_server(args: argparse.Namespace) -> int:
     """Replace this process with `mlflow server` on a sqlite backend and a local artifact store."""
     import os
@@ -261,6 +283,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="registered model name (default: <family>-<data name>-text)")
     p.set_defaults(func=cmd_register_text)
 
+    p = stage("serve", "serve the registered models over HTTP: Ray Serve + ONNX Runtime (serving/config.yaml)")
+    p.add_argument("--config", type=Path, default=Path("serving/config.yaml"), help="Serve config (default: serving/config.yaml)")
+    p.add_argument("--model", action="append", metavar="FAMILY",
+                   help="serve the champion of <family>-<data.name> (repeatable; default: the config's models)")
+    p.add_argument("--params-store", action="store_true",
+                   help="use the MLflow store of params.yaml (mlflow.tracking_uri) instead of the config's")
+    p.add_argument("--host", help="HTTP host (default: the config's, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="HTTP port (default: the config's, 8000)")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                   help="join this Ray cluster (default: $RAY_ADDRESS, else start a local Ray runtime)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray runtime (default: all)")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("mlflow-server", help="start an MLflow tracking server (sqlite backend, local artifact store)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
@@ -278,8 +313,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipelines.export import ExportError
     from pipelines.registry import RegistryError
     from pipelines.train import TrainingError
+    from serving.launch import ServeError
 
-    return (ParamsError, DataError, ConfigError, FileNotFoundError, TrainingError, RegistryError, ExportError, EvaluationError)
+    return (ServeError, ParamsError, DataError, ConfigError, FileNotFoundError, TrainingError, RegistryError, ExportError, EvaluationError)
 
 
 def main(argv: list[str] | None = None) -> int:

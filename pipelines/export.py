@@ -39,7 +39,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-FORMAT_VERSION = 1
+# The torch-free half (reading an export, VQ-VAE-2 sampling) lives with serving, which must not import
+# torch; it is imported here so that the exporter checks exports with the code that serves them.
+from serving.runtime import FORMAT_VERSION, ExportError, load_sessions, pick_tokens_np, sample_vqvae2_onnx
+from serving.runtime import onnx_session as _onnx_session
+
+__all__ = ["FORMAT_VERSION", "ExportError", "export_model", "export_from_params", "load_sessions",
+           "pick_tokens_np", "sample_vqvae2_onnx", "graph_op_types"]
+
 OPSET = 18
 MAX_PARITY_IMAGES = 16
 # Ops that draw random numbers inside a graph: none may appear (DESIGN.md, "Exported graphs").
@@ -48,10 +55,6 @@ PREPROCESSING = "uint8 HWC -> float32 NCHW / 255"
 # Above this many bytes of weights a graph keeps them in a side file (<graph>.onnx.data): protobuf
 # cannot hold more than 2 GiB in one message.
 EXTERNAL_DATA_BYTES = 1 << 30
-
-
-class ExportError(RuntimeError):
-    """The model could not be exported or a graph failed its checks; the message names the graph."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -270,22 +273,6 @@ def export_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
-
-
-def load_sessions(export_dir: str | Path, providers: list[str] | None = None) -> tuple[dict, dict[str, Any]]:
-    """``(manifest, {graph name: onnxruntime.InferenceSession})`` of an :func:`export_model` directory.
-
-    ``providers``: ONNX Runtime execution providers (default: CPU).
-    """
-    export_dir = Path(export_dir)
-    path = export_dir / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{export_dir}: no manifest.json; is it an export directory (`latentforge export`)?")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ExportError(f"{path}: format_version {manifest.get('format_version')!r}; this code reads {FORMAT_VERSION}")
-    sessions = {name: _onnx_session(export_dir / g["file"], providers) for name, g in manifest["graphs"].items()}
-    return manifest, sessions
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -535,17 +522,6 @@ def _check_signature(graph: _Graph, proto) -> None:
             raise ExportError(f"graph {graph.name!r}: {name!r} has a fixed batch size {dims}; the batch axis must be dynamic")
 
 
-def _onnx_session(path: Path, providers: list[str] | None = None, spin: bool = True):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if not spin:
-        # ORT's idle threads spin-wait for the next run by default; between runs PyTorch computes the
-        # reference on the same cores, and the spinning would starve it (parity loops run ~10x slower).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
-
-
 def _run(session, feed: dict[str, Tensor], outputs: list[str]) -> list[np.ndarray]:
     return session.run(outputs, {k: v.detach().cpu().numpy() for k, v in feed.items()})
 
@@ -646,71 +622,6 @@ def _check_codes(model, session, images: Tensor, atol: float) -> tuple[float, di
         if level == "top":
             same_top = ~np.any(got != ref, axis=(1, 2))
     return 0.0, {k: v for k, v in ties.items() if v}
-
-
-# ----------------------------------------------------------------------------------------------------
-# VQ-VAE-2 sampling from the exported graphs
-
-
-def pick_tokens_np(logits: np.ndarray, noise: np.ndarray, temperature: float = 1.0, top_k: int | None = None) -> np.ndarray:
-    """numpy twin of :func:`models.priors.pick_tokens`: Gumbel-max over ``logits`` (B, K) / ``temperature``
-    restricted to the ``top_k`` largest, with uniform ``noise`` (B, K) in [0, 1). Returns (B,) int64."""
-    logits = logits.astype(np.float32) / np.float32(temperature)
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = -np.partition(-logits, top_k - 1, axis=-1)[..., top_k - 1 : top_k]
-        logits = np.where(logits < kth, np.float32(-np.inf), logits)
-    u = np.clip(noise.astype(np.float32), 1e-10, 1.0 - 1e-7)
-    return np.argmax(logits - np.log(-np.log(u)), axis=-1).astype(np.int64)
-
-
-def sample_vqvae2_onnx(
-    sessions: dict[str, Any],
-    manifest: dict,
-    n: int,
-    seed: int | None = None,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-) -> dict[str, np.ndarray]:
-    """Draw ``n`` VQ-VAE-2 samples with the exported graphs (no PyTorch): top codes from the top prior's
-    step graph, bottom codes given the top ones, then the decoder.
-
-    Randomness is a ``numpy.random.default_rng(seed)`` whose uniforms feed the Gumbel-max pick outside
-    the graphs, so a seed reproduces the draw. ``temperature`` scales the logits; ``top_k`` keeps the k
-    likeliest codes at each step (``top_k=1``: greedy, the same codes as PyTorch's greedy sampler).
-    Returns ``top_indices`` (n, ht, wt) int64, ``bottom_indices`` (n, hb, wb) int64 and ``images``
-    (n, C, H, W) float32 in [0, 1].
-    """
-    sampling = manifest.get("sampling", {})
-    if sampling.get("kind") != "prior":
-        raise ValueError(f"{manifest.get('family')}: this export samples from {sampling.get('kind')!r}, not a code prior")
-    if n <= 0:
-        raise ValueError(f"n must be > 0, got {n}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-    rng = np.random.default_rng(seed)
-    k = sampling["num_codes"]
-    codes: dict[str, np.ndarray] = {}
-    for level in sampling["order"]:
-        spec = sampling["levels"][level]
-        cond_emb = None
-        if "condition_graph" in spec:
-            cond_emb = sessions[spec["condition_graph"]].run(["cond_emb"], {"top_indices": codes["top"]})[0]
-        step = sessions[spec["graph"]]
-        cache = np.zeros([n if d is None else d for d in spec["cache_shape"]], dtype=np.float32)
-        prev = np.zeros(n, dtype=np.int64)
-        out = np.empty((n, spec["length"]), dtype=np.int64)
-        for i in range(spec["length"]):
-            feed = {"prev_token": prev, "position": np.array(i, dtype=np.int64), "cache": cache}
-            if cond_emb is not None:
-                feed["cond_emb"] = cond_emb
-            logits, cache = step.run(["logits", "new_cache"], feed)
-            prev = pick_tokens_np(logits, rng.random((n, k), dtype=np.float32), temperature, top_k)
-            out[:, i] = prev
-        codes[level] = out.reshape(n, *spec["shape"])
-    images = sessions[sampling["decoder"]].run(["images"], {"top_indices": codes["top"], "bottom_indices": codes["bottom"]})[0]
-    return {"top_indices": codes["top"], "bottom_indices": codes["bottom"], "images": images}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -122,7 +122,7 @@ def quantity(value) -> float:
 
 def test_the_expected_files_exist():
     for rel in ("README.md", "cluster.yaml", "docker/Dockerfile", "k8s/rayjob-train.yaml",
-                "k8s/raycluster.yaml", "k8s/mlflow.yaml"):
+                "k8s/raycluster.yaml", "k8s/mlflow.yaml", "k8s/rayservice.yaml"):
         assert (INFRA / rel).is_file(), f"infra/{rel} is missing"
 
 
@@ -265,7 +265,7 @@ def test_one_image_for_every_pod_and_the_readme_builds_it():
             for value in node:
                 collect(value)
 
-    for path in (K8S / "rayjob-train.yaml", K8S / "raycluster.yaml", K8S / "mlflow.yaml"):
+    for path in (K8S / "rayjob-train.yaml", K8S / "raycluster.yaml", K8S / "mlflow.yaml", K8S / "rayservice.yaml"):
         for doc in load_docs(path):
             collect(doc)
     assert len(images) == 1, f"the pods use several images: {sorted(images)}"
@@ -276,6 +276,30 @@ def test_one_image_for_every_pod_and_the_readme_builds_it():
     for cmd in builds:
         assert (REPO / cmd[cmd.index("-f") + 1]).is_file()
         assert cmd[cmd.index("-t") + 1] == image, f"the README builds {cmd[cmd.index('-t') + 1]}, the manifests use {image}"
+
+
+def test_rayservice_serves_serving_config_yaml_on_the_cluster():
+    """The RayService's serveConfigV2 is Serve's own schema and is serving/config.yaml but for the
+    store (the MLflow Service the other pods use) and the HTTP host (0.0.0.0, reachable in the pod)."""
+    from ray.serve.schema import ServeDeploySchema
+
+    service = one(K8S / "rayservice.yaml", "RayService")
+    assert service["apiVersion"] == "ray.io/v1"
+    assert set(service["spec"]) <= {"serveConfigV2", "rayClusterConfig", "upgradeStrategy", "serveService",
+                                    "excludeHeadPodFromServeSvc", "deploymentUnhealthySecondThreshold",
+                                    "serviceUnhealthySecondThreshold", "managedBy", "rayClusterDeletionDelaySeconds"}
+    assert check_ray_cluster_spec(service["spec"]["rayClusterConfig"], "spec.rayClusterConfig") == []
+    deployed = yaml.safe_load(service["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(deployed)
+    local = yaml.safe_load((REPO / "serving" / "config.yaml").read_text())
+    assert deployed["http_options"]["host"] == "0.0.0.0"
+    (app,), (local_app,) = deployed["applications"], local["applications"]
+    assert app["args"].pop("tracking_uri") == "http://mlflow:5000"
+    local_app["args"].pop("tracking_uri")
+    assert app == local_app, "serveConfigV2 and serving/config.yaml differ"
+    from serving.schemas import AppConfig
+
+    AppConfig.model_validate({**app["args"], "tracking_uri": "http://mlflow:5000"})
 
 
 def test_rayjob_fits_its_cluster_and_uses_its_gpus():
@@ -735,4 +759,4 @@ def test_dockerfile_installs_pinned_torch_before_the_project_on_the_projects_ray
                 assert (REPO / src).exists(), f"COPY {src}: no such path in the repository"
     install_at = next(i for i, (ins, rest) in enumerate(instructions) if ins == "RUN" and re.search(r"pip install .* \.(\s|$)", rest))
     copied = {w.rstrip("/") for ins, rest in instructions[:install_at] if ins == "COPY" for w in rest.split()[:-1] if not w.startswith("--")}
-    assert {"pyproject.toml", "README.md", "models", "pipelines"} <= copied
+    assert {"pyproject.toml", "README.md", "models", "pipelines", "serving"} <= copied

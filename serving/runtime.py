@@ -1,0 +1,287 @@
+"""Running an exported model with ONNX Runtime and numpy alone: no PyTorch is imported here.
+
+An export directory (``pipelines.export.export_model``) holds ``manifest.json`` and the ONNX graphs.
+:func:`load_sessions` opens one ``onnxruntime.InferenceSession`` per graph; :class:`ModelRuntime` wraps
+them with the operations serving offers (generate, encode, decode, reconstruct, interpolate,
+anomaly-score), each a few numpy lines over the graphs. Which operations a model offers follows from
+its manifest (:data:`CAPABILITIES`). VQ-VAE-2 samples by running its prior's single-step graphs in a
+loop here (:func:`sample_codes`), the randomness drawn by numpy and fed in: no graph draws random
+numbers.
+
+The exporter imports the loading and sampling functions from here, so the code that parity-checked an
+export is the code that serves it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+FORMAT_VERSION = 1
+
+
+class ExportError(RuntimeError):
+    """An export could not be produced or read (a graph failed its checks, a manifest of another format);
+    the message names the graph or file."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sessions
+
+
+def onnx_session(path: str | Path, providers: list[str] | None = None, spin: bool = True, threads: int = 0):
+    """An ``onnxruntime.InferenceSession`` of the graph at ``path``.
+
+    ``spin=False``: ORT's idle threads sleep instead of spin-waiting for the next run; on a machine
+    where something else computes between runs (PyTorch in the parity checks, other replicas in
+    serving) the spinning would starve it. ``threads``: intra-op threads (0: ORT's default, one per core).
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+
+
+def load_sessions(
+    export_dir: str | Path, providers: list[str] | None = None, spin: bool = True, threads: int = 0
+) -> tuple[dict, dict[str, Any]]:
+    """``(manifest, {graph name: onnxruntime.InferenceSession})`` of an export directory.
+
+    ``providers``: ONNX Runtime execution providers (default: CPU); ``spin``, ``threads``: see
+    :func:`onnx_session`. Raises ``FileNotFoundError`` without a manifest and :class:`ExportError` for a
+    manifest of another ``format_version``.
+    """
+    export_dir = Path(export_dir)
+    path = export_dir / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{export_dir}: no manifest.json; is it an export directory (`latentforge export`)?")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ExportError(f"{path}: format_version {manifest.get('format_version')!r}; this code reads {FORMAT_VERSION}")
+    sessions = {
+        name: onnx_session(export_dir / g["file"], providers, spin=spin, threads=threads)
+        for name, g in manifest["graphs"].items()
+    }
+    return manifest, sessions
+
+
+# ----------------------------------------------------------------------------------------------------
+# VQ-VAE-2 sampling from the exported graphs
+
+
+def pick_tokens_np(logits: np.ndarray, noise: np.ndarray, temperature: float | np.ndarray = 1.0,
+                   top_k: int | None = None) -> np.ndarray:
+    """numpy twin of :func:`models.priors.pick_tokens`: Gumbel-max over ``logits`` (B, K) / ``temperature``
+    restricted to the ``top_k`` largest, with uniform ``noise`` (B, K) in [0, 1). ``temperature``: a
+    number or one per row, (B, 1). Returns (B,) int64."""
+    logits = logits.astype(np.float32) / np.asarray(temperature, dtype=np.float32)
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = -np.partition(-logits, top_k - 1, axis=-1)[..., top_k - 1 : top_k]
+        logits = np.where(logits < kth, np.float32(-np.inf), logits)
+    u = np.clip(noise.astype(np.float32), 1e-10, 1.0 - 1e-7)
+    return np.argmax(logits - np.log(-np.log(u)), axis=-1).astype(np.int64)
+
+
+def sample_codes(
+    sessions: dict[str, Any],
+    manifest: dict,
+    draws: list[tuple[int, np.random.Generator, float]],
+    top_k: int | None = None,
+) -> dict[str, np.ndarray]:
+    """VQ-VAE-2 samples for several draws in one batch: top codes from the top prior's step graph,
+    bottom codes given the top ones, then the decoder.
+
+    ``draws``: ``(n, rng, temperature)`` per caller. Each draw takes its uniforms from its own ``rng``
+    ((n, K) per step, in order), so a draw gives the same codes alone or batched with others (up to
+    ONNX Runtime's float rounding at other batch sizes). Returns ``top_indices`` (N, ht, wt) int64,
+    ``bottom_indices`` (N, hb, wb) int64 and ``images`` (N, C, H, W) float32 in [0, 1], N = sum of n,
+    rows in the order of ``draws``.
+    """
+    sampling = manifest.get("sampling", {})
+    if sampling.get("kind") != "prior":
+        raise ValueError(f"{manifest.get('family')}: this export samples from {sampling.get('kind')!r}, not a code prior")
+    for n, _, temperature in draws:
+        if n <= 0:
+            raise ValueError(f"n must be > 0, got {n}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    total = sum(n for n, _, _ in draws)
+    k = sampling["num_codes"]
+    temps = np.concatenate([np.full((n, 1), t, dtype=np.float32) for n, _, t in draws])
+    codes: dict[str, np.ndarray] = {}
+    for level in sampling["order"]:
+        spec = sampling["levels"][level]
+        cond_emb = None
+        if "condition_graph" in spec:
+            cond_emb = sessions[spec["condition_graph"]].run(["cond_emb"], {"top_indices": codes["top"]})[0]
+        step = sessions[spec["graph"]]
+        cache = np.zeros([total if d is None else d for d in spec["cache_shape"]], dtype=np.float32)
+        prev = np.zeros(total, dtype=np.int64)
+        out = np.empty((total, spec["length"]), dtype=np.int64)
+        for i in range(spec["length"]):
+            feed = {"prev_token": prev, "position": np.array(i, dtype=np.int64), "cache": cache}
+            if cond_emb is not None:
+                feed["cond_emb"] = cond_emb
+            logits, cache = step.run(["logits", "new_cache"], feed)
+            noise = np.concatenate([rng.random((n, k), dtype=np.float32) for n, rng, _ in draws])
+            prev = pick_tokens_np(logits, noise, temps, top_k)
+            out[:, i] = prev
+        codes[level] = out.reshape(total, *spec["shape"])
+    images = sessions[sampling["decoder"]].run(["images"], {"top_indices": codes["top"], "bottom_indices": codes["bottom"]})[0]
+    return {"top_indices": codes["top"], "bottom_indices": codes["bottom"], "images": images}
+
+
+def sample_vqvae2_onnx(
+    sessions: dict[str, Any],
+    manifest: dict,
+    n: int,
+    seed: int | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Draw ``n`` VQ-VAE-2 samples with the exported graphs (no PyTorch); :func:`sample_codes` for one draw.
+
+    Randomness is a ``numpy.random.default_rng(seed)`` whose uniforms feed the Gumbel-max pick outside
+    the graphs, so a seed reproduces the draw. ``temperature`` scales the logits; ``top_k`` keeps the k
+    likeliest codes at each step (``top_k=1``: greedy, the same codes as PyTorch's greedy sampler).
+    """
+    return sample_codes(sessions, manifest, [(n, np.random.default_rng(seed), temperature)], top_k)
+
+
+# ----------------------------------------------------------------------------------------------------
+# What a model offers, from its manifest
+
+# Operation -> whether an export's manifest supports it. The HTTP routes ask this before running
+# anything, so a model without the graphs an operation needs answers with a clear 4xx. A new operation
+# (text-decode: a ``text_map`` graph) adds one line here, one method below and one route.
+CAPABILITIES: dict[str, Callable[[dict], bool]] = {
+    "generate": lambda m: (m.get("sampling") or {}).get("kind") in ("noise", "prior"),
+    "encode": lambda m: "encoder" in m["graphs"],
+    "decode": lambda m: "decoder" in m["graphs"],
+    "reconstruct": lambda m: "encoder" in m["graphs"] and "decoder" in m["graphs"],
+    # Paths between latents need a continuous latent space: VQ-VAE-2's decoder takes code indices.
+    "interpolate": lambda m: "decoder" in m["graphs"] and m["latent"]["kind"] != "codes",
+    "anomaly-score": lambda m: "encoder" in m["graphs"] and "decoder" in m["graphs"],
+}
+
+
+def capabilities(manifest: dict) -> list[str]:
+    """The operations (keys of :data:`CAPABILITIES`) this export supports, in that order."""
+    return [op for op, supported in CAPABILITIES.items() if supported(manifest)]
+
+
+# A graph call: (graph name, {input name: array with the batch first}) -> {output name: array}.
+RunGraph = Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+class ModelRuntime:
+    """One exported model version, ready to serve: its manifest, sessions and the numpy operations.
+
+    Every operation takes validated float32 arrays (images (B, C, H, W) in [0, 1], latents
+    (B, *latent_shape)) and calls the graphs through ``run`` (default: the sessions directly), so that
+    serving can pass a batching ``run`` with the same code. ``name``/``version``/``alias`` say which
+    registered version this is.
+    """
+
+    def __init__(self, manifest: dict, sessions: dict[str, Any], name: str = "", version: str = "", alias: str | None = None):
+        self.manifest, self.sessions = manifest, sessions
+        self.name, self.version, self.alias = name, str(version), alias
+        h, w, c = manifest["data"]["image_shape"]
+        self.image_shape = (int(c), int(h), int(w))  # CHW, as the graphs take it
+        self.latent_kind = manifest["latent"]["kind"]
+        self.latent_shape = tuple(manifest["latent"]["shape"])
+        self.capabilities = capabilities(manifest)
+
+    @classmethod
+    def from_export(cls, export_dir: str | Path, name: str = "", version: str = "", alias: str | None = None,
+                    threads: int = 0) -> "ModelRuntime":
+        manifest, sessions = load_sessions(export_dir, spin=False, threads=threads)
+        return cls(manifest, sessions, name, version, alias)
+
+    # -- graphs ---------------------------------------------------------------------------------------
+
+    def run_graph(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one graph on ``feeds``; returns every output by name."""
+        names = list(self.manifest["graphs"][graph]["outputs"])
+        return dict(zip(names, self.sessions[graph].run(names, feeds)))
+
+    def decoder_inputs(self) -> dict[str, list]:
+        """The decoder's inputs and their shapes without the batch (latent, or top/bottom indices)."""
+        return {k: v[1:] for k, v in self.manifest["graphs"]["decoder"]["inputs"].items()}
+
+    @property
+    def anomaly_threshold(self) -> float | None:
+        value = (self.manifest.get("metrics") or {}).get("anomaly_threshold")
+        return float(value) if isinstance(value, (int, float)) and np.isfinite(value) else None
+
+    # -- operations -----------------------------------------------------------------------------------
+
+    def noise(self, n: int, rng: np.random.Generator, temperature: float) -> np.ndarray:
+        """The generator's input for one draw: standard normal (n, *noise_shape) scaled by ``temperature``."""
+        shape = self.manifest["sampling"]["noise_shape"]
+        return (rng.standard_normal((n, *shape), dtype=np.float32) * np.float32(temperature)).astype(np.float32)
+
+    def generate(self, n: int, seed: int, temperature: float = 1.0, top_k: int | None = None,
+                 run: RunGraph | None = None) -> np.ndarray:
+        """``n`` new images (n, C, H, W) in [0, 1]; the same ``seed`` gives the same images.
+
+        Noise families: the generator graph on :meth:`noise`; VQ-VAE-2: its prior (:func:`sample_codes`).
+        """
+        rng = np.random.default_rng(seed)
+        if self.manifest["sampling"]["kind"] == "prior":
+            return sample_codes(self.sessions, self.manifest, [(n, rng, temperature)], top_k)["images"]
+        run = run or self.run_graph
+        return run("generator", {"noise": self.noise(n, rng, temperature)})["images"]
+
+    def encode(self, images: np.ndarray, run: RunGraph | None = None) -> dict[str, np.ndarray]:
+        """The encoder's outputs for images (B, C, H, W): ``mean``/``logvar``, ``latent`` or the code indices."""
+        return (run or self.run_graph)("encoder", {"images": images})
+
+    def decode(self, latents: dict[str, np.ndarray], run: RunGraph | None = None) -> np.ndarray:
+        """Images (B, C, H, W) in [0, 1] from the decoder's inputs (see :meth:`decoder_inputs`)."""
+        return np.clip((run or self.run_graph)("decoder", latents)["images"], 0.0, 1.0)
+
+    def latent_of(self, encoded: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The decoder's inputs from the encoder's outputs: a Gaussian encoder's mean, else as they are."""
+        return {name: encoded[name] if name in encoded else encoded["mean"] for name in self.decoder_inputs()}
+
+    def reconstruct(self, images: np.ndarray, run: RunGraph | None = None) -> np.ndarray:
+        """Decode(encode(images)) (B, C, H, W) in [0, 1]; a VAE decodes its posterior mean."""
+        return self.decode(self.latent_of(self.encode(images, run)), run)
+
+    def anomaly_scores(self, images: np.ndarray, run: RunGraph | None = None) -> np.ndarray:
+        """Per-image reconstruction MSE (B,) float64, the score ``latentforge evaluate`` thresholds."""
+        recon = self.reconstruct(images, run)
+        return np.square(images.astype(np.float64) - recon.astype(np.float64)).reshape(len(images), -1).mean(1)
+
+    def interpolate(self, a: np.ndarray, b: np.ndarray, steps: int, run: RunGraph | None = None) -> np.ndarray:
+        """Images (steps, C, H, W) decoded along the straight line from latent ``a`` to ``b`` (each
+        (*latent_shape)), both ends included."""
+        t = np.linspace(0.0, 1.0, steps, dtype=np.float32).reshape(-1, *([1] * len(self.latent_shape)))
+        path = ((1 - t) * a[None] + t * b[None]).astype(np.float32)
+        return self.decode({"latent": path}, run)
+
+    def describe(self) -> dict[str, Any]:
+        """What is served, for ``GET /v1/models``."""
+        m = self.manifest
+        return {
+            "name": self.name,
+            "version": self.version,
+            "alias": self.alias,
+            "family": m["family"],
+            "capabilities": self.capabilities,
+            "image_shape": list(self.image_shape),
+            "latent": m["latent"],
+            "data": m.get("data"),
+            "metrics": m.get("metrics") or {},
+            "anomaly_threshold": self.anomaly_threshold,
+        }

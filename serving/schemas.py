@@ -1,0 +1,161 @@
+"""Request and response bodies of the HTTP API (``/v1``), the app's configuration and its limits.
+
+The pydantic models are what ``/openapi.json`` documents. Shapes and limits that depend on the model
+or the configuration (image size, latent shape, ``n`` up to ``limits.max_n``) are checked when a
+request runs, with a 4xx naming the field (:class:`serving.codec.BadInput`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# An image in a request: a base64 PNG string (a data: URL is accepted too) or a (C, H, W) array in [0, 1].
+Image = Union[str, list[list[list[float]]]]
+Format = Literal["png", "array"]
+
+
+class Limits(BaseModel):
+    """Bounds that keep one request from taking a replica for long: ``n`` of generate, images per
+    request, ``steps`` of interpolate, the request body in bytes."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_n: int = Field(64, ge=1)
+    max_images: int = Field(64, ge=1)
+    max_steps: int = Field(32, ge=2)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+
+
+class ModelRef(BaseModel):
+    """A registered model to serve and which of its versions: an alias (default ``champion``) or a version."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    alias: Optional[str] = "champion"
+    version: Optional[int] = Field(None, ge=1)
+
+    @property
+    def ref(self) -> str:
+        return f"version {self.version}" if self.version else f"alias {self.alias}"
+
+
+class AppConfig(BaseModel):
+    """The application's arguments (``args:`` of ``serving/config.yaml``, or ``latentforge serve``).
+
+    ``tracking_uri``: the MLflow store (default ``$MLFLOW_TRACKING_URI``); ``poll_interval_s``: how
+    often each replica asks the registry where its alias points (0: never; a moved alias is then
+    picked up only on redeploy); ``max_batch_size`` / ``batch_wait_timeout_s``: ``serve.batch`` of
+    the model replicas (1: no batching); ``intra_op_threads``: ONNX Runtime threads per session (0:
+    one per core).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    tracking_uri: Optional[str] = None
+    models: list[ModelRef] = Field(min_length=1)
+    limits: Limits = Limits()
+    poll_interval_s: float = Field(10.0, ge=0)
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    intra_op_threads: int = Field(0, ge=0)
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _absolute(cls, uri: Optional[str]) -> Optional[str]:
+        return absolute_uri(uri) if uri else uri
+
+    def resolved_uri(self) -> str:
+        uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            raise ValueError("no MLflow tracking URI: set args.tracking_uri in the serve config or MLFLOW_TRACKING_URI")
+        return absolute_uri(uri)
+
+
+def absolute_uri(uri: str) -> str:
+    """``sqlite:///relative.db`` -> an absolute path: replicas may not share the caller's working directory."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        return prefix + os.path.abspath(uri[len(prefix):])
+    return uri
+
+
+# ----------------------------------------------------------------------------------------------------
+# Requests
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GenerateRequest(_Request):
+    n: int = Field(1, ge=1, description="images to draw (at most limits.max_n)")
+    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1, description="the same seed gives the same images; "
+                                "omitted: the server draws one and returns it")
+    temperature: float = Field(1.0, gt=0, le=100, allow_inf_nan=False,
+                               description="scales the noise (noise families) or the prior's logits (VQ-VAE-2)")
+    top_k: Optional[int] = Field(None, ge=1, description="VQ-VAE-2: sample among the k likeliest codes")
+    format: Format = "png"
+
+
+class ImagesRequest(_Request):
+    images: list[Image] = Field(min_length=1, description="base64 PNGs (or (C, H, W) arrays in [0, 1])")
+    format: Format = "png"
+
+
+class DecodeRequest(_Request):
+    latents: Union[list[Any], dict[str, list[Any]]] = Field(
+        description="(B, *latent_shape) floats, or for VQ-VAE-2 {top_indices: (B, ht, wt), bottom_indices: (B, hb, wb)}")
+    format: Format = "png"
+
+
+class Endpoint(_Request):
+    """One end of an interpolation: an image or a latent (exactly one)."""
+
+    image: Optional[Image] = None
+    latent: Optional[list[Any]] = Field(None, description="(*latent_shape) floats")
+
+
+class InterpolateRequest(_Request):
+    a: Endpoint
+    b: Endpoint
+    steps: int = Field(8, ge=2, description="images on the path, both ends included (at most limits.max_steps)")
+    format: Format = "png"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Responses (every one names the model version that produced it)
+
+
+class _Response(BaseModel):
+    model: str
+    model_version: str
+
+
+class ImagesResponse(_Response):
+    images: list[Any]
+    format: Format
+
+
+class GenerateResponse(ImagesResponse):
+    seed: int
+
+
+class EncodeResponse(_Response):
+    latents: dict[str, list[Any]] = Field(description="the encoder's outputs: mean + logvar, latent, or code indices")
+
+
+class AnomalyResponse(_Response):
+    scores: list[float] = Field(description="per-image reconstruction MSE (pixels in [0, 1])")
+    threshold: Optional[float] = Field(description="anomaly_threshold from evaluation (null when not recorded)")
+    anomalous: Optional[list[bool]] = Field(description="score > threshold (null without a threshold)")
+
+
+class ErrorBody(BaseModel):
+    field: str
+    reason: str
+    status: int
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
