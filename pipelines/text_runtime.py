@@ -225,6 +225,36 @@ class TextDecoder:
         return images.reshape(len(texts), n, *images.shape[1:])
 
 
+    # -- what a serving endpoint needs ------------------------------------------------------------------
+
+    capabilities = ["text-decode"]
+
+    def text_decode(self, body: dict[str, Any]) -> dict[str, Any]:
+        """One ``POST /v1/models/{name}/text-decode`` body -> ``{"seed", "images"}``.
+
+        ``body``: ``texts`` (list of strings), ``n`` (default 1), ``seed`` (default: drawn here and
+        returned, so the response can be reproduced), ``temperature`` (default 1; 0 = the mode). Images:
+        (T, n, C, H, W) float32 in [0, 1]. Raises :class:`TextRequestError` naming the field (a 4xx).
+        """
+        unknown = sorted(set(body) - {"texts", "n", "seed", "temperature", "format"})
+        if unknown:
+            raise TextRequestError(unknown[0], "unknown field")
+        temperature = body.get("temperature", 1.0)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 10:
+            raise TextRequestError("temperature", f"must be a number in [0, 10], got {temperature!r}")
+        texts, n, seed = validate_request(body.get("texts"), body.get("n", 1), body.get("seed"))
+        if seed is None:
+            seed = int(np.random.default_rng().integers(0, 2**63 - 1))
+        return {"seed": seed, "images": self(texts, n=n, seed=seed, temperature=float(temperature))}
+
+    def describe(self) -> dict[str, Any]:
+        """What is served, for ``GET /v1/models``."""
+        m = self.manifest
+        return {"family": m["family"], "kind": "text", "capabilities": self.capabilities, "image_shape": list(self.image_shape),
+                "text_encoder": m["text_encoder"]["kind"], "decoder": {k: m["decoder"].get(k) for k in ("name", "version", "sha256")},
+                "aligned_size": m["aligned"]["aligned_size"], "limits": m.get("limits"), "metrics": m.get("metrics") or {}}
+
+
 def check_decoder(manifest: dict[str, Any], name: str | None, version: int | str | None) -> None:
     """Raise :class:`DecoderMismatchError` when the served decoder (``name``, ``version``) is not the one
     the text model was trained against (``manifest["decoder"]``). ``None`` skips that part of the check."""

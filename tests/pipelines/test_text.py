@@ -173,6 +173,20 @@ def test_export_parity_and_text_decode(exported, family):
         decoder([" "], n=1)
 
 
+def test_text_decode_request_body(exported):
+    decoder = TextDecoder.load(exported["vae"][0])
+    out = decoder.text_decode({"texts": ["a red circle", "a blue square"], "n": 2})
+    assert out["images"].shape[:2] == (2, 2) and isinstance(out["seed"], int)
+    again = decoder.text_decode({"texts": ["a red circle", "a blue square"], "n": 2, "seed": out["seed"]})
+    assert np.array_equal(out["images"], again["images"])  # the returned seed reproduces the response
+    for body, field in (({"texts": ["ok"], "colour": 1}, "colour"), ({"texts": ["ok"], "temperature": "hot"}, "temperature"),
+                        ({"n": 1}, "texts"), ({"texts": ["ok"], "n": 100}, "n")):
+        with pytest.raises(TextRequestError) as err:
+            decoder.text_decode(body)
+        assert err.value.field == field
+    assert decoder.describe()["capabilities"] == ["text-decode"]
+
+
 def test_text_decode_runs_without_torch(exported):
     import subprocess
     import sys
