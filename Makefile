@@ -26,6 +26,8 @@ $(STAMP): pyproject.toml
 demo: install
 	dvc repro
 	latentforge models
+	# Serve the champions, call every endpoint (images -> demo/), then keep serving the page until Ctrl-C.
+	latentforge serve --params-store --demo demo
 
 test: install chromium
 	$(BIN)/python -m pytest

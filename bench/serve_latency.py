@@ -17,7 +17,8 @@ Each cell runs ``clients`` threads (concurrency 1, 8, 32) that each send request
 ``--seconds`` (after a warm-up); the figures are p50 / p99 latency of every request and throughput
 (requests/s over the cell's wall time). Last, ``generate`` n=1 at concurrency 32 over HTTP with
 ``max_batch_size`` 16 (batching on) and 1 (off), switched on the live app by redeploying the config
-(Serve calls ``reconfigure``). Writes ``bench/results/serve_latency.json`` and prints one line per cell.
+(Serve calls ``reconfigure``), for the VAE and for a VQ-VAE-2 (params.yaml's demo size, sampling
+through its prior: many small graph calls per request). Writes ``bench/results/serve_latency.json`` and prints one line per cell.
 
     .venv/bin/python bench/serve_latency.py                 # ~4 min on 2 cores
     .venv/bin/python bench/serve_latency.py --seconds 2     # quicker, noisier
@@ -43,6 +44,7 @@ import torch
 
 CONCURRENCY = (1, 8, 32)
 NAME = "vae-shapes"
+VQ_NAME = "vqvae2-shapes"
 
 
 def measure(call: Callable[[], None], clients: int, seconds: float, warmup: int = 3) -> dict[str, float]:
@@ -112,6 +114,14 @@ def setup(root: Path) -> tuple[Path, Path, str, dict]:
     uri = f"sqlite:///{root / 'mlflow.db'}"
     register(export_dir, uri, name=NAME)
     promote(NAME, uri, version=1)
+    # VQ-VAE-2 (params.yaml's demo size): its prior samples in a loop of small graph calls, the kind of
+    # work batching across requests pays off for.
+    vq = MODELS["vqvae2"]
+    vq_model = vq(vq.config_class.from_dict({**params["train"]["models"]["vqvae2"], "image_size": h, "channels": 3}))
+    vq_dir = vq_model.save_pretrained(root / "vq-model")
+    export_model(vq_dir, prepared, root / "vq-export")
+    register(root / "vq-export", uri, name=VQ_NAME)
+    promote(VQ_NAME, uri, version=1)
     return model_dir, export_dir, uri, params
 
 
@@ -146,23 +156,23 @@ def main(argv: list[str] | None = None) -> int:
 
         config = yaml.safe_load((common.REPO / "serving" / "config.yaml").read_text())
         app = config["applications"][0]
-        app["args"].update(tracking_uri=uri, models=[{"name": NAME}], poll_interval_s=0)
-        app["deployments"] = [d for d in app["deployments"] if d["name"] in ("ingress", NAME)]
+        app["args"].update(tracking_uri=uri, models=[{"name": NAME}, {"name": VQ_NAME}], poll_interval_s=0)
+        app["deployments"] = [d for d in app["deployments"] if d["name"] in ("ingress", NAME, VQ_NAME)]
         for d in app["deployments"]:
             d.pop("autoscaling_config", None)
             d.update(num_replicas=1, ray_actor_options={"num_cpus": 0})
-            if d["name"] == NAME:  # room for 32 clients: concurrency, not the queue bound, is measured
+            if d["name"] != "ingress":  # room for 32 clients: concurrency, not the queue bound, is measured
                 d.update(max_ongoing_requests=64, max_queued_requests=256)
         config["http_options"] = {"host": "127.0.0.1", "port": args.port}
         ray.init(num_cpus=2, include_dashboard=False, namespace="serve", _node_ip_address="127.0.0.1")
         url = deploy(config)
         sessions = threading.local()
 
-        def http(op: str, body: dict) -> Callable[[], None]:
+        def http(op: str, body: dict, name: str = NAME) -> Callable[[], None]:
             def call():
                 if not hasattr(sessions, "s"):
                     sessions.s = requests.Session()
-                r = sessions.s.post(f"{url}/v1/models/{NAME}/{op}", json=body, timeout=120)
+                r = sessions.s.post(f"{url}/v1/models/{name}/{op}", json=body, timeout=120)
                 if r.status_code != 200:
                     raise RuntimeError(f"{r.status_code} {r.text[:200]}")
             return call
@@ -199,20 +209,21 @@ def main(argv: list[str] | None = None) -> int:
                           flush=True)
 
         # Batching on vs off, same app: max_batch_size switched in place through user_config.
-        result["batching"] = {}
+        result["batching"] = {NAME: {}, VQ_NAME: {}}
         for label, size in (("on", 16), ("off", 1)):
             switched = copy.deepcopy(config)
             switched["applications"][0]["args"]["max_batch_size"] = size
             deploy(switched)
             deadline = time.monotonic() + 120
-            while requests.get(f"{url}/v1/models", timeout=30).json()["models"][0]["runtime"]["max_batch_size"] != size:
+            while {m["runtime"]["max_batch_size"] for m in requests.get(f"{url}/v1/models", timeout=30).json()["models"]} != {size}:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"max_batch_size {size} not applied after 120 s")
                 time.sleep(0.5)
-            cell = measure(http("generate", {"n": 1, "seed": 0}), 32, args.seconds)
-            result["batching"][label] = {"max_batch_size": size, **cell}
-            print(f"batching {label:3s} (max_batch_size {size:2d}) generate n=1 c=32: p50 {cell['p50_ms']:.2f} ms  "
-                  f"{cell['throughput_rps']:.1f} req/s", flush=True)
+            for name in (NAME, VQ_NAME):
+                cell = measure(http("generate", {"n": 1, "seed": 0}, name), 32, args.seconds)
+                result["batching"][name][label] = {"max_batch_size": size, **cell}
+                print(f"batching {label:3s} (max_batch_size {size:2d}) {name} generate n=1 c=32: p50 {cell['p50_ms']:.2f} ms  "
+                      f"{cell['throughput_rps']:.1f} req/s", flush=True)
 
         def figure(workload, path, clients, key):
             return next(c[key] for c in result["cells"]
@@ -222,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             "onnx_vs_torch_speedup_generate_n1_c1": figure("generate_n1", "torch", 1, "p50_ms") / figure("generate_n1", "onnx", 1, "p50_ms"),
             "onnx_vs_torch_speedup_encode_1_c1": figure("encode_1", "torch", 1, "p50_ms") / figure("encode_1", "onnx", 1, "p50_ms"),
             "http_generate_n1_p50_ms_c1": figure("generate_n1", "http", 1, "p50_ms"),
-            "batching_on_over_off_throughput_c32": result["batching"]["on"]["throughput_rps"] / result["batching"]["off"]["throughput_rps"],
+            **{f"batching_on_over_off_throughput_c32_{name}": b["on"]["throughput_rps"] / b["off"]["throughput_rps"]
+               for name, b in result["batching"].items()},
         }
         result["environment"]["loadavg_at_end"] = [round(x, 2) for x in __import__("os").getloadavg()]
         print("summary: " + ", ".join(f"{k} {v:.2f}" for k, v in result["summary"].items()))

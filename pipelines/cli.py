@@ -165,19 +165,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     params = _params(args)
     uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if args.params_store:
-        from pipelines.registry import tracking_uri_from_params
-
-        uri = tracking_uri_from_params(params)
     models = None
-    if args.model:
-        from pipelines.registry import model_name
+    if args.params_store or args.model:
+        from pipelines.params import section
+        from pipelines.registry import model_name, tracking_uri_from_params
 
-        models = [model_name(params, family) for family in args.model]
+        if args.params_store:
+            uri = tracking_uri_from_params(params)
+        families = args.model or (section(params, "train").get("families") if args.params_store else None)
+        models = [model_name(params, family) for family in families] if families else None
     config = resolve_config(args.config, tracking_uri=uri, models=models, host=args.host, port=args.port)
-    serve_forever(config, address=args.address, num_cpus=args.num_cpus,
-                  on_ready=lambda url: print(f"serving at {url}/ (try it in a browser; OpenAPI at {url}/docs); "
-                                             "Ctrl-C stops", flush=True))
+
+    def ready(url: str) -> None:
+        if args.demo:
+            from pipelines.params import section
+            from pipelines.prepare import load_split
+            from serving.demo import run_demo
+
+            data = section(params, "data")
+            test = load_split(Path(data["output_dir"]) / data["name"], "test")["images"]
+            for line in run_demo(url, test, args.demo):
+                print(line, flush=True)
+        print(f"serving at {url}/ (the page; the API at {url}/docs); Ctrl-C stops", flush=True)
+
+    serve_forever(config, address=args.address, num_cpus=args.num_cpus, on_ready=ready)
     return 0
 
 
@@ -288,7 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", metavar="FAMILY",
                    help="serve the champion of <family>-<data.name> (repeatable; default: the config's models)")
     p.add_argument("--params-store", action="store_true",
-                   help="use the MLflow store of params.yaml (mlflow.tracking_uri) instead of the config's")
+                   help="use the MLflow store of params.yaml (mlflow.tracking_uri) instead of the config's, and "
+                        "serve the champions of its train.families (unless --model is given)")
+    p.add_argument("--demo", type=Path, metavar="DIR",
+                   help="once up, call every endpoint on the prepared test images and save the images to DIR")
     p.add_argument("--host", help="HTTP host (default: the config's, 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (default: the config's, 8000)")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),

@@ -286,3 +286,25 @@ def test_promotion_under_load_drops_nothing(server, registry, direct):
             if ok(post(server, VAE, "generate", {"n": 1}))["model_version"] == "1":
                 break
             time.sleep(0.5)
+
+
+def test_demo_calls_every_endpoint_and_saves_images(server, registry, tmp_path):
+    from serving.demo import run_demo
+
+    test = np.array(load_split(registry["prepared"], "test")["images"][:8])
+    lines = run_demo(server, test, tmp_path / "demo")
+    ops = {line.split(":")[0] for line in lines}
+    assert {f"{VAE} v1 {op}" for op in ("generate", "reconstruct", "encode", "decode", "interpolate", "anomaly-score")} <= ops
+    assert {f"{GAN} v1 generate", f"{GAN} v1 decode", f"{GAN} v1 interpolate", f"{VQ} v1 decode"} <= ops
+    saved = sorted(p.name for p in (tmp_path / "demo").iterdir())
+    assert f"{VAE}-reconstruct.png" in saved and f"{VQ}-generate.png" in saved and f"{GAN}-interpolate.png" in saved
+    grid = Image.open(tmp_path / "demo" / f"{VAE}-generate.png")
+    assert grid.size == (4 * (8 * 18 - 2), 4 * (2 * 18 - 2))  # 16 images of 16 px, 8 a row, 2 px apart, x4
+
+
+def test_serve_errors_are_one_line_and_exit_2(tmp_path):
+    from pipelines.cli import main
+
+    assert main(["serve", "--config", str(tmp_path / "missing.yaml")]) == 2
+    (tmp_path / "bad.yaml").write_text("applications: 3\n")
+    assert main(["serve", "--config", str(tmp_path / "bad.yaml")]) == 2
