@@ -262,7 +262,7 @@ def resolve_decoder(params: dict[str, Any], model: str) -> tuple[str, dict[str, 
 def _download_registered(params: dict[str, Any], model: str) -> tuple[str, dict[str, Any]]:
     from mlflow.exceptions import MlflowException
 
-    from pipelines.registry import ARTIFACT_KEY, RegistryError, connect, tracking_uri_from_params
+    from pipelines.registry import RegistryError, connect, tracking_uri_from_params
 
     uri = tracking_uri_from_params(params)
     client = connect(uri)
@@ -292,8 +292,9 @@ def _download_registered(params: dict[str, Any], model: str) -> tuple[str, dict[
         # _tracking: the models:/ URI resolves against this store's registry, not MLflow's default one.
         with tempfile.TemporaryDirectory() as tmp, _tracking(uri):
             local = Path(mlflow.artifacts.download_artifacts(f"models:/{mv.name}/{mv.version}", dst_path=tmp))
+            # The export (manifest.json) keeps the trained model's save_pretrained directory as model/.
             found = next((p.parent for p in local.rglob("config.json") if p.parent.name == "model"
-                          and (p.parent / "model.safetensors").is_file() and ARTIFACT_KEY in p.parts), None)
+                          and (p.parent / "model.safetensors").is_file() and (p.parent.parent / "manifest.json").is_file()), None)
             if found is None:
                 raise RegistryError(f"{mv.name} version {mv.version} carries no model/ directory in its export")
             cache.parent.mkdir(parents=True, exist_ok=True)

@@ -183,6 +183,7 @@ class TextDecoder:
         self.decoder = session(manifest["decoder_graph"]["file"])
         self.encoder = encoder_from_spec(manifest["text_encoder"], directory)
         self.kind = manifest["text_map"]["kind"]
+        self.name, self.version, self.alias = manifest.get("family", ""), "", None  # set by a server
 
     @classmethod
     def load(cls, export_dir: str | Path, decoder_name: str | None = None, decoder_version: int | str | None = None) -> "TextDecoder":
@@ -250,7 +251,7 @@ class TextDecoder:
     def describe(self) -> dict[str, Any]:
         """What is served, for ``GET /v1/models``."""
         m = self.manifest
-        return {"family": m["family"], "kind": "text", "capabilities": self.capabilities, "image_shape": list(self.image_shape),
+        return {"name": self.name, "version": self.version, "alias": self.alias, "family": m["family"], "kind": "text", "capabilities": self.capabilities, "image_shape": list(self.image_shape),
                 "text_encoder": m["text_encoder"]["kind"], "decoder": {k: m["decoder"].get(k) for k in ("name", "version", "sha256")},
                 "aligned_size": m["aligned"]["aligned_size"], "limits": m.get("limits"), "metrics": m.get("metrics") or {}}
 

@@ -48,7 +48,7 @@ from serving.codec import BadInput
 from serving.runtime import ModelRuntime, sample_codes
 from serving.schemas import (
     AnomalyResponse, AppConfig, DecodeRequest, EncodeResponse, ErrorResponse, GenerateRequest, GenerateResponse,
-    ImagesRequest, ImagesResponse, InterpolateRequest, Limits,
+    ImagesRequest, ImagesResponse, InterpolateRequest, Limits, TextDecodeRequest, TextDecodeResponse,
 )
 
 log = logging.getLogger("ray.serve")
@@ -161,6 +161,8 @@ class ModelServer:
         dest = self._cache / f"v{version}"
         shutil.rmtree(dest, ignore_errors=True)
         export_dir = download_export(self.name, version, self.tracking_uri, dest)
+        if is_text_export(export_dir):
+            return load_text_runtime(export_dir, self.settings.get("decoder"), self.tracking_uri, self.name, version, alias)
         threads = int(self.settings.get("intra_op_threads", 0))
         return ModelRuntime.from_export(export_dir, self.name, version, alias, threads=threads)
 
@@ -221,6 +223,17 @@ class ModelServer:
             images = np.clip((await self._batch((rt, "generator", {"noise": noise})))["images"], 0.0, 1.0)
         return {"seed": seed, "format": p["format"], "images": codec.encode_images(images, p["format"])}
 
+    async def _text_decode(self, rt, p: dict) -> dict:
+        from pipelines.text_runtime import TextRequestError
+
+        body = {k: p[k] for k in ("texts", "n", "seed", "temperature") if p.get(k) is not None}
+        try:
+            out = await asyncio.to_thread(rt.text_decode, body)
+        except TextRequestError as exc:
+            raise BadInput(exc.field, exc.reason) from None
+        images = np.clip(out["images"], 0.0, 1.0)
+        return {"seed": out["seed"], "format": p["format"], "images": [codec.encode_images(im, p["format"]) for im in images]}
+
     async def _encode(self, rt: ModelRuntime, p: dict) -> dict:
         images = codec.decode_images(p["images"], "images", rt.image_shape, p["max_images"])
         encoded = await self._runner(rt)("encoder", {"images": images})
@@ -264,6 +277,33 @@ class ModelServer:
         path = ((1 - t) * ends[0][None] + t * ends[1][None]).astype(np.float32)
         images = np.clip((await self._runner(rt)("decoder", {"latent": path}))["images"], 0.0, 1.0)
         return {"format": p["format"], "images": codec.encode_images(images, p["format"])}
+
+
+def is_text_export(export_dir: Path) -> bool:
+    import json
+
+    return json.loads((Path(export_dir) / "manifest.json").read_text()).get("kind") == "text"
+
+
+def load_text_runtime(export_dir: Path, decoder: str | None, tracking_uri: str, name: str, version: str, alias: str | None):
+    """A text model (:class:`pipelines.text_runtime.TextDecoder`, torch-free) as a served runtime.
+
+    ``decoder`` (``name@alias`` or ``name/version``, the config's ``decoder`` of this model): the decoder
+    version served beside it; a text model trained against another version is refused
+    (:class:`pipelines.text_runtime.DecoderMismatchError`), so the replica does not start.
+    """
+    from pipelines.text_runtime import TextDecoder
+
+    served_name = served_version = None
+    if decoder and "/" in decoder:
+        served_name, pinned = decoder.rsplit("/", 1)
+        served_version = fetch_version(served_name, tracking_uri, None, int(pinned))
+    elif decoder:
+        served_name, _, served_alias = decoder.partition("@")
+        served_version = fetch_version(served_name, tracking_uri, served_alias or "champion", None)
+    rt = TextDecoder.load(export_dir, served_name, served_version)
+    rt.name, rt.version, rt.alias = name, str(version), alias
+    return rt
 
 
 def _decoder_feeds(rt: ModelRuntime, latents: Any, limit: int) -> dict[str, np.ndarray]:
@@ -431,6 +471,10 @@ class Ingress:
             return _error(422, "steps", f"steps = {body.steps} is above the limit of {self.limits.max_steps}")
         return await self._call(name, "interpolate", body.model_dump())
 
+    @api.post("/v1/models/{name}/text-decode", response_model=TextDecodeResponse, responses=ERRORS)
+    async def text_decode(self, name: str, body: TextDecodeRequest):
+        return await self._call(name, "text-decode", body.model_dump())
+
     @api.post("/v1/models/{name}/anomaly-score", response_model=AnomalyResponse, responses=ERRORS)
     async def anomaly_score(self, name: str, body: ImagesRequest):
         return await self._call(name, "anomaly-score", body.model_dump())
@@ -449,6 +493,6 @@ def build_app(args: dict):
     for ref in cfg.models:
         user_config = {"alias": ref.alias, "version": ref.version, "poll_interval_s": cfg.poll_interval_s,
                        "max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
-                       "intra_op_threads": cfg.intra_op_threads}
+                       "intra_op_threads": cfg.intra_op_threads, "decoder": ref.decoder}
         models[ref.name] = ModelServer.options(name=ref.name, user_config=user_config).bind(ref.name, uri)
     return Ingress.options(name="ingress").bind(models, cfg.limits.model_dump())

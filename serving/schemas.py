@@ -35,6 +35,8 @@ class ModelRef(BaseModel):
     name: str = Field(min_length=1)
     alias: Optional[str] = "champion"
     version: Optional[int] = Field(None, ge=1)
+    decoder: Optional[str] = Field(None, description="text models: the decoder they must have been trained against, "
+                                   "name@alias or name/version; another version is refused at load")
 
     @property
     def ref(self) -> str:
@@ -109,6 +111,19 @@ class DecodeRequest(_Request):
     format: Format = "png"
 
 
+class TextDecodeRequest(_Request):
+    """Text-conditioned decoding (a ``<family>-<data>-text`` model). The texts, ``n`` and ``seed`` are
+    checked by :func:`pipelines.text_runtime.validate_request` (a 4xx naming the field)."""
+
+    texts: list[Any] = Field(description="prompts: 1 to 16 non-blank strings of at most 256 characters")
+    n: Any = Field(1, description="images per text, 1 to 16")
+    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1, description="the same seed gives the same images; "
+                                "omitted: the server draws one and returns it")
+    temperature: float = Field(1.0, ge=0, le=10, allow_inf_nan=False,
+                               description="spread of the latent noise / code sampling; 0 gives the mode")
+    format: Format = "png"
+
+
 class Endpoint(_Request):
     """One end of an interpolation: an image or a latent (exactly one)."""
 
@@ -138,6 +153,12 @@ class ImagesResponse(_Response):
 
 
 class GenerateResponse(ImagesResponse):
+    seed: int
+
+
+class TextDecodeResponse(_Response):
+    images: list[list[Any]] = Field(description="per text, its n images")
+    format: Format
     seed: int
 
 

@@ -1,0 +1,159 @@
+"""``POST /v1/models/{name}/text-decode`` on the real app (Ray Serve, HTTP, MLflow registry): a text model
+``vae-shapes-text`` (f_tau for vae-shapes version 1, hashed encoder, untrained: the endpoint's behaviour is
+under test, not the model's quality) served beside its decoder."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from tests.pipelines.conftest import REPO
+from tests.serving.conftest import free_port, serve_config
+
+TEXT = "vae-shapes-text"
+
+
+@pytest.fixture(scope="module")
+def text_model(registry):
+    """Register vae-shapes-text version 1 (trained against vae-shapes version 1), its champion."""
+    from mlflow.tracking import MlflowClient
+
+    from models import PretrainedModel
+    from models.text import state_digest, text_map_for
+    from pipelines.params import load_params
+    from pipelines.text import _write_outputs, prepare_arrays, resolve_text_job
+    from pipelines.text_export import export_text
+    from pipelines.text_registry import register_text
+    from pipelines.train import _experiment_id
+
+    root, uri = registry["root"], registry["uri"]
+    params = load_params(REPO / "params.yaml")
+    params["data"]["output_dir"] = str(registry["prepared"].parent)
+    params["mlflow"]["tracking_uri"] = uri
+    params["text"].update(encoder="hashed", hashed_dim=128, aligned_fraction=0.5, output_dir=str(root / "text"))
+    job = resolve_text_job(params, "vae-shapes/1")
+    arrays, info = prepare_arrays(job, echo=lambda s: None)
+    decoder = PretrainedModel.from_pretrained(job.decoder_dir)
+    ckpt = root / "text-ckpt"
+    text_map_for(decoder, arrays["embedding"].shape[1], hidden_dim=16).save_pretrained(ckpt / "text_map")
+    decoder.save_pretrained(ckpt / "decoder")
+    digest = state_digest(decoder)
+    client = MlflowClient(uri)
+    run_id = client.create_run(_experiment_id(client, "latentforge", uri), run_name="text-test").info.run_id
+    _write_outputs(job, ckpt, info, {"losses": [1.0], "decoder_before": digest, "decoder_after": digest}, run_id, 0.0)
+    export_dir = root / "text-export"
+    export_text(job.output_dir, export_dir)
+    version = register_text(export_dir, uri)
+    client.set_registered_model_alias(TEXT, "champion", version.version)
+    return export_dir
+
+
+@pytest.fixture(scope="module")
+def text_server(registry, text_model, tmp_path_factory):
+    """The app serving vae-shapes and vae-shapes-text (decoder: vae-shapes@champion) on a free port."""
+    tmp = tmp_path_factory.mktemp("serve-text")
+    port = free_port()
+    config = serve_config(registry)
+    app = config["applications"][0]
+    app["args"]["models"] = [{"name": "vae-shapes"}, {"name": TEXT, "decoder": "vae-shapes@champion"}]
+    template = next(d for d in app["deployments"] if d["name"] == "vae-shapes")
+    app["deployments"] = [d for d in app["deployments"] if d["name"] in ("ingress", "vae-shapes")] + [{**template, "name": TEXT}]
+    (tmp / "config.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    log = (tmp / "serve.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.cli", "serve", "--config", str(tmp / "config.yaml"), "--port", str(port), "--num-cpus", "2"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"latentforge serve exited with {proc.returncode}:\n{(tmp / 'serve.log').read_text()[-4000:]}")
+            try:
+                if requests.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the app was not ready in 240 s:\n{(tmp / 'serve.log').read_text()[-4000:]}")
+            time.sleep(1)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def _post(url: str, body: dict, name: str = TEXT) -> requests.Response:
+    return requests.post(f"{url}/v1/models/{name}/text-decode", json=body, timeout=60)
+
+
+def test_n_images_per_text_reproducible_with_a_seed(text_server):
+    texts = ["a large red circle in the center", "small blue square, top left"]
+    r = _post(text_server, {"texts": texts, "n": 3, "seed": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == TEXT and body["model_version"] == r.headers["X-Model-Version"] == "1" and body["seed"] == 5
+    assert [len(per_text) for per_text in body["images"]] == [3, 3]
+    assert len(set(body["images"][0])) == 3  # n different samples
+    assert _post(text_server, {"texts": texts, "n": 3, "seed": 5}).json()["images"] == body["images"]
+    assert _post(text_server, {"texts": texts, "n": 3, "seed": 6}).json()["images"] != body["images"]
+    drawn = _post(text_server, {"texts": texts[:1]}).json()
+    again = _post(text_server, {"texts": texts[:1], "seed": drawn["seed"]}).json()
+    assert again["images"] == drawn["images"]  # the returned seed reproduces a request that sent none
+    arrays = _post(text_server, {"texts": texts[:1], "n": 2, "seed": 1, "format": "array"}).json()["images"]
+    assert len(arrays[0]) == 2 and len(arrays[0][0]) == 3  # (C, H, W) nested lists
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"texts": []}, "texts"),
+    ({"texts": ["   "]}, "texts[0]"),
+    ({"texts": ["x" * 300]}, "texts[0]"),
+    ({"texts": ["ok", 7]}, "texts[1]"),
+    ({"texts": ["ok"] * 17}, "texts"),
+    ({"texts": "a red circle"}, "texts"),
+    ({"texts": ["ok"], "n": 0}, "n"),
+    ({"texts": ["ok"], "n": 17}, "n"),
+    ({"texts": ["ok"], "n": "two"}, "n"),
+    ({"n": 1}, "texts"),
+])
+def test_bad_input_is_a_4xx_naming_the_field(text_server, body, field):
+    r = _post(text_server, body)
+    assert 400 <= r.status_code < 500, r.text
+    assert r.json()["error"]["field"] == field
+
+
+def test_text_decode_only_on_text_models_and_listed(text_server):
+    r = _post(text_server, {"texts": ["a red circle"]}, name="vae-shapes")
+    assert r.status_code == 422 and "cannot text-decode" in r.json()["error"]["reason"]
+    r = requests.post(f"{text_server}/v1/models/{TEXT}/generate", json={"n": 1}, timeout=60)
+    assert r.status_code == 422
+    models = {m["name"]: m for m in requests.get(f"{text_server}/v1/models", timeout=60).json()["models"]}
+    assert models[TEXT]["capabilities"] == ["text-decode"]
+    assert models[TEXT]["decoder"]["name"] == "vae-shapes" and models[TEXT]["decoder"]["version"] == 1
+    assert models[TEXT]["runtime"]["torch_imported"] is False
+
+
+def test_another_decoder_version_is_refused_at_load(registry, text_model):
+    from pipelines.text_runtime import DecoderMismatchError
+    from serving.app import load_text_runtime
+
+    rt = load_text_runtime(text_model, "vae-shapes@champion", registry["uri"], TEXT, "1", "champion")
+    assert rt.describe()["decoder"]["version"] == 1
+    with pytest.raises(DecoderMismatchError, match="trained against decoder vae-shapes version 1, not vae-shapes version 2"):
+        load_text_runtime(text_model, "vae-shapes/2", registry["uri"], TEXT, "1", "champion")
