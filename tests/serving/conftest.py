@@ -64,6 +64,9 @@ def registry(tmp_path_factory):
     prepare(params)
     prepared = root / "prepared" / params["data"]["name"]
     uri = f"sqlite:///{root / 'mlflow.db'}"
+    params["mlflow"]["tracking_uri"] = uri
+    params["train"]["families"] = list(MODELS)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     exports = {}
     for label, family, seed, metrics in (
         ("vae-1", "vae", 0, {"recon_mse": 0.05, "anomaly_threshold": 0.03}),
@@ -77,7 +80,7 @@ def registry(tmp_path_factory):
         version = register(exports[label], uri, name=MODELS[family])
         if int(version.version) == 1:
             promote(MODELS[family], uri, version=1)
-    return {"uri": uri, "root": root, "prepared": prepared, "exports": exports}
+    return {"uri": uri, "root": root, "prepared": prepared, "exports": exports, "params": root / "params.yaml"}
 
 
 def free_port() -> int:
@@ -104,9 +107,14 @@ def serve_config(registry: dict, **overrides) -> dict:
 
 
 @pytest.fixture(scope="package")
-def server(registry, tmp_path_factory):
-    """The app on ``http://127.0.0.1:<port>`` via ``latentforge serve`` in a subprocess: yields the base URL."""
-    tmp = tmp_path_factory.mktemp("serve")
+def server(registry):
+    """The app on ``http://127.0.0.1:<port>`` via ``latentforge serve`` in a subprocess: yields the base URL.
+
+    The command is the end of ``make demo`` (``--params-store --demo``: the store and families of the
+    test params, every endpoint called once up, images under ``<root>/demo``, its report in
+    ``<root>/serve.log``) with the tests' config (limits, queue bounds, poll interval).
+    """
+    tmp = registry["root"]
     port = free_port()
     config_path = tmp / "config.yaml"
     config_path.write_text(yaml.safe_dump(serve_config(registry)))
@@ -115,7 +123,7 @@ def server(registry, tmp_path_factory):
     log = (tmp / "serve.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipelines.cli", "serve", "--config", str(config_path), "--port", str(port),
-         "--num-cpus", "2"],
+         "--num-cpus", "2", "--params", str(registry["params"]), "--params-store", "--demo", str(tmp / "demo")],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
