@@ -155,6 +155,9 @@ class ModelServer:
             runtime = await asyncio.to_thread(self._load, target, None if version else alias)
             previous, self.runtime = self.runtime, runtime
             log.info("%s: serving version %s (was %s)", self.name, target, previous.version if previous else "none")
+            if previous is not None and previous.version != target:
+                # Its sessions hold the graphs in memory (requests still on them finish); the files can go.
+                shutil.rmtree(self._cache / f"v{previous.version}", ignore_errors=True)
             return True
 
     def _load(self, version: str, alias: str | None) -> ModelRuntime:
