@@ -409,7 +409,8 @@ def run_text_training(job: TextJob, echo: Callable[[str], None] = print) -> dict
         text_loop_per_worker, train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=t["num_workers"], use_gpu=False,
                                                resources_per_worker={"CPU": t["cpus_per_worker"]}),
-        run_config=ray.train.RunConfig(name=job.run_name, storage_path=str(Path(t["output_dir"]).resolve() / ".ray"),
+        # A fresh Ray run each time: the loop does not resume, so a same-named finished run must not be restored.
+        run_config=ray.train.RunConfig(name=f"{job.run_name}-{run_id[:8]}", storage_path=str(Path(t["output_dir"]).resolve() / ".ray"),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
     )
     t0 = time.time()
