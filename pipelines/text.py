@@ -492,7 +492,7 @@ def grid_prompts(manifest: dict[str, Any], info: dict[str, Any], count: int = 8)
     if manifest.get("factor_names") == list(SHAPE_FACTORS):
         pairs = [tuple(p) for p in info["holdout"][:2]]
         shapes, colours = SHAPE_FACTORS["shape"], SHAPE_FACTORS["colour"]
-        pairs += [(shapes[i % len(shapes)], colours[i % len(colours)]) for i in range(count)]
+        pairs += [p for p in ((shapes[i % len(shapes)], colours[(i + 1) % len(colours)]) for i in range(2 * count)) if p not in pairs]
         return [f"a large {c} {s} in the center" for s, c in pairs[:count]]
     names = manifest.get("class_names") or []
     return [f"a {n}" for n in names[:count]] or ["an image"]

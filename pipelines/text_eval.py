@@ -11,7 +11,9 @@ the factors of the generated images (the mode: latent f_tau(y), or argmax codes)
 
 Per set: ``<set>_acc_<factor>`` (per-factor accuracy), ``<set>_per_factor`` (their mean) and
 ``<set>_all_factors`` (every factor right). Also ``paraphrase_drop`` (seen minus paraphrase per-factor
-accuracy, in points), the classifier's own test accuracy per head (it must be >= 0.98 to be trusted)
+accuracy, in points), ``ceiling_*`` (the same figures on the frozen decoder's reconstructions of
+aligned images: what any f_tau could reach through it; not for decoders without an encoder), the
+classifier's own test accuracy per head (it must be >= 0.98 to be trusted)
 and the targets of the issue. Data without factors but with classes: the label head's accuracy on seen
 prompts. Written to ``<evaluate.output_dir>/<family>-text/metrics.json`` and logged to the text run.
 """
@@ -89,18 +91,23 @@ def evaluate_text(text_dir: str | Path, classifier_dir: str | Path, prepared_dir
 
     sets = prompt_sets(record, manifest, train, count, seed)
     with torch.no_grad():
+        ceiling = _reconstructions(decoder, train, np.asarray(record["aligned"]["aligned_rows"])[:count])
+        if ceiling is not None:
+            # What the frozen decoder itself can show: the classifier on its reconstructions of aligned images.
+            targets = train["factors"] if names else train["labels"][:, None]
+            rows = np.asarray(record["aligned"]["aligned_rows"])[:count]
+            sets_scores = {"ceiling": (ceiling, targets[rows])}
+        else:
+            sets_scores = {}
         for name, (prompts, targets) in sets.items():
             images = []
             for i in range(0, len(prompts), 128):
                 emb = torch.from_numpy(embed_texts(record["text_encoder"], prompts[i:i + 128]))
                 images.append(text_map.generate(decoder, emb, 1, 0.0)[:, 0])
-            logits = classifier(torch.cat(images))
-            correct = np.stack([logits[h].argmax(1).numpy() == targets[:, j] for j, h in enumerate(heads)], axis=1)
-            for j, h in enumerate(heads):
-                metrics[f"{name}_acc_{h.removeprefix('factor_')}"] = float(correct[:, j].mean())
-            metrics[f"{name}_per_factor"] = float(correct.mean())
-            metrics[f"{name}_all_factors"] = float(correct.all(1).mean())
+            _score(metrics, name, classifier(torch.cat(images)), targets, heads)
             metrics[f"{name}_examples"] = prompts[:3]
+        for name, (images, targets) in sets_scores.items():
+            _score(metrics, name, classifier(images), targets, heads)
     if "paraphrase_per_factor" in metrics:
         metrics["paraphrase_drop"] = 100.0 * (metrics["seen_per_factor"] - metrics["paraphrase_per_factor"])
         metrics["paraphrase_drop_all_factors"] = 100.0 * (metrics["seen_all_factors"] - metrics["paraphrase_all_factors"])
@@ -115,6 +122,31 @@ def evaluate_text(text_dir: str | Path, classifier_dir: str | Path, prepared_dir
                                                           "heldout_all_factors") if k in metrics)
     echo(f"evaluate-text {record['family']}: {summary} (aligned set {metrics['aligned_size']})")
     return metrics
+
+
+def _score(metrics: dict[str, Any], name: str, logits: dict[str, torch.Tensor], targets: np.ndarray, heads: list[str]) -> None:
+    correct = np.stack([logits[h].argmax(1).numpy() == targets[:, j] for j, h in enumerate(heads)], axis=1)
+    for j, h in enumerate(heads):
+        metrics[f"{name}_acc_{h.removeprefix('factor_')}"] = float(correct[:, j].mean())
+    metrics[f"{name}_per_factor"] = float(correct.mean())
+    metrics[f"{name}_all_factors"] = float(correct.all(1).mean())
+
+
+def _reconstructions(decoder, train: dict[str, np.ndarray], rows: np.ndarray) -> torch.Tensor | None:
+    """decode(encode(x)) (N, C, H, W) of aligned train images; None for a decoder without an encoder."""
+    from pipelines.imaging import batch_to_tensor
+
+    if not decoder.has_encoder or type(decoder).__name__ == "GLO":
+        return None
+    out = []
+    for i in range(0, len(rows), 128):
+        x = batch_to_tensor(np.array(train["images"][rows[i:i + 128]]))
+        enc = decoder.encode(x)
+        if hasattr(decoder, "decode_indices"):
+            out.append(decoder.decode_indices(*enc.indices).images)
+        else:
+            out.append(decoder.decode(enc.mean if enc.mean is not None else enc.latent).images)
+    return torch.cat(out)
 
 
 def evaluate_text_from_params(params: dict[str, Any], family: str, echo: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]]:
