@@ -1,0 +1,59 @@
+"""f_tau (models/text.py): shapes per family, save/load, config errors, frozen decoders, code sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import MODELS, ConfigError
+from models.text import TextMap, TextMapConfig, freeze, sample_codes, state_digest, text_map_for
+
+
+@pytest.mark.parametrize("family", ["vae", "vqvae2", "gan", "conv_ae"])
+def test_text_map_fits_the_decoder_and_trains_through_it(family, tmp_path):
+    torch.manual_seed(0)
+    cls = MODELS[family]
+    decoder = freeze(cls(cls.config_class.tiny()))
+    digest = state_digest(decoder)
+    text_map = text_map_for(decoder, 24, hidden_dim=16)
+    emb = torch.randn(5, 24)
+    x = torch.rand(5, decoder.config.channels, decoder.config.image_size, decoder.config.image_size)
+    if text_map.config.kind == "codes":
+        top, bottom = text_map(emb)
+        assert top.shape == (5, *decoder.top_shape, decoder.config.num_codes)
+        assert bottom.shape == (5, *decoder.bottom_shape, decoder.config.num_codes)
+        batch = {"embedding": emb, "top": decoder.encode(x).indices[0], "bottom": decoder.encode(x).indices[1]}
+    else:
+        assert text_map(emb).shape == (5, *text_map.config.latent_shape) == (5, decoder.config.latent_dim)
+        batch = {"embedding": emb, "image": x}
+    out = text_map.loss(decoder, batch)
+    out.loss.backward()
+    assert all(p.grad is not None for p in text_map.parameters())
+    assert all(p.grad is None for p in decoder.parameters())  # no gradient reaches the frozen decoder
+    assert state_digest(decoder) == digest
+    images = text_map.eval().generate(decoder, emb[:2], n=3, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert images.shape == (2, 3, decoder.config.channels, decoder.config.image_size, decoder.config.image_size)
+    again = TextMap.from_pretrained(text_map.save_pretrained(tmp_path / "tm"))
+    assert torch.equal(again(emb)[0] if isinstance(again(emb), tuple) else again(emb),
+                       text_map(emb)[0] if isinstance(text_map(emb), tuple) else text_map(emb))
+
+
+def test_bad_configs_name_the_field():
+    with pytest.raises(ConfigError, match="latent_shape"):
+        TextMapConfig(kind="latent")
+    with pytest.raises(ConfigError, match="num_codes"):
+        TextMapConfig(kind="codes", top_shape=(2, 2), bottom_shape=(4, 4))
+    with pytest.raises(ConfigError, match="kind"):
+        TextMapConfig(kind="pixels", latent_shape=(4,))
+    with pytest.raises(ValueError, match="embedding must have shape"):
+        TextMap(TextMapConfig(embed_dim=8, latent_shape=(4,)))(torch.zeros(2, 9))
+
+
+def test_sample_codes_mode_and_seeded_draws():
+    logits = torch.randn(4, 3, 3, 10)
+    assert torch.equal(sample_codes(logits, 0.0), logits.argmax(-1))
+    a = sample_codes(logits, 1.0, torch.Generator().manual_seed(1))
+    assert torch.equal(a, sample_codes(logits, 1.0, torch.Generator().manual_seed(1)))
+    peaked = torch.full((2, 10), -1e4)
+    peaked[:, 3] = 0
+    assert torch.equal(sample_codes(peaked, 1.0, torch.Generator().manual_seed(2)), torch.tensor([3, 3]))
