@@ -48,6 +48,8 @@ TEXT_SCHEMA: dict[str, Any] = {
     "dropout": (int, float),
     "sample_std": (int, float),
     "latent_weight": (int, float),
+    "finetune_decoder": bool,
+    "finetune_lr_scale": (int, float),
     "num_workers": int,
     "cpus_per_worker": (int, float),
     "seed": int,
@@ -194,6 +196,9 @@ def resolve_text_job(params: dict[str, Any], model: str, overrides: list[str] | 
     if cls is None:
         raise ConfigError(f"{decoder_dir} holds a {meta.get('class')!r}, not a model family of models.MODELS")
     family = next(name for name, c in MODELS.items() if c is cls)
+    if text["finetune_decoder"] and hasattr(cls, "decode_indices"):
+        raise ParamsError(f"params text.finetune_decoder: {family} f_tau is trained on codes, not through the decoder; "
+                          "it applies to flat-latent decoders")
     if not hasattr(cls, "decode_indices") and not meta["config"].get("latent_dim"):
         raise ConfigError(f"{family}: text conditioning needs a flat latent (latent_dim) or code maps (VQ-VAE-2)")
 
@@ -403,6 +408,7 @@ def run_text_training(job: TextJob, echo: Callable[[str], None] = print) -> dict
     loop_config = {
         "arrays": arrays, "decoder_files": decoder_files, "text_map_config": text_map.config.to_dict(),
         "epochs": t["epochs"], "batch_size": t["batch_size"], "seed": t["seed"],
+        "finetune_decoder": t["finetune_decoder"], "finetune_lr_scale": float(t["finetune_lr_scale"]),
         "tracking_uri": job.tracking_uri, "run_id": run_id,
     }
     trainer = TorchTrainer(
@@ -423,7 +429,7 @@ def run_text_training(job: TextJob, echo: Callable[[str], None] = print) -> dict
         raise TrainingError(f"train-text {job.run_name} failed: {_root_cause(exc)}") from exc
     with result.checkpoint.as_directory() as ckpt:
         state = json.loads((Path(ckpt) / "state.json").read_text())
-        if state["decoder_before"] != state["decoder_after"]:
+        if state["decoder_before"] != state["decoder_after"] and not t["finetune_decoder"]:
             client.set_terminated(run_id, status="FAILED")
             raise TrainingError("the decoder's weights changed while training f_tau; it must stay frozen")
         summary = _write_outputs(job, Path(ckpt), info, state, run_id, time.time() - t0)
@@ -448,7 +454,8 @@ def _write_outputs(job: TextJob, ckpt: Path, info: dict, state: dict, run_id: st
         record = {
             "family": job.family,
             "data": {"name": job.manifest["name"], "data_hash": job.manifest["data_hash"], "image_shape": job.manifest["image_shape"]},
-            "decoder": {**job.decoder_ref, "state_sha256": state["decoder_after"]},
+            # Fine-tuned: the decoder/ here (and in the export) is no longer the referenced version's weights.
+            "decoder": {**job.decoder_ref, "state_sha256": state["decoder_after"], "finetuned": job.text["finetune_decoder"]},
             "text_encoder": info["text_encoder"],
             "aligned": {k: info[k] for k in ("aligned_size", "train_count", "holdout", "sample_captions", "aligned_rows")},
             "settings": job.text,
@@ -539,9 +546,17 @@ def text_loop_per_worker(cfg: dict[str, Any]) -> None:
         decoder = freeze(PretrainedModel.from_pretrained(tmp))
     before = state_digest(decoder)
     text_map = TextMap(TextMapConfig.from_dict(cfg["text_map_config"]))
-    objective = _Objective(text_map, decoder)
-    wrapped = ray.train.torch.prepare_model(objective)
-    optimizer = torch.optim.Adam(text_map.parameters(), lr=text_map.config.lr)
+    finetune = cfg["finetune_decoder"]
+    if finetune:
+        decoder.requires_grad_(True)  # still in eval mode: BatchNorm statistics and EMA copies stay as they are
+    objective = _Objective(text_map, decoder, finetune)
+    # Fine-tuning: decode() leaves the decoder's encoder (and a GAN's discriminator) without gradients.
+    wrapped = ray.train.torch.prepare_model(objective, parallel_strategy_kwargs={"find_unused_parameters": finetune})
+    groups = [{"params": list(text_map.parameters()), "lr": text_map.config.lr}]
+    if finetune:
+        groups.append({"params": [p for p in decoder.parameters() if p.requires_grad],
+                       "lr": text_map.config.lr * cfg["finetune_lr_scale"]})
+    optimizer = torch.optim.Adam(groups)
     arrays = cfg["arrays"]
     rows = np.arange(len(arrays["embedding"]))[rank::world]
     batch_size = min(cfg["batch_size"], len(rows))
@@ -598,13 +613,16 @@ def text_loop_per_worker(cfg: dict[str, Any]) -> None:
 
 
 class _Objective(torch.nn.Module):
-    """f_tau's loss as a module for DDP: only f_tau is a registered submodule, so DDP syncs its
-    gradients and never touches the (frozen) decoder."""
+    """f_tau's loss as a module for DDP: f_tau is a registered submodule, so DDP syncs its gradients;
+    the decoder is one only when it is fine-tuned (``text.finetune_decoder``)."""
 
-    def __init__(self, text_map, decoder):
+    def __init__(self, text_map, decoder, finetune: bool = False):
         super().__init__()
         self.text_map = text_map
-        object.__setattr__(self, "_decoder", decoder)  # not a submodule: DDP must not see it
+        if finetune:
+            self.decoder_module = decoder  # a submodule: DDP syncs the decoder's gradients too
+        # Frozen: not a submodule, DDP must not see it.
+        object.__setattr__(self, "_decoder", decoder)
 
     def forward(self, batch):
         return self.text_map.loss(self._decoder, batch)

@@ -123,6 +123,26 @@ def test_train_text_keeps_the_decoder_bit_identical_and_lowers_the_loss(trained,
     assert summary["decoder_frozen"]
 
 
+def test_finetune_decoder_option_trains_the_decoder_too(text_params, local_ray, tmp_path):
+    from pipelines.params import ParamsError
+    from pipelines.text import resolve_text_job, run_text_training
+
+    root, params = text_params
+    prepared = Path(params["data"]["output_dir"]) / params["data"]["name"]
+    model_dir = tiny_decoder("vae", prepared, tmp_path)
+    overrides = ["finetune_decoder=true", "epochs=2", f"output_dir={tmp_path / 'text'}"]
+    summary = run_text_training(resolve_text_job(params, str(model_dir), overrides), echo=lambda s: None)
+    original = PretrainedModel.from_pretrained(model_dir).state_dict()
+    tuned = PretrainedModel.from_pretrained(Path(summary["output_dir"]) / "decoder").state_dict()
+    assert not summary["decoder_frozen"]
+    assert any(not torch.equal(original[k], tuned[k]) for k in original if k.startswith("decoder."))
+    assert all(torch.equal(original[k], tuned[k]) for k in original if k.startswith("encoder."))  # only the decoder
+    assert json.loads((Path(summary["output_dir"]) / "text.json").read_text())["decoder"]["finetuned"] is True
+    vq_dir = tiny_decoder("vqvae2", prepared, tmp_path, steps=1)
+    with pytest.raises(ParamsError, match="finetune_decoder"):
+        resolve_text_job(params, str(vq_dir), ["finetune_decoder=true"])
+
+
 def test_train_text_logs_to_mlflow(trained, text_params):
     from mlflow.tracking import MlflowClient
 
