@@ -153,9 +153,15 @@ def cmd_register_text(args: argparse.Namespace) -> int:
 
     params = _params(args)
     export_dir = args.export_dir or Path("artifacts/export-text") / args.model
-    version = register_text(export_dir, tracking_uri_from_params(params), name=args.name)
+    uri = tracking_uri_from_params(params)
+    version = register_text(export_dir, uri, name=args.name)
     print(f"registered {version.name} version {version.version} (decoder {version.tags['decoder_name']} "
           f"version {version.tags['decoder_version']})")
+    if args.champion:
+        from pipelines.registry import promote
+
+        decision = promote(version.name, uri, version=int(version.version))
+        print(f"{version.name} version {decision['version']}: {decision['reason']}")
     return 0
 
 
@@ -292,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model family (reads artifacts/export-text/<family>)")
     p.add_argument("--export-dir", type=Path, help="the export-text directory (default: artifacts/export-text/<family>)")
     p.add_argument("--name", help="registered model name (default: <family>-<data name>-text)")
+    p.add_argument("--champion", action="store_true", help="then make this version the champion (what serving loads)")
     p.set_defaults(func=cmd_register_text)
 
     p = stage("serve", "serve the registered models over HTTP: Ray Serve + ONNX Runtime (serving/config.yaml)")
