@@ -45,8 +45,9 @@ def repo_copy(tmp_path) -> Path:
     params["train"].update(epochs=1, batch_size=16, families=["vae"], log_every_steps=2)
     params["train"]["models"] = {"vae": tiny_section("vae")}
     params["classifier"].update(epochs=1, widths=[8, 16], feature_dim=32)
-    params["evaluate"].update(iwae_k=4, iwae_images=16, num_samples=32, probe_images=64, tsne_points=40,
-                              interp_pairs=2, interp_steps=3)
+    params["evaluate"].update(iwae_k=4, iwae_images=16, num_samples=32, prior_samples=8, split_images=64,
+                              validation_images=32, tsne_points=40, interp_pairs=2, interp_steps=3)
+    params["text"].update(encoder="hashed", hashed_dim=256, epochs=2, hidden_dim=32, eval_prompts=16, cpus_per_worker=1)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh("git", "init", "-q", cwd=dest)
     sh("git", "add", "-A", cwd=dest)
@@ -57,6 +58,7 @@ def repo_copy(tmp_path) -> Path:
 def test_dvc_repro_twice_then_push(repo_copy):
     first = sh("dvc", "repro", cwd=repo_copy)
     assert "Running stage 'prepare'" in first.stdout and "Running stage 'train@vae'" in first.stdout
+    assert "Running stage 'train_text@vae'" in first.stdout and "Running stage 'evaluate_text@vae'" in first.stdout
     prepared = repo_copy / "data" / "prepared" / "shapes"
     assert (prepared / "manifest.json").is_file() and (prepared / "train.parquet").is_file()
     assert "/shapes" in (repo_copy / "data" / "prepared" / ".gitignore").read_text()
