@@ -8,6 +8,7 @@ subprocess on a free 127.0.0.1 port (real Ray, real Serve, real HTTP), stopped a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -118,34 +119,40 @@ def server(registry):
     port = free_port()
     config_path = tmp / "config.yaml"
     config_path.write_text(yaml.safe_dump(serve_config(registry)))
+    with running_serve(["--config", str(config_path), "--port", str(port), "--num-cpus", "2",
+                        "--params", str(registry["params"]), "--params-store", "--demo", str(tmp / "demo")],
+                       port, tmp / "serve.log") as url:
+        yield url
+
+
+@contextlib.contextmanager
+def running_serve(args: list[str], port: int, log_path: Path):
+    """``latentforge serve <args>`` in a subprocess (its output in ``log_path``) until it answers
+    ``/readyz``; yields the base URL and stops it with Ctrl-C (SIGINT; SIGKILL after 60 s)."""
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    log = (tmp / "serve.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.cli", "serve", "--config", str(config_path), "--port", str(port),
-         "--num-cpus", "2", "--params", str(registry["params"]), "--params-store", "--demo", str(tmp / "demo")],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"latentforge serve exited with {proc.returncode}:\n{(tmp / 'serve.log').read_text()[-4000:]}")
-            try:
-                if requests.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the app was not ready in 240 s:\n{(tmp / 'serve.log').read_text()[-4000:]}")
-            time.sleep(1)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGINT)  # `latentforge serve` shuts Serve and its Ray runtime down
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", *args],
+                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
         try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+            deadline = time.monotonic() + 240
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"latentforge serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+                try:
+                    if requests.get(f"{url}/readyz", timeout=5).status_code == 200:
+                        break
+                except requests.RequestException:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the app was not ready in 240 s:\n{log_path.read_text()[-4000:]}")
+                time.sleep(1)
+            yield url
+        finally:
+            proc.send_signal(signal.SIGINT)  # `latentforge serve` shuts Serve and its Ray runtime down
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

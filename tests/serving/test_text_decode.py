@@ -4,11 +4,6 @@ under test, not the model's quality) served beside its decoder."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +11,7 @@ import requests
 import yaml
 
 from tests.pipelines.conftest import REPO
-from tests.serving.conftest import free_port, serve_config
+from tests.serving.conftest import free_port, running_serve, serve_config
 
 TEXT = "vae-shapes-text"
 
@@ -67,36 +62,9 @@ def text_server(registry, text_model, tmp_path_factory):
     template = next(d for d in app["deployments"] if d["name"] == "vae-shapes")
     app["deployments"] = [d for d in app["deployments"] if d["name"] in ("ingress", "vae-shapes")] + [{**template, "name": TEXT}]
     (tmp / "config.yaml").write_text(yaml.safe_dump(config))
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    log = (tmp / "serve.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.cli", "serve", "--config", str(tmp / "config.yaml"), "--port", str(port), "--num-cpus", "2"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"latentforge serve exited with {proc.returncode}:\n{(tmp / 'serve.log').read_text()[-4000:]}")
-            try:
-                if requests.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the app was not ready in 240 s:\n{(tmp / 'serve.log').read_text()[-4000:]}")
-            time.sleep(1)
+    with running_serve(["--config", str(tmp / "config.yaml"), "--port", str(port), "--num-cpus", "2"],
+                       port, tmp / "serve.log") as url:
         yield url
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 def _post(url: str, body: dict, name: str = TEXT) -> requests.Response:
