@@ -72,14 +72,18 @@ def cmd_register(args: argparse.Namespace) -> int:
     if decision is not None:
         print(f"{version.name} version {decision['version']}: {decision['reason']}")
     if args.record:
-        # A small receipt of what was registered: the DVC `register` stage's output.
-        record = {"name": version.name, "version": int(version.version), "run_id": version.run_id,
-                  "primary_metric": metric, "primary_metric_value": value, "promotion": decision}
-        args.record.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.record.with_name(f".{args.record.name}.tmp")
-        tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
-        tmp.replace(args.record)
+        _write_record(args.record, {"name": version.name, "version": int(version.version), "run_id": version.run_id,
+                                    "primary_metric": metric, "primary_metric_value": value, "promotion": decision})
     return 0
+
+
+def _write_record(path: Path, record: dict) -> None:
+    """A small receipt of what was registered (the DVC `register`/`register_text` stages' output),
+    written whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(path)
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
@@ -157,12 +161,34 @@ def cmd_register_text(args: argparse.Namespace) -> int:
     version = register_text(export_dir, uri, name=args.name)
     print(f"registered {version.name} version {version.version} (decoder {version.tags['decoder_name']} "
           f"version {version.tags['decoder_version']})")
+    decision = None
     if args.champion:
         from pipelines.registry import promote
 
         decision = promote(version.name, uri, version=int(version.version))
         print(f"{version.name} version {decision['version']}: {decision['reason']}")
+    if args.record:
+        _write_record(args.record, {"name": version.name, "version": int(version.version), "run_id": version.run_id,
+                                    "decoder_name": version.tags["decoder_name"],
+                                    "decoder_version": version.tags["decoder_version"], "promotion": decision})
     return 0
+
+
+def text_models_with_champion(uri: str, decoders: list[str]) -> list[dict]:
+    """``<decoder>-text`` models that have a ``champion`` (what ``dvc repro``'s register_text stages
+    make), each bound to the ``<decoder>@champion`` it must have been trained against."""
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.registry import connect
+
+    client, found = connect(uri), []
+    for decoder in decoders:
+        try:
+            client.get_model_version_by_alias(f"{decoder}-text", "champion")
+        except MlflowException:
+            continue
+        found.append({"name": f"{decoder}-text", "alias": "champion", "decoder": f"{decoder}@champion"})
+    return found
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -180,6 +206,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             uri = tracking_uri_from_params(params)
         families = args.model or (section(params, "train").get("families") if args.params_store else None)
         models = [model_name(params, family) for family in families] if families else None
+        if models and args.params_store:
+            models += text_models_with_champion(uri, models)
     config = resolve_config(args.config, tracking_uri=uri, models=models, host=args.host, port=args.port)
 
     def ready(url: str) -> None:
@@ -299,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-dir", type=Path, help="the export-text directory (default: artifacts/export-text/<family>)")
     p.add_argument("--name", help="registered model name (default: <family>-<data name>-text)")
     p.add_argument("--champion", action="store_true", help="then make this version the champion (what serving loads)")
+    p.add_argument("--record", type=Path, help="also write what was registered (name, version, decoder) as JSON here")
     p.set_defaults(func=cmd_register_text)
 
     p = stage("serve", "serve the registered models over HTTP: Ray Serve + ONNX Runtime (serving/config.yaml)")

@@ -18,6 +18,7 @@ wrong before Ray starts; :func:`run_text_training` then
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -105,8 +106,10 @@ def minilm_dir() -> Path:
     return path
 
 
+@functools.lru_cache(maxsize=1)
 def load_minilm():
-    """The SentenceTransformer, loaded offline from the wheel's files."""
+    """The SentenceTransformer, loaded offline from the wheel's files (once per process: training,
+    the prompt grid and evaluation's prompt chunks all embed with it)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
@@ -599,7 +602,10 @@ def text_loop_per_worker(cfg: dict[str, Any]) -> None:
             print(f"[latentforge] text epoch {epoch + 1}/{cfg['epochs']}  "
                   + "  ".join(f"{k} {v:.4g}" for k, v in sorted(epoch_logs.items())), flush=True)
         if epoch + 1 < cfg["epochs"]:
-            ray.train.report({"epoch": epoch, **epoch_logs})
+            # No ray.train.report per epoch: a worker's result queue holds one report and the controller
+            # empties it every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so reporting these sub-second
+            # epochs made each one wait for the poll (2-3x the stage's time). The losses go to MLflow
+            # above; the one report, with the checkpoint, comes after the last epoch.
             continue
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None

@@ -30,8 +30,8 @@ def _grid(pngs: list[str], columns: int = 8) -> "Image.Image":
     return grid
 
 
-def _save(pngs: list[str], path: Path, scale: int = 4) -> Path:
-    grid = _grid(pngs)
+def _save(pngs: list[str], path: Path, scale: int = 4, columns: int = 8) -> Path:
+    grid = _grid(pngs, columns)
     grid.resize((grid.width * scale, grid.height * scale), resample=0).save(path)  # nearest: crisp pixels
     return path
 
@@ -87,6 +87,12 @@ def run_demo(url: str, images: np.ndarray, out_dir: str | Path, timeout: float =
                 ends = {k: {"latent": rng.standard_normal(model["latent"]["shape"]).round(4).tolist()} for k in "ab"}
             out = post(name, "interpolate", {**ends, "steps": 8})
             lines.append(f"{tag} interpolate: 8 steps -> {_save(out['images'], out_dir / f'{name}-interpolate.png')}")
+        if "text-decode" in can:
+            prompts = ["a large red circle in the center", "a small blue square in the top left",
+                       "a medium green triangle in the bottom right", "a large yellow diamond in the center"]
+            out = post(name, "text-decode", {"texts": prompts, "n": 4, "seed": 0})
+            path = _save([png for row in out["images"] for png in row], out_dir / f"{name}-text-decode.png", columns=4)
+            lines.append(f"{tag} text-decode: {len(prompts)} prompts x 4 images (one row each) -> {path}")
         if "anomaly-score" in can:
             out = post(name, "anomaly-score", {"images": pngs})
             scores = ", ".join(f"{s:.4f}" for s in out["scores"])

@@ -29,12 +29,13 @@ class ServeError(RuntimeError):
 def resolve_config(
     path: str | Path = DEFAULT_CONFIG,
     tracking_uri: str | None = None,
-    models: list[str] | None = None,
+    models: list[str | dict[str, Any]] | None = None,
     host: str | None = None,
     port: int | None = None,
 ) -> dict[str, Any]:
-    """The Serve config at ``path`` with these overrides applied to its first application; model
-    deployments that ``models`` adds get the options of the config's first model deployment."""
+    """The Serve config at ``path`` with these overrides applied to its first application. ``models``:
+    registered model names or ``args.models`` entries (``{"name", "alias", "decoder"}``); deployments
+    that it adds get the options of the config's first model deployment."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--config {path}: no such file")
@@ -49,11 +50,13 @@ def resolve_config(
     if args.get("tracking_uri"):
         args["tracking_uri"] = absolute_uri(args["tracking_uri"])  # the builder may run in another directory
     if models:
+        entries = [m if isinstance(m, dict) else {"name": m} for m in models]
+        names = [m["name"] for m in entries]
         template = next((d for d in app.get("deployments", []) if d.get("name") != "ingress"), None)
         known = {d.get("name") for d in app.get("deployments", [])}
-        args["models"] = [{"name": name} for name in models]
-        app["deployments"] = [d for d in app.get("deployments", []) if d.get("name") in {"ingress", *models}]
-        app["deployments"] += [{**template, "name": n} for n in models if n not in known and template]
+        args["models"] = entries
+        app["deployments"] = [d for d in app.get("deployments", []) if d.get("name") in {"ingress", *names}]
+        app["deployments"] += [{**template, "name": n} for n in names if n not in known and template]
     http = config.setdefault("http_options", {})
     if host:
         http["host"] = host

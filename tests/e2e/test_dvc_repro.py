@@ -81,6 +81,12 @@ def test_dvc_repro_twice_then_push(repo_copy):
     client = MlflowClient(f"sqlite:///{repo_copy / 'mlflow.db'}")
     assert client.get_model_version_by_alias("vae-shapes", "champion").version in (1, "1")
     assert "artifacts/evaluate/vae/plots" in sh("dvc", "plots", "show", "--json", cwd=repo_copy).stdout
+    # ... and the text model: trained against that champion, exported, registered as champion of its own
+    # model with the decoder version it must be served beside.
+    text = json.loads((repo_copy / "artifacts" / "register" / "vae-text.json").read_text())
+    assert text["name"] == "vae-shapes-text" and (text["decoder_name"], text["decoder_version"]) == ("vae-shapes", "1")
+    assert (repo_copy / "artifacts" / "export-text" / "vae" / "text_map.onnx").is_file()
+    assert client.get_model_version_by_alias("vae-shapes-text", "champion").tags["decoder_version"] == "1"
 
     second = sh("dvc", "repro", cwd=repo_copy)
     assert "Running stage" not in second.stdout
