@@ -39,6 +39,8 @@ class TextMapConfig(ModelConfig):
     num_codes: int = 0                   # kind codes: codebook size K (both levels)
     top_shape: tuple[int, ...] = ()      # kind codes: (ht, wt)
     bottom_shape: tuple[int, ...] = ()   # kind codes: (hb, wb)
+    code_rank: int = 0                   # kind codes: 0: one linear head per level; r > 0: an r-dim vector per
+                                         # position, then one (r -> K) map shared by the level's positions
     hidden_dim: int = 256
     layers: int = 2
     dropout: float = 0.1
@@ -52,6 +54,8 @@ class TextMapConfig(ModelConfig):
         require_choice(self, "kind", ("latent", "codes"))
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"TextMapConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.code_rank < 0:
+            raise ConfigError(f"TextMapConfig.code_rank must be >= 0, got {self.code_rank}")
         if self.sample_std < 0 or self.latent_weight < 0:
             raise ConfigError("TextMapConfig.sample_std and latent_weight must be >= 0")
         if self.kind == "latent" and (not self.latent_shape or min(self.latent_shape) <= 0):
@@ -84,9 +88,16 @@ class TextMap(PretrainedModel):
         self.trunk = nn.Sequential(*blocks)
         if c.kind == "latent":
             self.head = nn.Linear(width, _numel(c.latent_shape))
-        else:
+        elif c.code_rank == 0:
             self.top_head = nn.Linear(width, _numel(c.top_shape) * c.num_codes)
             self.bottom_head = nn.Linear(width, _numel(c.bottom_shape) * c.num_codes)
+        else:
+            # Low rank: the full head is hidden x (positions * K), 21M weights for a 16x16 + 8x8 map of 128
+            # codes, and dominated training time; this one is hidden x (positions * r) + r x K.
+            self.top_head = nn.Linear(width, _numel(c.top_shape) * c.code_rank)
+            self.bottom_head = nn.Linear(width, _numel(c.bottom_shape) * c.code_rank)
+            self.top_codes = nn.Linear(c.code_rank, c.num_codes)
+            self.bottom_codes = nn.Linear(c.code_rank, c.num_codes)
 
     def forward(self, embedding: Tensor) -> Tensor | tuple[Tensor, Tensor]:  # type: ignore[override]
         """embedding (B, E) -> latent (B, *latent_shape), or (top (B, ht, wt, K), bottom (B, hb, wb, K)) logits."""
@@ -96,8 +107,12 @@ class TextMap(PretrainedModel):
         h = self.trunk(embedding)
         if c.kind == "latent":
             return self.head(h).view(-1, *c.latent_shape)
-        top = self.top_head(h).view(-1, *c.top_shape, c.num_codes)
-        bottom = self.bottom_head(h).view(-1, *c.bottom_shape, c.num_codes)
+        if c.code_rank == 0:
+            top = self.top_head(h).view(-1, *c.top_shape, c.num_codes)
+            bottom = self.bottom_head(h).view(-1, *c.bottom_shape, c.num_codes)
+        else:
+            top = self.top_codes(self.top_head(h).view(-1, *c.top_shape, c.code_rank))
+            bottom = self.bottom_codes(self.bottom_head(h).view(-1, *c.bottom_shape, c.code_rank))
         return top, bottom
 
     def loss(self, decoder: PretrainedModel, batch: dict[str, Tensor]) -> LossOutput:

@@ -46,6 +46,7 @@ TEXT_SCHEMA: dict[str, Any] = {
     "lr": (int, float),
     "hidden_dim": int,
     "layers": int,
+    "code_rank": int,
     "dropout": (int, float),
     "sample_std": (int, float),
     "latent_weight": (int, float),
@@ -382,7 +383,8 @@ def run_text_training(job: TextJob, echo: Callable[[str], None] = print) -> dict
     arrays, info = prepare_arrays(job, echo)
     decoder = PretrainedModel.from_pretrained(job.decoder_dir)
     t = job.text
-    text_map = text_map_for(decoder, arrays["embedding"].shape[1], hidden_dim=t["hidden_dim"], layers=t["layers"],
+    codes = {"code_rank": t["code_rank"]} if hasattr(decoder, "decode_indices") else {}
+    text_map = text_map_for(decoder, arrays["embedding"].shape[1], hidden_dim=t["hidden_dim"], layers=t["layers"], **codes,
                             dropout=float(t["dropout"]), sample_std=float(t["sample_std"]),
                             latent_weight=float(t["latent_weight"]), lr=float(t["lr"]), seed=t["seed"])
 

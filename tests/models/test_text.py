@@ -9,17 +9,20 @@ from models import MODELS, ConfigError
 from models.text import TextMap, TextMapConfig, freeze, sample_codes, state_digest, text_map_for
 
 
-@pytest.mark.parametrize("family", ["vae", "vqvae2", "gan", "conv_ae"])
-def test_text_map_fits_the_decoder_and_trains_through_it(family, tmp_path):
+@pytest.mark.parametrize("family, overrides", [("vae", {}), ("vqvae2", {}), ("vqvae2", {"code_rank": 4}), ("gan", {}),
+                                               ("conv_ae", {})])
+def test_text_map_fits_the_decoder_and_trains_through_it(family, overrides, tmp_path):
     torch.manual_seed(0)
     cls = MODELS[family]
     decoder = freeze(cls(cls.config_class.tiny()))
     digest = state_digest(decoder)
-    text_map = text_map_for(decoder, 24, hidden_dim=16)
+    text_map = text_map_for(decoder, 24, hidden_dim=16, **overrides)
     emb = torch.randn(5, 24)
     x = torch.rand(5, decoder.config.channels, decoder.config.image_size, decoder.config.image_size)
     if text_map.config.kind == "codes":
         top, bottom = text_map(emb)
+        if overrides.get("code_rank"):  # low rank: a small per-position vector, one shared map to the K logits
+            assert text_map.bottom_head.out_features == 4 * decoder.bottom_shape[0] * decoder.bottom_shape[1]
         assert top.shape == (5, *decoder.top_shape, decoder.config.num_codes)
         assert bottom.shape == (5, *decoder.bottom_shape, decoder.config.num_codes)
         batch = {"embedding": emb, "top": decoder.encode(x).indices[0], "bottom": decoder.encode(x).indices[1]}
@@ -43,6 +46,8 @@ def test_bad_configs_name_the_field():
         TextMapConfig(kind="latent")
     with pytest.raises(ConfigError, match="num_codes"):
         TextMapConfig(kind="codes", top_shape=(2, 2), bottom_shape=(4, 4))
+    with pytest.raises(ConfigError, match="code_rank"):
+        TextMapConfig(kind="codes", num_codes=8, top_shape=(2, 2), bottom_shape=(4, 4), code_rank=-1)
     with pytest.raises(ConfigError, match="kind"):
         TextMapConfig(kind="pixels", latent_shape=(4,))
     with pytest.raises(ValueError, match="embedding must have shape"):
