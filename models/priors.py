@@ -10,8 +10,11 @@ Two ways to run the same network:
 * ``forward(codes, cond)`` -> logits for all L positions at once (teacher forcing; training, scoring,
   and the simplest graph to export);
 * ``step_logits(prev_token, position, cache, cond_emb)`` -> logits of one position plus the updated
-  cache. The cache is one fixed-size tensor and the step has no in-place op, no data-dependent shape and
-  no random op, so it exports to ONNX as is; sampling noise is an input of :func:`pick_tokens`.
+  cache; ``step_kv`` -> the logits plus only this position's keys and values, which the caller writes
+  into its cache (the exported step graph: reading the cache instead of copying it every position is
+  what lets a batch of samples cost much less than the samples one by one). The cache is one
+  fixed-size tensor and the steps have no in-place op, no data-dependent shape and no random op, so
+  they export to ONNX as they are; sampling noise is an input of :func:`pick_tokens`.
 
 ``sample`` loops ``step_logits`` (one position per call, O(L) work per position instead of a full
 O(L^2) forward) over a batch of sequences at once.
@@ -70,17 +73,25 @@ class _Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
     def step(self, x: Tensor, position: Tensor, k_cache: Tensor, v_cache: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """One position: x (B, 1, D); caches (B, H, L, hd). Returns (x, k_cache, v_cache) updated."""
+        """One position: x (B, 1, D); caches (B, H, L, hd) holding positions < ``position`` (later slots
+        are ignored). Returns (x, k, v): this position's output and its key and value (B, H, 1, hd).
+
+        The caches are only read: attention runs over the cached slots and this position's own key
+        as two parts of one softmax, so the caller writes (k, v) into its cache in place, and an
+        exported step outputs (B, H, 1, hd) instead of copying the whole cache every position.
+        """
         q, k, v = self._qkv(x)
+        scale = q.shape[-1] ** -0.5
         slots = torch.arange(k_cache.shape[2], device=x.device)
-        # Functional write of this position's key/value (no in-place op: the step stays a pure graph).
-        here = (slots == position).view(1, 1, -1, 1)
-        k_cache = torch.where(here, k, k_cache)
-        v_cache = torch.where(here, v, v_cache)
-        visible = (slots <= position).view(1, 1, 1, -1)
-        y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=visible)
+        # (B, H, L, 1) = K @ q^T: the big operand is read as it is (no transpose of the cache).
+        cached = torch.matmul(k_cache, q.transpose(-1, -2)) * scale
+        cached = cached.masked_fill((slots >= position).view(1, 1, -1, 1), float("-inf"))
+        own = (q * k).sum(-1, keepdim=True) * scale                    # (B, H, 1, 1)
+        top = torch.maximum(cached.amax(dim=2, keepdim=True), own)      # finite: own always is
+        w_cached, w_own = torch.exp(cached - top), torch.exp(own - top)
+        y = (torch.matmul(w_cached.transpose(-1, -2), v_cache) + w_own * v) / (w_cached.sum(2, keepdim=True) + w_own)
         x = x + self.proj(y.transpose(1, 2).reshape(x.shape))
-        return x + self.mlp(self.ln2(x)), k_cache, v_cache
+        return x + self.mlp(self.ln2(x)), k, v
 
 
 class CodePrior(nn.Module):
@@ -200,6 +211,18 @@ class CodePrior(nn.Module):
         the previous step; ``cond_emb``: :meth:`embed_condition` of the condition map (conditional prior
         only), computed once per sequence. Step i with the true token i - 1 gives ``forward(...)[:, i]``.
         """
+        if not isinstance(position, Tensor):
+            position = torch.tensor(position, device=cache.device)
+        logits, kv = self.step_kv(prev_token, position, cache, cond_emb)
+        here = (torch.arange(self.length, device=cache.device) == position).view(1, 1, 1, 1, -1, 1)
+        return logits, torch.where(here, kv, cache)
+
+    def step_kv(
+        self, prev_token: Tensor, position: Tensor | int, cache: Tensor, cond_emb: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`step_logits` without the cache write: logits (B, num_codes) and this position's keys
+        and values (2, layers, B, heads, 1, dim // heads), for the caller to write into slot
+        ``position`` of its cache (what the exported step graph and the ONNX sampler do)."""
         # index_select with a 1-element index rather than pos_emb[position]: tensor indexing by a
         # 0-dim tensor is data-dependent for torch.export, a gather is not.
         if not isinstance(position, Tensor):
@@ -218,7 +241,7 @@ class CodePrior(nn.Module):
             keys.append(k)
             values.append(v)
         logits = self.head(self.ln_f(x)).squeeze(1)
-        return logits, torch.stack([torch.stack(keys), torch.stack(values)])
+        return logits, torch.stack([torch.stack(keys), torch.stack(values)])  # (2, layers, B, H, 1, hd)
 
     @torch.no_grad()
     def sample(

@@ -18,7 +18,9 @@ Graphs (inputs -> outputs; ``B`` is the dynamic batch):
 * ``generator``: ``noise`` (B, *noise_shape) standard normal -> ``images``: ``model.sample(noise=)``,
   for every family whose ``sample`` takes noise (all but vqvae2).
 * vqvae2: ``prior_top_step`` (``prev_token`` (B,), ``position`` () int64, ``cache``) -> ``logits``
-  (B, K), ``new_cache``; ``prior_bottom_step`` (the same plus ``cond_emb``); ``prior_bottom_condition``
+  (B, K), ``new_kv`` (2, layers, B, heads, 1, hd): this position's keys and values, which the sampler
+  writes into slot ``position`` of its cache (manifest ``step_output: new_kv``; exports before it output
+  the whole ``new_cache``); ``prior_bottom_step`` (the same plus ``cond_emb``); ``prior_bottom_condition``
   (``top_indices`` -> ``cond_emb``).
 """
 
@@ -135,7 +137,7 @@ class _PriorStep(nn.Module):
         self.prior = prior
 
     def forward(self, prev_token: Tensor, position: Tensor, cache: Tensor, cond_emb: Tensor | None = None):
-        return self.prior.step_logits(prev_token, position, cache, cond_emb)
+        return self.prior.step_kv(prev_token, position, cache, cond_emb)
 
 
 class _PriorCondition(nn.Module):
@@ -390,11 +392,13 @@ def _plan_vqvae2(model, images: Tensor, gen: torch.Generator, img: list) -> tupl
                 worst = max(worst, _check_prior_steps(name, prior, session, codes, cond, atol, label))
             return worst, {}
 
+        kv = [*cache[:4], 1, cache[5]]
         graphs.append(_Graph(name, _PriorStep(prior), inputs,
-                             {"logits": ([None, k], "float32"), "new_cache": (cache, "float32")},
+                             {"logits": ([None, k], "float32"), "new_kv": (kv, "float32")},
                              example, batch_axes, check_step))
         levels[level] = {
             "graph": name, "shape": [prior.height, prior.width], "length": prior.length, "cache_shape": cache,
+            "step_output": "new_kv",
         }
         if cond_real is not None:
             cond_graph = f"prior_{level}_condition"
@@ -545,7 +549,8 @@ def _compare(graph: str, session, feed: dict[str, Tensor], ref: dict[str, Tensor
 
 def _check_prior_steps(graph: str, prior, session, codes: Tensor, cond: Tensor | None, atol: float, label: str) -> float:
     """Teacher-force ``codes`` through every position with PyTorch's and ONNX's step, each on its own
-    cache (as sampling does); compare the logits and the caches at every step."""
+    cache (as sampling does: ONNX's ``new_kv`` written into its cache in place); compare the logits and
+    the caches at every step."""
     with _torch_threads(1):
         return _teacher_force(graph, prior, session, codes, cond, atol, label)
 
@@ -555,7 +560,7 @@ def _teacher_force(graph: str, prior, session, codes: Tensor, cond: Tensor | Non
     flat = codes.reshape(b, -1)
     cond_emb = prior.embed_condition(cond) if cond is not None else None
     cache = prior.new_cache(b)
-    onnx_cache = cache.numpy()
+    onnx_cache = cache.numpy().copy()  # written in place below
     worst = 0.0
     for i in range(prior.length):
         prev = flat[:, i - 1] if i else torch.zeros(b, dtype=torch.long)
@@ -563,8 +568,9 @@ def _teacher_force(graph: str, prior, session, codes: Tensor, cond: Tensor | Non
         feed = {"prev_token": prev.numpy(), "position": np.array(i, dtype=np.int64), "cache": onnx_cache}
         if cond_emb is not None:
             feed["cond_emb"] = cond_emb.numpy()
-        onnx_logits, onnx_cache = session.run(["logits", "new_cache"], feed)
-        for name, actual, expected in (("logits", onnx_logits, logits), ("new_cache", onnx_cache, cache)):
+        onnx_logits, onnx_kv = session.run(["logits", "new_kv"], feed)
+        onnx_cache[:, :, :, :, i : i + 1] = onnx_kv
+        for name, actual, expected in (("logits", onnx_logits, logits), ("new_kv", onnx_cache, cache)):
             diff = float(np.max(np.abs(actual.astype(np.float64) - expected.numpy().astype(np.float64))))
             if not np.isfinite(diff) or diff > atol:
                 raise ExportError(

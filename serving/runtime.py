@@ -127,11 +127,17 @@ def sample_codes(
         cache = np.zeros([total if d is None else d for d in spec["cache_shape"]], dtype=np.float32)
         prev = np.zeros(total, dtype=np.int64)
         out = np.empty((total, spec["length"]), dtype=np.int64)
+        writes_kv = spec.get("step_output") == "new_kv"  # older exports return the whole new cache
         for i in range(spec["length"]):
             feed = {"prev_token": prev, "position": np.array(i, dtype=np.int64), "cache": cache}
             if cond_emb is not None:
                 feed["cond_emb"] = cond_emb
-            logits, cache = step.run(["logits", "new_cache"], feed)
+            if writes_kv:
+                # Only this position's keys/values come back; write them into the cache in place.
+                logits, kv = step.run(["logits", "new_kv"], feed)
+                cache[:, :, :, :, i : i + 1] = kv
+            else:
+                logits, cache = step.run(["logits", "new_cache"], feed)
             noise = np.concatenate([rng.random((n, k), dtype=np.float32) for n, rng, _ in draws])
             prev = pick_tokens_np(logits, noise, temps, top_k)
             out[:, i] = prev

@@ -121,8 +121,8 @@ def _reference(model, graph: str, feed: dict) -> list[np.ndarray]:
         if graph == "prior_bottom_condition":
             return [model.prior_bottom.embed_condition(t["top_indices"]).numpy()]
         prior = model.prior_top if graph == "prior_top_step" else model.prior_bottom
-        logits, cache = prior.step_logits(t["prev_token"], t["position"], t["cache"], t.get("cond_emb"))
-        return [logits.numpy(), cache.numpy()]
+        logits, kv = prior.step_kv(t["prev_token"], t["position"], t["cache"], t.get("cond_emb"))
+        return [logits.numpy(), kv.numpy()]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -207,7 +207,9 @@ def test_manifest_describes_the_export(exported, data_dir):
     step = vq["graphs"]["prior_bottom_step"]
     assert list(step["inputs"]) == ["prev_token", "position", "cache", "cond_emb"]
     assert step["inputs"]["position"] == [] and step["inputs"]["cache"][2] is None
-    assert step["outputs"] == {"logits": [None, c["num_codes"]], "new_cache": step["inputs"]["cache"]}
+    cache = step["inputs"]["cache"]  # (2, layers, B, heads, L, hd); the step returns this position's slot only
+    assert step["outputs"] == {"logits": [None, c["num_codes"]], "new_kv": [*cache[:4], 1, cache[5]]}
+    assert vq["sampling"]["levels"]["bottom"]["step_output"] == "new_kv"
     assert vq["sampling"]["kind"] == "prior" and vq["sampling"]["order"] == ["top", "bottom"]
     assert vq["sampling"]["levels"]["bottom"]["condition_graph"] == "prior_bottom_condition"
 
