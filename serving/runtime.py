@@ -55,7 +55,8 @@ def load_sessions(
     """``(manifest, {graph name: onnxruntime.InferenceSession})`` of an export directory.
 
     ``providers``: ONNX Runtime execution providers (default: CPU); ``spin``, ``threads``: see
-    :func:`onnx_session`. Raises ``FileNotFoundError`` without a manifest and :class:`ExportError` for a
+    :func:`onnx_session` (``threads`` 0: one thread for the prior step graphs, one per core for the
+    others). Raises ``FileNotFoundError`` without a manifest and :class:`ExportError` for a
     manifest of another ``format_version``.
     """
     export_dir = Path(export_dir)
@@ -65,8 +66,12 @@ def load_sessions(
     manifest = json.loads(path.read_text())
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ExportError(f"{path}: format_version {manifest.get('format_version')!r}; this code reads {FORMAT_VERSION}")
+    # A prior step is ~100 tiny ops run hundreds of times per sample: with 2+ intra-op threads each op
+    # pays a thread hand-off that costs more than its work (and much more on a busy machine), so these
+    # graphs get one thread unless ``threads`` is set.
+    steps = {level["graph"] for level in (manifest.get("sampling") or {}).get("levels", {}).values()}
     sessions = {
-        name: onnx_session(export_dir / g["file"], providers, spin=spin, threads=threads)
+        name: onnx_session(export_dir / g["file"], providers, spin=spin, threads=threads or (1 if name in steps else 0))
         for name, g in manifest["graphs"].items()
     }
     return manifest, sessions
