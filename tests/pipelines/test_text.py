@@ -323,3 +323,30 @@ def test_paraphrases_are_never_training_captions(project):
     assert all(o and not any(c.startswith(o) for c in captions) for o in openings)
     source = (Path(__file__).parents[2] / "pipelines" / "text.py").read_text()
     assert not re.search(r"paraphrase", source)  # the training side never reads them
+
+
+def test_labelled_data_feeds_text_training_and_reports_class_accuracy(text_params, local_ray, tmp_path):
+    """A labelled data set without captions (digits): template captions feed f_tau, and evaluate-text
+    scores the generated images' class with the domain classifier's label head."""
+    from pipelines.classifier import run_classifier
+    from pipelines.prepare import prepare
+    from pipelines.text import resolve_text_job, run_text_training
+    from pipelines.text_eval import evaluate_text
+
+    _, base = text_params
+    params = json.loads(json.dumps(base))
+    params["data"].update(name="digits", source="digits", output_dir=str(tmp_path / "prepared"))
+    params["data"]["digits"]["image_size"] = 16
+    params["text"]["output_dir"] = str(tmp_path / "text")
+    params["classifier"].update(epochs=1, widths=[8], feature_dim=16, output_dir=str(tmp_path / "clf"))
+    prepare(params)
+    prepared = tmp_path / "prepared" / "digits"
+    captions = load_split(prepared, "train")["captions"]
+    assert all(c.strip() for c in captions) and "seven" in " ".join(captions)  # every image captioned from its class
+    summary = run_text_training(resolve_text_job(params, str(tiny_decoder("vae", prepared, tmp_path / "decoders"))),
+                                echo=lambda s: None)
+    assert summary["loss_last_epoch"] < summary["loss_first_epoch"]
+    run_classifier(params, echo=lambda s: None)
+    metrics = evaluate_text(summary["output_dir"], tmp_path / "clf" / "digits", prepared, count=30, echo=lambda s: None)
+    assert 0.0 <= metrics["seen_acc_label"] <= 1.0 and metrics["seen_per_factor"] == metrics["seen_acc_label"]
+    assert "heldout_per_factor" not in metrics  # no (shape, colour) combinations to hold out on digits

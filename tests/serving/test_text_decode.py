@@ -4,8 +4,6 @@ under test, not the model's quality) served beside its decoder."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import requests
 import yaml
@@ -125,3 +123,19 @@ def test_another_decoder_version_is_refused_at_load(registry, text_model):
     assert rt.describe()["decoder"]["version"] == 1
     with pytest.raises(DecoderMismatchError, match="trained against decoder vae-shapes version 1, not vae-shapes version 2"):
         load_text_runtime(text_model, "vae-shapes/2", registry["uri"], TEXT, "1", "champion")
+
+
+def test_params_store_serves_the_text_models_that_have_a_champion(registry, text_model):
+    """`latentforge serve --params-store` (the end of `make demo`) adds each family's `<decoder>-text`
+    champion, bound to `<decoder>@champion`, with serving/config.yaml's deployment options for it."""
+    from pipelines.cli import text_models_with_champion
+    from serving.launch import resolve_config
+
+    found = text_models_with_champion(registry["uri"], ["vae-shapes", "gan-shapes"])
+    assert found == [{"name": TEXT, "alias": "champion", "decoder": "vae-shapes@champion"}]  # gan has no text model
+    config = resolve_config(tracking_uri=registry["uri"], models=["vae-shapes", *found])
+    app = config["applications"][0]
+    assert app["args"]["models"] == [{"name": "vae-shapes"}, *found]
+    deployment = next(d for d in app["deployments"] if d["name"] == TEXT)
+    assert deployment["ray_actor_options"] == {"num_cpus": 0.1}  # config.yaml's own entry, not the template's
+    assert {d["name"] for d in app["deployments"]} == {"ingress", "vae-shapes", TEXT}
