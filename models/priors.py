@@ -211,8 +211,6 @@ class CodePrior(nn.Module):
         the previous step; ``cond_emb``: :meth:`embed_condition` of the condition map (conditional prior
         only), computed once per sequence. Step i with the true token i - 1 gives ``forward(...)[:, i]``.
         """
-        if not isinstance(position, Tensor):
-            position = torch.tensor(position, device=cache.device)
         logits, kv = self.step_kv(prev_token, position, cache, cond_emb)
         here = (torch.arange(self.length, device=cache.device) == position).view(1, 1, 1, 1, -1, 1)
         return logits, torch.where(here, kv, cache)
