@@ -18,6 +18,7 @@ import mlflow.pyfunc
 import numpy as np
 
 ARTIFACT_KEY = "text_export"
+PRIMARY_METRIC = "seen_per_factor"  # evaluate-text's figure for prompts of the aligned set
 
 
 class TextDecodeModel(mlflow.pyfunc.PythonModel):
@@ -66,6 +67,10 @@ def register_text(export_dir: str | Path, tracking_uri: str, name: str | None = 
         "decoder_name": str(decoder.get("name")), "decoder_version": str(decoder.get("version")),
         "decoder_sha256": str(decoder.get("sha256")), "text_encoder": manifest["text_encoder"]["kind"],
         "aligned_size": str(manifest["aligned"]["aligned_size"]),
+        # What `latentforge models` shows: the headline figure, per-factor accuracy on seen prompts.
+        "primary_metric": PRIMARY_METRIC,
+        **({"primary_metric_value": repr(manifest["metrics"][PRIMARY_METRIC])}
+           if isinstance((manifest.get("metrics") or {}).get(PRIMARY_METRIC), (int, float)) else {}),
         **{f"metric.{k}": repr(v) for k, v in manifest.get("metrics", {}).items()
            if isinstance(v, (int, float)) and not isinstance(v, bool)},
     }

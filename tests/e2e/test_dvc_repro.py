@@ -86,7 +86,10 @@ def test_dvc_repro_twice_then_push(repo_copy):
     text = json.loads((repo_copy / "artifacts" / "register" / "vae-text.json").read_text())
     assert text["name"] == "vae-shapes-text" and (text["decoder_name"], text["decoder_version"]) == ("vae-shapes", "1")
     assert (repo_copy / "artifacts" / "export-text" / "vae" / "text_map.onnx").is_file()
-    assert client.get_model_version_by_alias("vae-shapes-text", "champion").tags["decoder_version"] == "1"
+    text_champion = client.get_model_version_by_alias("vae-shapes-text", "champion")
+    assert text_champion.tags["decoder_version"] == "1"
+    seen = json.loads((repo_copy / "artifacts" / "evaluate" / "vae-text" / "metrics.json").read_text())["seen_per_factor"]
+    assert float(text_champion.tags["primary_metric_value"]) == seen  # evaluate_text's figure, shown by `models`
 
     second = sh("dvc", "repro", cwd=repo_copy)
     assert "Running stage" not in second.stdout

@@ -265,6 +265,8 @@ def test_register_text_version_names_its_decoder(exported, text_params):
     assert version.name == "vae-shapes-text" and version.tags["kind"] == "text"
     assert version.tags["decoder_sha256"] == manifest["decoder"]["sha256"]
     assert version.tags["decoder_version"] == "None"  # trained from a checkpoint directory, not a registered version
+    assert version.tags["primary_metric"] == "seen_per_factor"  # what `latentforge models` lists
+    assert manifest["metrics"] == {} and "primary_metric_value" not in version.tags  # exported before evaluation
     import mlflow
 
     mlflow.set_tracking_uri(uri)
