@@ -129,8 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=4.0, help="measuring time per cell (default 4)")
     parser.add_argument("--port", type=int, default=8123)
-    parser.add_argument("--out", type=Path, default=common.RESULTS / "serve_latency.json")
+    parser.add_argument("--batching-only", action="store_true",
+                        help="only the batching on/off comparison (writes serve_latency_batching.json unless --out)")
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    args.out = args.out or common.RESULTS / ("serve_latency_batching.json" if args.batching_only else "serve_latency.json")
 
     import ray
     import requests
@@ -198,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             "encode_1": {"http": http("encode", {"images": [png]}),
                          "onnx": lambda: runtime.encode(image), "torch": torch_encode},
         }
-        for workload, paths in workloads.items():
+        for workload, paths in ({} if args.batching_only else workloads).items():
             for path, call in paths.items():
                 for clients in CONCURRENCY:
                     cell = {"workload": workload, "path": path, "concurrency": clients,
@@ -229,10 +232,12 @@ def main(argv: list[str] | None = None) -> int:
             return next(c[key] for c in result["cells"]
                         if (c["workload"], c["path"], c["concurrency"]) == (workload, path, clients))
 
-        result["summary"] = {
+        result["summary"] = {} if args.batching_only else {
             "onnx_vs_torch_speedup_generate_n1_c1": figure("generate_n1", "torch", 1, "p50_ms") / figure("generate_n1", "onnx", 1, "p50_ms"),
             "onnx_vs_torch_speedup_encode_1_c1": figure("encode_1", "torch", 1, "p50_ms") / figure("encode_1", "onnx", 1, "p50_ms"),
             "http_generate_n1_p50_ms_c1": figure("generate_n1", "http", 1, "p50_ms"),
+        }
+        result["summary"] |= {
             **{f"batching_on_over_off_throughput_c32_{name}": b["on"]["throughput_rps"] / b["off"]["throughput_rps"]
                for name, b in result["batching"].items()},
         }

@@ -17,7 +17,10 @@ no request waits for or fails on a load. The same swap runs when ``user_config``
 deploy`` with another ``version``/``alias``: Serve calls ``reconfigure`` on the live replicas).
 
 **Batching.** Graph calls from concurrent requests meet in ``serve.batch`` methods, grouped by version
-and graph, and run as one ONNX Runtime call (``max_batch_size`` 1 turns batching off).
+and graph, and run as one ONNX Runtime call (``max_batch_size`` 1 turns batching off). Serve closes a
+batch when its wait ends even while the previous batch still runs, so under load the batches that
+queue behind a running one stay small (1-2 requests of 32 waiting, measured); a :class:`_Coalescer`
+therefore merges every batch that waits into the next ONNX Runtime call, up to ``max_batch_size``.
 **Overload**: ``max_ongoing_requests`` and ``max_queued_requests`` (config.yaml) bound every queue; a
 request beyond them gets a 503 at once.
 """
@@ -33,7 +36,7 @@ import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -121,6 +124,44 @@ def _sample_grouped(draws: list[tuple[ModelRuntime, int, int, float, int | None]
     return results
 
 
+class _Coalescer:
+    """Runs ``fn(items) -> results`` one call at a time in a worker thread; whatever is submitted while
+    a call runs waits, and the waiting items go together into the next call (at most ``max_items``).
+
+    ``submit`` returns one future per item at once, without waiting for the call: a ``serve.batch``
+    method returns them, so Serve's batch slot is free again and the next batch it forms joins the
+    queue here instead of waiting for the slot with its contents fixed."""
+
+    def __init__(self, fn: Callable[[list], list], max_items: int):
+        self.fn, self.max_items = fn, max_items
+        self.waiting: list[tuple[Any, asyncio.Future]] = []
+        self.drain_task: asyncio.Task | None = None
+
+    def submit(self, items: list) -> list[asyncio.Future]:
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in items]
+        self.waiting.extend(zip(items, futures))
+        if self.drain_task is None or self.drain_task.done():
+            self.drain_task = loop.create_task(self._drain())
+        return futures
+
+    async def _drain(self) -> None:
+        while self.waiting:
+            size = max(1, self.max_items)
+            take, self.waiting = self.waiting[:size], self.waiting[size:]
+            try:
+                results = await asyncio.to_thread(self.fn, [item for item, _ in take])
+            except Exception as exc:  # every caller of this call sees its error, the next call goes on
+                results = [exc] * len(take)
+            for (_, future), result in zip(take, results):
+                if future.done():  # the caller went away
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+
+
 @serve.deployment(max_ongoing_requests=32, max_queued_requests=64)
 class ModelServer:
     """One registered model in ONNX Runtime. ``user_config``: ``alias``/``version`` (which version),
@@ -133,6 +174,8 @@ class ModelServer:
         self._cache = Path(tempfile.mkdtemp(prefix=f"latentforge-{name}-"))
         self._poller: asyncio.Task | None = None
         self._lock = asyncio.Lock()
+        self._graph_calls = _Coalescer(_run_grouped, 16)
+        self._draws = _Coalescer(_sample_grouped, 16)
 
     async def reconfigure(self, user_config: dict) -> None:
         self.settings = dict(user_config)
@@ -140,6 +183,7 @@ class ModelServer:
         self._batch.set_batch_wait_timeout_s(float(self.settings.get("batch_wait_timeout_s", 0.005)))
         self._sample.set_max_batch_size(int(self.settings.get("max_batch_size", 16)))
         self._sample.set_batch_wait_timeout_s(float(self.settings.get("batch_wait_timeout_s", 0.005)))
+        self._graph_calls.max_items = self._draws.max_items = int(self.settings.get("max_batch_size", 16))
         await self.refresh()
         if self._poller is None and float(self.settings.get("poll_interval_s", 0)) > 0:
             self._poller = asyncio.get_running_loop().create_task(self._poll())
@@ -182,11 +226,19 @@ class ModelServer:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _batch(self, calls: list) -> list:
-        return await asyncio.to_thread(_run_grouped, calls)
+        return self._graph_calls.submit(calls)  # futures: see _Coalescer
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _sample(self, draws: list) -> list:
-        return await asyncio.to_thread(_sample_grouped, draws)
+        return self._draws.submit(draws)
+
+    async def _run_graph(self, call: tuple) -> dict:
+        """One request's graph call ``(runtime, graph, feeds)``, batched with the others'."""
+        return await (await self._batch(call))
+
+    async def _draw(self, draw: tuple) -> np.ndarray:
+        """One request's VQ-VAE-2 draw ``(runtime, n, seed, temperature, top_k)``, batched with the others'."""
+        return await (await self._sample(draw))
 
     # -- what the ingress calls -----------------------------------------------------------------------
 
@@ -213,17 +265,17 @@ class ModelServer:
         """A ``run(graph, feeds)`` for :class:`ModelRuntime` that goes through the batch."""
 
         async def run(graph: str, feeds: dict) -> dict:
-            return await self._batch((rt, graph, feeds))
+            return await self._run_graph((rt, graph, feeds))
 
         return run
 
     async def _generate(self, rt: ModelRuntime, p: dict) -> dict:
         n, seed, temperature = p["n"], p["seed"], p["temperature"]
         if rt.manifest["sampling"]["kind"] == "prior":
-            images = await self._sample((rt, n, seed, temperature, p.get("top_k")))
+            images = await self._draw((rt, n, seed, temperature, p.get("top_k")))
         else:
             noise = rt.noise(n, np.random.default_rng(seed), temperature)
-            images = np.clip((await self._batch((rt, "generator", {"noise": noise})))["images"], 0.0, 1.0)
+            images = np.clip((await self._run_graph((rt, "generator", {"noise": noise})))["images"], 0.0, 1.0)
         return {"seed": seed, "format": p["format"], "images": codec.encode_images(images, p["format"])}
 
     async def _text_decode(self, rt, p: dict) -> dict:
