@@ -635,6 +635,10 @@ class _RankZeroLogger:
 
         self.client = MlflowClient(cfg["tracking_uri"])
         self.run_id = cfg["run_id"]
+        # Metrics are logged asynchronously (MLflow's queue, flushed in close()): a synchronous
+        # log_batch is ~10+ ms of SQLAlchemy work on the training thread, which on a 1-thread worker
+        # with short steps cost ~10% of the samples/s (bench/train_throughput.py).
+        self.pending: list = []
         self.cfg = cfg
         # After a restart from a checkpoint the steps since that checkpoint come again; MLflow already
         # has them from the failed attempt, so skip up to the last step logged to keep steps monotonic.
@@ -656,7 +660,8 @@ class _RankZeroLogger:
         if step <= self.resume_step:
             return
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        self.pending.append(self.client.log_batch(
+            self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()], synchronous=False))
 
     def log_images(self, core, val_images, epoch) -> None:
         import torch
@@ -678,5 +683,8 @@ class _RankZeroLogger:
         core.train()
 
     def close(self) -> None:
+        for operation in self.pending:
+            operation.wait()  # raises if a batch failed to log
+        self.pending.clear()
         if self.monitor is not None:
             self.monitor.finish()
