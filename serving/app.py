@@ -130,12 +130,17 @@ class _Coalescer:
 
     ``submit`` returns one future per item at once, without waiting for the call: a ``serve.batch``
     method returns them, so Serve's batch slot is free again and the next batch it forms joins the
-    queue here instead of waiting for the slot with its contents fixed."""
+    queue here instead of waiting for the slot with its contents fixed.
 
-    def __init__(self, fn: Callable[[list], list], max_items: int):
-        self.fn, self.max_items = fn, max_items
+    ``linger_s``: under load (the last call merged several items) a call that is not full waits this
+    long first, since more requests are on their way; an idle replica runs a lone request at once, so
+    the wait costs nothing at concurrency 1."""
+
+    def __init__(self, fn: Callable[[list], list], max_items: int, linger_s: float = 0.0):
+        self.fn, self.max_items, self.linger_s = fn, max_items, linger_s
         self.waiting: list[tuple[Any, asyncio.Future]] = []
         self.drain_task: asyncio.Task | None = None
+        self.last_size = 0
 
     def submit(self, items: list) -> list[asyncio.Future]:
         loop = asyncio.get_running_loop()
@@ -148,7 +153,10 @@ class _Coalescer:
     async def _drain(self) -> None:
         while self.waiting:
             size = max(1, self.max_items)
+            if self.last_size > 1 and len(self.waiting) < size and self.linger_s > 0:
+                await asyncio.sleep(self.linger_s)
             take, self.waiting = self.waiting[:size], self.waiting[size:]
+            self.last_size = len(take)
             try:
                 results = await asyncio.to_thread(self.fn, [item for item, _ in take])
             except Exception as exc:  # every caller of this call sees its error, the next call goes on
@@ -179,11 +187,14 @@ class ModelServer:
 
     async def reconfigure(self, user_config: dict) -> None:
         self.settings = dict(user_config)
-        self._batch.set_max_batch_size(int(self.settings.get("max_batch_size", 16)))
-        self._batch.set_batch_wait_timeout_s(float(self.settings.get("batch_wait_timeout_s", 0.005)))
-        self._sample.set_max_batch_size(int(self.settings.get("max_batch_size", 16)))
-        self._sample.set_batch_wait_timeout_s(float(self.settings.get("batch_wait_timeout_s", 0.005)))
-        self._graph_calls.max_items = self._draws.max_items = int(self.settings.get("max_batch_size", 16))
+        size = int(self.settings.get("max_batch_size", 16))
+        for method in (self._batch, self._sample):
+            # No wait in serve.batch: the coalescer waits, and only under load (see _Coalescer).
+            method.set_max_batch_size(size)
+            method.set_batch_wait_timeout_s(0.0)
+        for coalescer in (self._graph_calls, self._draws):
+            coalescer.max_items = size
+            coalescer.linger_s = float(self.settings.get("batch_wait_timeout_s", 0.005))
         await self.refresh()
         if self._poller is None and float(self.settings.get("poll_interval_s", 0)) > 0:
             self._poller = asyncio.get_running_loop().create_task(self._poll())
@@ -224,11 +235,11 @@ class ModelServer:
 
     # -- batched graph calls --------------------------------------------------------------------------
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _batch(self, calls: list) -> list:
         return self._graph_calls.submit(calls)  # futures: see _Coalescer
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _sample(self, draws: list) -> list:
         return self._draws.submit(draws)
 

@@ -80,3 +80,28 @@ def test_a_cancelled_caller_does_not_break_the_others():
         return await b
 
     assert asyncio.run(main()) == "b"
+
+
+def test_under_load_a_call_lingers_for_more_items_but_an_idle_one_runs_at_once():
+    calls: list[list[int]] = []
+
+    def fn(items):
+        calls.append(list(items))
+        return items
+
+    async def main():
+        c = _Coalescer(fn, max_items=8, linger_s=0.2)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        assert await c.submit([1])[0] == 1  # idle: no linger
+        idle_seconds = loop.time() - t0
+        await asyncio.gather(*c.submit([2, 3]))  # a call of 2: the replica is under load now
+        first = c.submit([4])
+        await asyncio.sleep(0.05)  # arrives while the next call lingers
+        second = c.submit([5])
+        await asyncio.gather(first[0], second[0])
+        return idle_seconds
+
+    idle_seconds = asyncio.run(main())
+    assert idle_seconds < 0.1
+    assert calls == [[1], [2, 3], [4, 5]]
