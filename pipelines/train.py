@@ -635,9 +635,8 @@ class _RankZeroLogger:
 
         self.client = MlflowClient(cfg["tracking_uri"])
         self.run_id = cfg["run_id"]
-        # Metrics are logged asynchronously (MLflow's queue, flushed in close()): a synchronous
-        # log_batch is ~10+ ms of SQLAlchemy work on the training thread, which on a 1-thread worker
-        # with short steps cost ~10% of the samples/s (bench/train_throughput.py).
+        # Metrics are logged asynchronously (MLflow's queue, waited for in close()): a synchronous
+        # log_batch is ~10 ms of SQLAlchemy work on sqlite, which would stall the training thread.
         self.pending: list = []
         self.cfg = cfg
         # After a restart from a checkpoint the steps since that checkpoint come again; MLflow already

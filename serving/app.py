@@ -20,7 +20,8 @@ deploy`` with another ``version``/``alias``: Serve calls ``reconfigure`` on the 
 and graph, and run as one ONNX Runtime call (``max_batch_size`` 1 turns batching off). Serve closes a
 batch when its wait ends even while the previous batch still runs, so under load the batches that
 queue behind a running one stay small (1-2 requests of 32 waiting, measured); a :class:`_Coalescer`
-therefore merges every batch that waits into the next ONNX Runtime call, up to ``max_batch_size``.
+therefore merges every batch that waits into the next ONNX Runtime call, up to ``max_batch_size``,
+and under load waits ``batch_wait_timeout_s`` for more when the call is not full.
 **Overload**: ``max_ongoing_requests`` and ``max_queued_requests`` (config.yaml) bound every queue; a
 request beyond them gets a 503 at once.
 """

@@ -50,8 +50,8 @@ class AppConfig(BaseModel):
     often each replica asks the registry where its alias points (0: never; a moved alias is then
     picked up only on redeploy); ``max_batch_size``: requests per ONNX Runtime call in the model
     replicas (1: no batching); ``batch_wait_timeout_s``: how long a call that is not full waits for
-    more requests while the replica is under load (never at concurrency 1); ``intra_op_threads``: ONNX Runtime threads per session (0:
-    one per core).
+    more requests while the replica is under load (never at concurrency 1); ``intra_op_threads``:
+    ONNX Runtime threads per session (0: one per core).
     """
 
     model_config = ConfigDict(extra="forbid")
