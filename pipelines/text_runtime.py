@@ -95,11 +95,36 @@ class HashedTextEncoder:
         return out / np.maximum(norms, 1e-8)
 
 
+_POOLED_WORD = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*")
+
+
+def words_of(text: str) -> list[str]:
+    """The words ``pooling: words`` embeds one by one: lower-cased runs of letters and digits (``mid-sized``
+    and ``don't`` stay whole); a text with none is its own single word."""
+    return _POOLED_WORD.findall(text.lower()) or [text.strip() or text]
+
+
+def pool_words(texts: Sequence[str], encode: Any) -> np.ndarray:
+    """(N, D): the mean of the unit embeddings of each text's words (``encode(list of words)`` -> (V, D)),
+    L2-normalised. A bag of words: order is lost, but so is the sentence's style, which the pooled
+    sentence embedding mixes into every attribute (paraphrases lose size and position in it)."""
+    per_text = [words_of(t) for t in texts]
+    vocab = sorted({w for ws in per_text for w in ws})
+    index = {w: i for i, w in enumerate(vocab)}
+    vectors = np.asarray(encode(vocab), dtype=np.float32)
+    out = np.stack([vectors[[index[w] for w in ws]].mean(0) for ws in per_text])
+    return (out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-8)).astype(np.float32)
+
+
 class OnnxMiniLMEncoder:
     """all-MiniLM-L6-v2 as an ONNX graph (``input_ids``, ``attention_mask`` -> mean-pooled, L2-normalised
-    ``sentence_embedding`` (N, 384)) with its tokenizer run by the ``tokenizers`` package; no PyTorch."""
+    ``sentence_embedding`` (N, 384)) with its tokenizer run by the ``tokenizers`` package; no PyTorch.
+    ``pooling="words"``: each text is the normalised mean of its words' embeddings (:func:`pool_words`)."""
 
-    def __init__(self, graph: str | Path, tokenizer: str | Path, max_length: int = 128):
+    def __init__(self, graph: str | Path, tokenizer: str | Path, max_length: int = 128, pooling: str = "sentence"):
+        if pooling not in ("sentence", "words"):
+            raise ValueError(f"MiniLM pooling must be sentence or words, got {pooling!r}")
+        self.pooling = pooling
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -110,6 +135,11 @@ class OnnxMiniLMEncoder:
         self.dim = int(self.session.get_outputs()[0].shape[-1])
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
+        if self.pooling == "words":
+            return pool_words(texts, self._sentences)
+        return self._sentences(texts)
+
+    def _sentences(self, texts: Sequence[str]) -> np.ndarray:
         enc = self.tokenizer.encode_batch(list(texts))
         ids = np.array([e.ids for e in enc], dtype=np.int64)
         mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
@@ -122,7 +152,8 @@ def encoder_from_spec(spec: dict[str, Any], directory: str | Path | None = None)
         return HashedTextEncoder(spec["dim"], spec["char_ngrams"], spec.get("char_weight", 0.5))
     if spec["kind"] == "minilm":
         directory = Path(directory or ".")
-        return OnnxMiniLMEncoder(directory / spec["graph"], directory / spec["tokenizer"], spec.get("max_length", 128))
+        return OnnxMiniLMEncoder(directory / spec["graph"], directory / spec["tokenizer"], spec.get("max_length", 128),
+                                 spec.get("pooling", "sentence"))
     raise ValueError(f"unknown text encoder kind {spec.get('kind')!r}")
 
 

@@ -62,3 +62,26 @@ def test_sample_codes_mode_and_seeded_draws():
     peaked = torch.full((2, 10), -1e4)
     peaked[:, 3] = 0
     assert torch.equal(sample_codes(peaked, 1.0, torch.Generator().manual_seed(2)), torch.tensor([3, 3]))
+
+
+def test_image_captioner_maps_images_to_unit_embeddings_and_learns_them():
+    from models.text import ImageCaptioner
+
+    torch.manual_seed(0)
+    g = ImageCaptioner(channels=3, embed_dim=16)
+    images = torch.zeros(2, 3, 16, 16)
+    images[0, 0], images[1, 2] = 1.0, 1.0  # a red and a blue image
+    targets = torch.nn.functional.normalize(torch.randn(2, 16), dim=-1)
+    out = g(images)
+    assert out.shape == (2, 16) and torch.allclose(out.norm(dim=-1), torch.ones(2), atol=1e-5)
+    with torch.no_grad():
+        before = float((g(images) * targets).sum(-1).mean())
+    opt = torch.optim.Adam(g.parameters(), 1e-2)
+    for _ in range(30):
+        loss = 1 - (g(images) * targets).sum(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = (g(images) * targets).sum(-1)
+    assert float(after.mean()) > max(before, 0.9)  # each image towards its own caption
+    assert float(g(images)[0] @ targets[1]) < float(after[0])

@@ -39,7 +39,8 @@ def text_params(project):
     root, params = project
     params = json.loads(json.dumps(params))
     params["text"].update(encoder="hashed", hashed_dim=256, aligned_fraction=0.5, epochs=4, batch_size=16,
-                          hidden_dim=32, num_workers=1, cpus_per_worker=1, output_dir=str(root / "text"), eval_prompts=40)
+                          hidden_dim=32, num_workers=1, cpus_per_worker=1, output_dir=str(root / "text"), eval_prompts=40,
+                          pseudo_ratio=1.0, captioner_epochs=5)
     params["evaluate"]["output_dir"] = str(root / "evaluate")
     return root, params
 
@@ -130,8 +131,10 @@ def test_finetune_decoder_option_trains_the_decoder_too(text_params, local_ray, 
     root, params = text_params
     prepared = Path(params["data"]["output_dir"]) / params["data"]["name"]
     model_dir = tiny_decoder("vae", prepared, tmp_path)
-    overrides = ["finetune_decoder=true", "epochs=2", f"output_dir={tmp_path / 'text'}"]
+    overrides = ["finetune_decoder=true", "epochs=2", "pseudo_ratio=0", f"output_dir={tmp_path / 'text'}"]
     summary = run_text_training(resolve_text_job(params, str(model_dir), overrides), echo=lambda s: None)
+    # pseudo_ratio 0: the aligned pairs only, nothing captioned
+    assert json.loads((Path(summary["output_dir"]) / "text.json").read_text())["aligned"]["pseudo_count"] == 0
     original = PretrainedModel.from_pretrained(model_dir).state_dict()
     tuned = PretrainedModel.from_pretrained(Path(summary["output_dir"]) / "decoder").state_dict()
     assert not summary["decoder_frozen"]
@@ -157,6 +160,11 @@ def test_train_text_logs_to_mlflow(trained, text_params):
     assert "images/prompts.png" in [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     record = json.loads((Path(summary["output_dir"]) / "text.json").read_text())
     assert record["decoder"]["source"] == "checkpoint" and record["aligned"]["aligned_size"] == summary["aligned_size"]
+    # pseudo_ratio 1 (the fixture): every other train image was captioned by the captioner, which fit the
+    # aligned captions better than chance (a random unit vector's cosine is ~0)
+    assert record["aligned"]["pseudo_count"] == job.manifest["splits"]["train"]["count"] - summary["aligned_size"]
+    assert run.data.params["pseudo_count"] == str(record["aligned"]["pseudo_count"])
+    assert 0.2 < run.data.metrics["captioner/cosine"] <= 1.0
 
 
 def test_train_text_cli_bad_input_is_one_line_exit_2(text_params, tmp_path, capsys):
@@ -171,6 +179,10 @@ def test_train_text_cli_bad_input_is_one_line_exit_2(text_params, tmp_path, caps
     assert "train-text: error:" in capsys.readouterr().err
     assert main(["train-text", "--params", str(path), "--model", "vae", "--set", "aligned_fraction=2"]) == 2
     assert "aligned_fraction" in capsys.readouterr().err
+    assert main(["train-text", "--params", str(path), "--model", "vae", "--set", "pseudo_ratio=-1"]) == 2
+    assert "pseudo_ratio" in capsys.readouterr().err
+    assert main(["train-text", "--params", str(path), "--model", "vae", "--set", "encoder=minilm-sentences"]) == 2
+    assert "text.encoder" in capsys.readouterr().err
 
 
 # -- export and the torch-free runtime ------------------------------------------------------------------

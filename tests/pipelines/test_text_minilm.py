@@ -25,3 +25,26 @@ def test_minilm_loads_offline_and_its_onnx_export_matches(tmp_path, monkeypatch)
     assert diff <= 1e-4
     onnx = encoder_from_spec({**spec, "graph": "text_encoder.onnx", "tokenizer": "tokenizer.json"}, tmp_path)
     assert np.abs(onnx.encode(texts) - emb).max() <= 1e-4
+
+    # minilm-words: the same graph, each text the normalised mean of its words' embeddings; the serving
+    # path (ONNX + tokenizers) gives what training (sentence-transformers) gave.
+    words_spec = encoder_spec({"encoder": "minilm-words", "hashed_dim": 1})
+    assert words_spec["pooling"] == "words" and spec["pooling"] == "sentence"
+    words = embed_texts(words_spec, texts)
+    assert words.shape == (3, 384) and np.allclose(np.linalg.norm(words, axis=1), 1.0, atol=1e-5)
+    onnx_words = encoder_from_spec({**words_spec, "graph": "text_encoder.onnx", "tokenizer": "tokenizer.json"}, tmp_path)
+    assert np.abs(onnx_words.encode(texts) - words).max() <= 1e-4
+    # a bag of words: word order does not matter, the words do
+    swapped = embed_texts(words_spec, ["center the in circle red large a", "a large blue circle in the center"])
+    assert np.abs(swapped[0] - words[0]).max() <= 1e-5 and swapped[1] @ words[0] < 0.99
+
+
+def test_words_of_splits_like_the_pooling_expects():
+    from pipelines.text_runtime import pool_words, words_of
+
+    assert words_of("Top-left: a Mid-sized, RED box!") == ["top-left", "a", "mid-sized", "red", "box"]
+    assert words_of("don't  stop") == ["don't", "stop"]
+    assert words_of("!!!") == ["!!!"]  # no words: the text is its own single word, never an empty mean
+    table = {"a": [1.0, 0.0], "b": [0.0, 1.0], "!!!": [1.0, 1.0]}
+    out = pool_words(["a b", "a a", "!!!"], lambda ws: np.array([table[w] for w in ws]))
+    assert np.allclose(out, [[2 ** -0.5, 2 ** -0.5], [1.0, 0.0], [2 ** -0.5, 2 ** -0.5]])
