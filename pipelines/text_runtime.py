@@ -27,6 +27,8 @@ FORMAT_VERSION = 1
 MAX_TEXTS = 16
 MAX_TEXT_CHARS = 256
 MAX_N = 16
+# Words f_tau's word attention reads per text (``pooling: attention``); later words are dropped.
+MAX_WORDS = 32
 
 
 class TextRequestError(ValueError):
@@ -94,6 +96,10 @@ class HashedTextEncoder:
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         return out / np.maximum(norms, 1e-8)
 
+    def inputs(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """f_tau's inputs: ``{"embedding": (N, dim)}``."""
+        return {"embedding": self.encode(texts)}
+
 
 _POOLED_WORD = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*")
 
@@ -116,14 +122,31 @@ def pool_words(texts: Sequence[str], encode: Any) -> np.ndarray:
     return (out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-8)).astype(np.float32)
 
 
+def word_set(texts: Sequence[str], encode: Any, max_words: int = MAX_WORDS) -> dict[str, np.ndarray]:
+    """f_tau's word-attention inputs: ``embedding`` (N, max_words, D), each word's unit embedding
+    (``encode(list of words)`` -> (V, D)) in order, zeros after the last, and ``mask`` (N, max_words)
+    float32, 1 for a word. Fixed width, so the exported graph needs one dynamic axis only."""
+    per_text = [words_of(t)[:max_words] for t in texts]
+    vocab = sorted({w for ws in per_text for w in ws})
+    index = {w: i for i, w in enumerate(vocab)}
+    vectors = np.asarray(encode(vocab), dtype=np.float32)
+    emb = np.zeros((len(texts), max_words, vectors.shape[1]), dtype=np.float32)
+    mask = np.zeros((len(texts), max_words), dtype=np.float32)
+    for i, ws in enumerate(per_text):
+        emb[i, : len(ws)] = vectors[[index[w] for w in ws]]
+        mask[i, : len(ws)] = 1.0
+    return {"embedding": emb, "mask": mask}
+
+
 class OnnxMiniLMEncoder:
     """all-MiniLM-L6-v2 as an ONNX graph (``input_ids``, ``attention_mask`` -> mean-pooled, L2-normalised
     ``sentence_embedding`` (N, 384)) with its tokenizer run by the ``tokenizers`` package; no PyTorch.
-    ``pooling="words"``: each text is the normalised mean of its words' embeddings (:func:`pool_words`)."""
+    ``pooling="words"``: each text is the normalised mean of its words' embeddings (:func:`pool_words`);
+    ``pooling="attention"``: f_tau gets the words' embeddings themselves (:func:`word_set`)."""
 
     def __init__(self, graph: str | Path, tokenizer: str | Path, max_length: int = 128, pooling: str = "sentence"):
-        if pooling not in ("sentence", "words"):
-            raise ValueError(f"MiniLM pooling must be sentence or words, got {pooling!r}")
+        if pooling not in ("sentence", "words", "attention"):
+            raise ValueError(f"MiniLM pooling must be sentence, words or attention, got {pooling!r}")
         self.pooling = pooling
         import onnxruntime as ort
         from tokenizers import Tokenizer
@@ -135,9 +158,17 @@ class OnnxMiniLMEncoder:
         self.dim = int(self.session.get_outputs()[0].shape[-1])
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        if self.pooling == "words":
+        """(N, 384): one embedding per text (pooling attention: the mean of its words')."""
+        if self.pooling in ("words", "attention"):
             return pool_words(texts, self._sentences)
         return self._sentences(texts)
+
+    def inputs(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """f_tau's inputs: ``{"embedding": (N, 384)}``, or for pooling attention ``{"embedding": (N, L, 384),
+        "mask": (N, L)}``."""
+        if self.pooling == "attention":
+            return word_set(texts, self._sentences)
+        return {"embedding": self.encode(texts)}
 
     def _sentences(self, texts: Sequence[str]) -> np.ndarray:
         enc = self.tokenizer.encode_batch(list(texts))
@@ -236,16 +267,16 @@ class TextDecoder:
         h, w, c = self.manifest["data"]["image_shape"]
         return (c, h, w)
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """(T,) strings -> (T, E) float32 embeddings."""
-        return np.ascontiguousarray(self.encoder.encode(texts), dtype=np.float32)
+    def embed(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """(T,) strings -> f_tau's inputs: ``embedding`` (T, E) float32, or (T, L, E) and ``mask`` (T, L)."""
+        return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self.encoder.inputs(texts).items()}
 
     def __call__(self, texts: Sequence[str], n: int = 1, seed: int | None = None, temperature: float = 1.0) -> np.ndarray:
         """Images (T, n, C, H, W) float32 in [0, 1]; the same ``seed`` gives the same images. Validates
         the request first (:func:`validate_request`). ``temperature`` 0 gives the mode n times."""
         texts, n, seed = validate_request(texts, n, seed)
         rng = np.random.default_rng(seed)
-        out = self.text_map.run(None, {"embedding": self.embed(texts)})
+        out = self.text_map.run(None, self.embed(texts))
         if self.kind == "latent":
             z = np.repeat(out[0], n, axis=0)
             if temperature > 0:

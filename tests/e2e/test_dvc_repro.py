@@ -47,7 +47,8 @@ def repo_copy(tmp_path) -> Path:
     params["classifier"].update(epochs=1, widths=[8, 16], feature_dim=32)
     params["evaluate"].update(iwae_k=4, iwae_images=16, num_samples=32, prior_samples=8, split_images=64,
                               validation_images=32, tsne_points=40, interp_pairs=2, interp_steps=3)
-    params["text"].update(encoder="hashed", hashed_dim=256, epochs=2, hidden_dim=32, eval_prompts=16, cpus_per_worker=1)
+    params["text"].update(encoder="hashed", hashed_dim=256, epochs=2, hidden_dim=32, eval_prompts=16, cpus_per_worker=1,
+                          captioner_epochs=3)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh("git", "init", "-q", cwd=dest)
     sh("git", "add", "-A", cwd=dest)

