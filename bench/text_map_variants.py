@@ -17,14 +17,14 @@ aligned rows), the attribute classifier (``--classifier``) and the prepared ``sh
   codebook (the code geometry the decoder knows);
 * ``token-attention``: MiniLM's token embeddings (not the pooled sentence) through 8 learned attention
   queries, then the same MLP and low-rank code head;
-* ``pseudo``: ``mlp`` trained on the aligned pairs plus every other train image, captioned by a CNN
-  trained on the aligned pairs to map an image to its caption's embedding (what ``text.pseudo_ratio``
-  does in ``train-text``);
-* ``pseudo-words``: the same, the CNN predicting the caption's words (one sigmoid each) and a ridge map
-  from bags of words to embeddings.
+* ``pseudo``: ``mlp`` trained on the aligned pairs plus every other train image, captioned by the
+  pipeline's captioner (``models.text.ImageCaptioner``, trained on the aligned pairs to map an image to
+  its caption's embedding: what ``text.pseudo_ratio`` does in ``train-text``), with twice the steps;
+* ``word-attention``: 8 learned queries over MiniLM's embedding of each word on its own (what
+  ``text.encoder: minilm-word-attention`` does), then the same MLP and code head.
 
-``--pooling words`` feeds every variant but ``token-attention`` the mean of MiniLM's embeddings of each
-word (``text.encoder: minilm-words``) instead of the sentence embedding.
+``--pooling words`` feeds the other variants the mean of MiniLM's embeddings of each word
+(``text.encoder: minilm-words``) instead of the sentence embedding.
 
 A side line scores the text side alone: a per-factor classifier on the pooled embeddings (and on the
 token-attention features) of the same aligned captions, evaluated on the same prompt sets; it says how
@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-VARIANTS = ("mlp", "mlp-cosine", "mlp-pixel", "codebook-distance", "token-attention", "pseudo", "pseudo-words", "word-attention")
+VARIANTS = ("mlp", "mlp-cosine", "mlp-pixel", "codebook-distance", "token-attention", "pseudo", "word-attention")
 MAX_TOKENS = 40
 
 
@@ -127,25 +127,14 @@ class CodeHead(nn.Module):
         return tuple(-(v.pow(2).sum(-1, keepdim=True) - 2 * v @ cb.T + cb.pow(2).sum(-1)) for v, cb in zip((t, b), self.codebooks))
 
 
-class ImageToText(nn.Module):
-    """g: image -> unit text embedding (a small CNN), trained on the aligned pairs by cosine loss."""
+def pseudo_pairs(data: dict[str, Any], epochs: int = 60, seed: int = 0) -> torch.Tensor:
+    """Train the pipeline's captioner (``models.text.ImageCaptioner``, AdamW with weight decay 0.1 as
+    ``train-text`` does) on the aligned (image, embedding) pairs; return its embeddings of every train image."""
+    from models.text import ImageCaptioner
 
-    def __init__(self, channels: int = 3, embed_dim: int = 384, width: int = 32):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(channels, width, 3, 2, 1), nn.SiLU(), nn.Conv2d(width, 2 * width, 3, 2, 1), nn.SiLU(),
-            nn.Conv2d(2 * width, 4 * width, 3, 2, 1), nn.SiLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
-            nn.Linear(64 * width, 256), nn.SiLU(), nn.Linear(256, embed_dim))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.net(images), dim=-1)
-
-
-def pseudo_pairs(data: dict[str, Any], epochs: int = 100, seed: int = 0) -> torch.Tensor:
-    """Train g on the aligned (image, embedding) pairs; return g's embeddings of every unlabelled image."""
     torch.manual_seed(seed)
-    g = ImageToText(data["image"].shape[1], data["embedding"].shape[1])
-    opt = torch.optim.Adam(g.parameters(), 1e-3)
+    g = ImageCaptioner(data["image"].shape[1], data["embedding"].shape[1])
+    opt = torch.optim.AdamW(g.parameters(), 1e-3, weight_decay=0.1)
     n = len(data["image"])
     for _ in range(epochs):
         g.train()
@@ -159,45 +148,11 @@ def pseudo_pairs(data: dict[str, Any], epochs: int = 100, seed: int = 0) -> torc
         return torch.cat([g(x) for x in data["all_image"].split(512)]), g
 
 
-WORD = __import__("re").compile(r"[a-z0-9-]+")
-
-
-def pseudo_pairs_words(data: dict[str, Any], captions: list[str], epochs: int = 100, seed: int = 0):
-    """g predicts the caption's words (multi-label, one sigmoid per word of the aligned captions), then a
-    ridge-regression linear map from bags of words to the caption embedding turns them into embeddings:
-    each word detector is trained across every combination it appears in, and the linear map adds them."""
-    torch.manual_seed(seed)
-    vocab = sorted({w for c in captions for w in WORD.findall(c.lower())})
-    index = {w: i for i, w in enumerate(vocab)}
-    bow = torch.zeros(len(captions), len(vocab))
-    for r, c in enumerate(captions):
-        for w in WORD.findall(c.lower()):
-            bow[r, index[w]] = 1.0
-    x1 = torch.cat([bow, torch.ones(len(bow), 1)], 1)
-    lin = torch.linalg.solve(x1.T @ x1 + 1e-2 * torch.eye(x1.shape[1]), x1.T @ data["embedding"])
-    g = ImageToText(data["image"].shape[1], len(vocab))
-    g.net[-1].bias.data.zero_()
-    opt = torch.optim.Adam(g.parameters(), 1e-3)
-    n = len(data["image"])
-    for _ in range(epochs):
-        g.train()
-        for idx in torch.randperm(n).split(64):
-            loss = F.binary_cross_entropy_with_logits(g.net(data["image"][idx]), bow[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    g.eval()
-    with torch.no_grad():
-        probs = torch.cat([torch.sigmoid(g.net(x)) for x in data["all_image"].split(512)])
-        emb = F.normalize(torch.cat([probs, torch.ones(len(probs), 1)], 1) @ lin, dim=-1)
-    return emb, (vocab, lin)
-
-
 def train_variant(name: str, data: dict[str, Any], cfg: dict, decoder, epochs: int, seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    if name in ("pseudo", "pseudo-words"):  # the aligned pairs plus every unlabelled image with g's embedding
+    if name == "pseudo":  # the aligned pairs plus every unlabelled image with the captioner's embedding
         n_aligned = len(data["top"])
-        data = {"embedding": torch.cat([data["embedding"], data[name]]), "top": torch.cat([data["top"], data["all_top"]]),
+        data = {"embedding": torch.cat([data["embedding"], data["pseudo"]]), "top": torch.cat([data["top"], data["all_top"]]),
                 "bottom": torch.cat([data["bottom"], data["all_bottom"]])}
         epochs = max(4, round(2 * epochs * n_aligned / len(data["top"])))  # twice the steps of the aligned set alone
     tokens = name in ("token-attention", "word-attention")
@@ -332,16 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"text_map_variants: {len(rows)} aligned pairs, {args.prompts} prompts per set; decoder ceiling "
           f"{result['ceiling_per_factor']:.3f} per factor, {result['ceiling_all_factors']:.3f} all factors", flush=True)
 
-    if "pseudo" in variants or "pseudo-words" in variants:
+    if "pseudo" in variants:
         t0 = time.perf_counter()
         with torch.no_grad():
             data["all_image"] = batch_to_tensor(train["images"])
             codes = [decoder.encode(x).indices for x in data["all_image"].split(512)]
             data["all_top"], data["all_bottom"] = (torch.cat([c[i] for c in codes]) for i in (0, 1))
-        if "pseudo" in variants:
-            data["pseudo"], g = pseudo_pairs(data, seed=args.seed)
-        if "pseudo-words" in variants:
-            data["pseudo-words"], (vocab, lin) = pseudo_pairs_words(data, captions, seed=args.seed)
+        data["pseudo"], _ = pseudo_pairs(data, seed=args.seed)
         # How well does g caption what the aligned set never shows? Nearest aligned-caption factors would be
         # circular; instead: cosine of g(image) to the true caption embedding, seen vs held-out combinations.
         held = np.zeros(len(train["factors"]), dtype=bool)
@@ -350,12 +302,11 @@ def main(argv: list[str] | None = None) -> int:
             held |= (train["factors"][:, fn.index("shape")] == fv["shape"].index(s_name)) & \
                 (train["factors"][:, fn.index("colour")] == fv["colour"].index(c_name))
         probe = np.flatnonzero(held)[:300]
+        seen_probe = np.setdiff1d(np.flatnonzero(~held), rows)[:300]  # seen combinations, images not in the aligned set
         true = torch.from_numpy(embed_texts(spec, [str(c) for c in train["captions"][probe]]))
-        for key in ("pseudo", "pseudo-words"):
-            if key in data:
-                result[f"{key}_cosine_heldout"] = round(float((data[key][probe] * true).sum(-1).mean()), 3)
-                print(f"{key} captions: cosine to the true caption on held-out combinations {result[f'{key}_cosine_heldout']} "
-                      f"({time.perf_counter() - t0:.0f}s so far)", flush=True)
+        result["pseudo_cosine_heldout"] = round(float((data["pseudo"][probe] * true).sum(-1).mean()), 3)
+        print(f"pseudo captions: cosine to the true caption on held-out combinations {result['pseudo_cosine_heldout']} "
+              f"({time.perf_counter() - t0:.0f}s)", flush=True)
 
     targets = {k: v[1] for k, v in sets.items()}
     sizes = [len(manifest["factor_values"][n]) for n in manifest["factor_names"]]
@@ -363,11 +314,11 @@ def main(argv: list[str] | None = None) -> int:
                            "pooled": text_side(data, prompt_feats, targets, sizes, False, args.seed),
                            "token_attention": text_side(data, prompt_feats, targets, sizes, True, args.seed)}
     print(f"text side alone, per-factor accuracy {manifest['factor_names']}: {json.dumps(result['text_side'])}", flush=True)
-    for key in ("pseudo", "pseudo-words"):  # the factors a text-side classifier reads from g's captions of held-out images
-        if key in data:
-            result["text_side"][f"{key}_heldout"] = text_side(data, {"g": {"embedding": data[key][probe]}},
-                                                              {"g": train["factors"][probe]}, sizes, False, args.seed)["g"]
-            print(f"{key}: g's captions of held-out combinations, read by the text side: {result['text_side'][f'{key}_heldout']}", flush=True)
+    if "pseudo" in data:  # the factors a text-side classifier reads from the captioner's embeddings
+        result["text_side"]["captioner"] = text_side(
+            data, {"seen": {"embedding": data["pseudo"][seen_probe]}, "heldout": {"embedding": data["pseudo"][probe]}},
+            {"seen": train["factors"][seen_probe], "heldout": train["factors"][probe]}, sizes, False, args.seed)
+        print(f"the captioner's embeddings of unlabelled images, read by the text side: {result['text_side']['captioner']}", flush=True)
 
     for name in variants:
         t0 = time.perf_counter()

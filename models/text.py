@@ -200,15 +200,17 @@ class ImageCaptioner(nn.Module):
 
     Trained on the aligned pairs by cosine loss, g gives every unlabelled image a pseudo-caption
     embedding, so f_tau also learns from images whose combination of attributes no aligned caption
-    names (a red circle when the aligned set holds red squares and blue circles): recognising attributes
-    composes far better than generating them. A small CNN; the flattened 4x4 map (not a global pool)
-    keeps where the object is.
+    names (a red circle when the aligned set holds red squares and blue circles). A small CNN; the
+    flattened 4x4 map (not a global pool) keeps where the object is. Its input gets one more channel,
+    the per-pixel maximum over the colour channels: an outline that looks the same in every colour, so
+    that shape features learnt on blue circles fire on a red one too (on ``shapes`` this lifts the
+    shape read from held-out combinations from 0.36 to 0.46; bench/README.md).
     """
 
     def __init__(self, channels: int, embed_dim: int, width: int = 32):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(channels, width, 3, 2, 1), nn.SiLU(),
+            nn.Conv2d(channels + 1, width, 3, 2, 1), nn.SiLU(),
             nn.Conv2d(width, 2 * width, 3, 2, 1), nn.SiLU(),
             nn.Conv2d(2 * width, 4 * width, 3, 2, 1), nn.SiLU(),
             nn.AdaptiveAvgPool2d(4), nn.Flatten(),
@@ -217,7 +219,7 @@ class ImageCaptioner(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         """images (B, C, H, W) in [0, 1] -> (B, embed_dim), each row L2-normalised like the text encoders'."""
-        return F.normalize(self.net(images), dim=-1)
+        return F.normalize(self.net(torch.cat([images, images.amax(1, keepdim=True)], 1)), dim=-1)
 
 
 def sample_codes(logits: Tensor, temperature: float, generator: torch.Generator | None = None) -> Tensor:
