@@ -14,8 +14,8 @@ the decoder frozen. What f_tau outputs depends on the decoder's latent space:
 
 With ``word_attention`` = q > 0, f_tau reads one embedding per word instead of one per text: ``embedding``
 (B, L, E) and ``mask`` (B, L) (1 for a word, 0 for padding); q learned queries attend over the words and
-their outputs feed the MLP. Words the training captions never used (a paraphrase's "please draw me")
-get little weight, which a mean over words or the sentence embedding cannot do.
+their outputs feed the MLP. The queries can learn to read the words that carry attributes and pass over
+the rest (a paraphrase's "please draw me"), which a mean over words or the sentence embedding cannot.
 
 Inputs are embeddings, not strings: the text encoders (a hashed n-gram encoder, MiniLM) live outside
 this package so that serving can run them without PyTorch (``pipelines/text_runtime.py``).
@@ -203,8 +203,8 @@ class ImageCaptioner(nn.Module):
     names (a red circle when the aligned set holds red squares and blue circles). A small CNN; the
     flattened 4x4 map (not a global pool) keeps where the object is. Its input gets one more channel,
     the per-pixel maximum over the colour channels: an outline that looks the same in every colour, so
-    that shape features learnt on blue circles fire on a red one too (on ``shapes`` this lifts the
-    shape read from held-out combinations from 0.36 to 0.46; bench/README.md).
+    that shape features learnt on blue circles fire on a red one too (on ``shapes``, a one-off probe read
+    held-out combinations' shapes from its embeddings at 0.46 instead of 0.36; bench/README.md).
     """
 
     def __init__(self, channels: int, embed_dim: int, width: int = 32):

@@ -114,11 +114,7 @@ def pool_words(texts: Sequence[str], encode: Any) -> np.ndarray:
     """(N, D): the mean of the unit embeddings of each text's words (``encode(list of words)`` -> (V, D)),
     L2-normalised. A bag of words: order is lost, but so is the sentence's style, which the pooled
     sentence embedding mixes into every attribute (paraphrases lose size and position in it)."""
-    per_text = [words_of(t) for t in texts]
-    vocab = sorted({w for ws in per_text for w in ws})
-    index = {w: i for i, w in enumerate(vocab)}
-    vectors = np.asarray(encode(vocab), dtype=np.float32)
-    out = np.stack([vectors[[index[w] for w in ws]].mean(0) for ws in per_text])
+    out = np.stack([v.mean(0) for v in _word_vectors(texts, encode)])
     return (out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-8)).astype(np.float32)
 
 
@@ -126,16 +122,22 @@ def word_set(texts: Sequence[str], encode: Any, max_words: int = MAX_WORDS) -> d
     """f_tau's word-attention inputs: ``embedding`` (N, max_words, D), each word's unit embedding
     (``encode(list of words)`` -> (V, D)) in order, zeros after the last, and ``mask`` (N, max_words)
     float32, 1 for a word. Fixed width, so the exported graph needs one dynamic axis only."""
+    per_text = _word_vectors(texts, encode, max_words)
+    emb = np.zeros((len(texts), max_words, per_text[0].shape[1]), dtype=np.float32)
+    mask = np.zeros((len(texts), max_words), dtype=np.float32)
+    for i, vectors in enumerate(per_text):
+        emb[i, : len(vectors)] = vectors
+        mask[i, : len(vectors)] = 1.0
+    return {"embedding": emb, "mask": mask}
+
+
+def _word_vectors(texts: Sequence[str], encode: Any, max_words: int | None = None) -> list[np.ndarray]:
+    """Per text, (words, D) float32: its words' embeddings in order, each distinct word encoded once."""
     per_text = [words_of(t)[:max_words] for t in texts]
     vocab = sorted({w for ws in per_text for w in ws})
     index = {w: i for i, w in enumerate(vocab)}
     vectors = np.asarray(encode(vocab), dtype=np.float32)
-    emb = np.zeros((len(texts), max_words, vectors.shape[1]), dtype=np.float32)
-    mask = np.zeros((len(texts), max_words), dtype=np.float32)
-    for i, ws in enumerate(per_text):
-        emb[i, : len(ws)] = vectors[[index[w] for w in ws]]
-        mask[i, : len(ws)] = 1.0
-    return {"embedding": emb, "mask": mask}
+    return [vectors[[index[w] for w in ws]] for ws in per_text]
 
 
 class OnnxMiniLMEncoder:
