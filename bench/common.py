@@ -57,6 +57,17 @@ def environment() -> dict[str, Any]:
     return env
 
 
+def parse_names(script: str, what: str, text: str, allowed) -> list[str] | None:
+    """A comma-separated ``--<what>`` list; None, after one line on stderr naming the unknown ones and the
+    choices, when any is not in ``allowed`` (the caller exits 2)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        print(f"{script}: unknown {what} {', '.join(unknown)}; choose from {', '.join(allowed)}", file=sys.stderr)
+        return None
+    return names
+
+
 def write_json(data: dict[str, Any], path: Path) -> Path:
     """Write ``data`` as indented JSON to ``path`` atomically (a temp file in the same folder, renamed)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -364,10 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed (default: report only)")
     args = parser.parse_args(argv)
 
-    families = list(MODELS) if not args.families else [f.strip() for f in args.families.split(",") if f.strip()]
-    unknown = [f for f in families if f not in MODELS]
-    if unknown:
-        print(f"model_quality: unknown families {', '.join(unknown)}; choose from {', '.join(MODELS)}", file=sys.stderr)
+    families = list(MODELS) if not args.families else common.parse_names("model_quality", "families", args.families, MODELS)
+    if families is None:
         return 2
     if args.budget_scale <= 0:
         print("model_quality: --budget-scale must be > 0", file=sys.stderr)

@@ -60,42 +60,29 @@ def token_embeddings(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
 
     out = load_minilm().encode(list(texts), output_value="token_embeddings")
     tokens = torch.zeros(len(texts), MAX_TOKENS, out[0].shape[1])
-    mask = torch.zeros(len(texts), MAX_TOKENS, dtype=torch.bool)
+    mask = torch.zeros(len(texts), MAX_TOKENS)
     for i, t in enumerate(out):
         t = t[:MAX_TOKENS]
-        tokens[i, : len(t)], mask[i, : len(t)] = t, True
+        tokens[i, : len(t)], mask[i, : len(t)] = t, 1.0
     return tokens, mask
 
 
 def word_embeddings(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """MiniLM's embedding of each word on its own (``text_runtime.words_of``), padded like token_embeddings."""
-    from pipelines.text import load_minilm
-    from pipelines.text_runtime import words_of
+    """MiniLM's embedding of each word on its own, as ``text.encoder: minilm-word-attention`` feeds f_tau:
+    (N, MAX_WORDS, 384) and a (N, MAX_WORDS) mask (``pipelines.text_runtime.word_set``)."""
+    from pipelines.text import text_features
 
-    per_text = [words_of(t)[:MAX_TOKENS] for t in texts]
-    vocab = sorted({w for ws in per_text for w in ws})
-    vectors = dict(zip(vocab, torch.from_numpy(load_minilm().encode(vocab, normalize_embeddings=True))))
-    tokens = torch.zeros(len(texts), MAX_TOKENS, 384)
-    mask = torch.zeros(len(texts), MAX_TOKENS, dtype=torch.bool)
-    for i, ws in enumerate(per_text):
-        tokens[i, : len(ws)] = torch.stack([vectors[w] for w in ws])
-        mask[i, : len(ws)] = True
-    return tokens, mask
+    feats = text_features({"kind": "minilm", "pooling": "attention"}, texts)
+    return torch.from_numpy(feats["embedding"]), torch.from_numpy(feats["mask"])
 
 
-class AttentionPool(nn.Module):
-    """``queries`` learned queries attend over the token embeddings; their outputs, concatenated."""
+def attention_pool() -> nn.Module:
+    """8 learned queries over token or word embeddings: the pipeline's ``models.text.WordAttention``."""
+    from models.text import WordAttention
 
-    def __init__(self, dim: int = 384, queries: int = 8, value_dim: int = 64):
-        super().__init__()
-        self.queries = nn.Parameter(torch.randn(queries, dim) * 0.02)
-        self.key, self.value = nn.Linear(dim, dim), nn.Linear(dim, value_dim)
-        self.out_dim = queries * value_dim
-
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        scores = torch.einsum("qe,ble->bql", self.queries, self.key(tokens)) / tokens.shape[-1] ** 0.5
-        weights = scores.masked_fill(~mask[:, None], -1e9).softmax(-1)
-        return torch.einsum("bql,ble->bqe", weights, self.value(tokens)).flatten(1)
+    pool = WordAttention(384, 8, 64)
+    pool.out_dim = 8 * 64
+    return pool
 
 
 class CodeHead(nn.Module):
@@ -156,7 +143,7 @@ def train_variant(name: str, data: dict[str, Any], cfg: dict, decoder, epochs: i
                 "bottom": torch.cat([data["bottom"], data["all_bottom"]])}
         epochs = max(4, round(2 * epochs * n_aligned / len(data["top"])))  # twice the steps of the aligned set alone
     tokens = name in ("token-attention", "word-attention")
-    pool = AttentionPool() if tokens else None
+    pool = attention_pool() if tokens else None
     codebooks = (decoder.vq_t.embed.clone(), decoder.vq_b.embed.clone()) if name == "codebook-distance" else None
     head = CodeHead(pool.out_dim if pool else data["embedding"].shape[1], cfg, codebooks)
     model = nn.ModuleDict({"head": head, **({"pool": pool} if pool else {})})
@@ -187,7 +174,7 @@ def text_side(data: dict[str, Any], prompt_feats: dict[str, Any], targets: dict[
               tokens: bool, seed: int) -> dict[str, list[float]]:
     """Per-factor accuracy of a classifier from the text features alone (the same captions, 300 epochs)."""
     torch.manual_seed(seed)
-    pool = AttentionPool() if tokens else None
+    pool = attention_pool() if tokens else None
     in_dim = pool.out_dim if pool else data["embedding"].shape[1]
     trunk = nn.Sequential(nn.Linear(in_dim, 256), nn.LayerNorm(256), nn.SiLU(), nn.Dropout(0.1))
     heads = nn.ModuleList(nn.Linear(256, k) for k in factor_sizes)
@@ -196,7 +183,7 @@ def text_side(data: dict[str, Any], prompt_feats: dict[str, Any], targets: dict[
     y = torch.from_numpy(data["factors"])
 
     def features(d):
-        return model["pool"](d["tokens"], d["mask"]) if tokens else d["embedding"]
+        return model["pool"](d["tokens"], d["tokens_mask"]) if tokens else d["embedding"]
 
     for _ in range(300):
         model.train()
@@ -227,10 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=common.RESULTS / "text_map_variants.json")
     args = parser.parse_args(argv)
 
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        print(f"text_map_variants: unknown variants {', '.join(unknown)}; choose from {', '.join(VARIANTS)}", file=sys.stderr)
+    variants = common.parse_names("text_map_variants", "variants", args.variants, VARIANTS)
+    if variants is None:
         return 2
     for path, what in ((args.text_dir / "text.json", "a train-text output"), (args.classifier, "the attribute classifier"),
                        (args.prepared / "manifest.json", "the prepared shapes data")):
@@ -269,14 +254,14 @@ def main(argv: list[str] | None = None) -> int:
         top, bottom = decoder.encode(images).indices
         tokens, mask = token_embeddings(captions)
         words, words_mask = word_embeddings(captions)
-        data = {"embedding": torch.from_numpy(embed_texts(spec, captions)), "tokens": tokens, "mask": mask,
+        data = {"embedding": torch.from_numpy(embed_texts(spec, captions)), "tokens": tokens,
                 "tokens_mask": mask, "words": words, "words_mask": words_mask,
                 "image": images, "top": top, "bottom": bottom, "factors": train["factors"][rows]}
         prompt_feats = {}
         for set_name, (prompts, _) in sets.items():
             t, m = token_embeddings(prompts)
             w, wm = word_embeddings(prompts)
-            prompt_feats[set_name] = {"embedding": torch.from_numpy(embed_texts(spec, prompts)), "tokens": t, "mask": m,
+            prompt_feats[set_name] = {"embedding": torch.from_numpy(embed_texts(spec, prompts)), "tokens": t,
                                       "tokens_mask": m, "words": w, "words_mask": wm}
         ceiling_rows = rows[: args.prompts]
         ceiling_images = decoder.decode_indices(*decoder.encode(batch_to_tensor(train["images"][ceiling_rows])).indices).images

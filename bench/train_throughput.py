@@ -552,10 +552,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from models import MODELS
 
-    families = [f.strip() for f in args.families.split(",") if f.strip()]
-    unknown = [f for f in families if f not in MODELS]
-    if unknown:
-        print(f"train_throughput: unknown families {', '.join(unknown)}; choose from {', '.join(MODELS)}", file=sys.stderr)
+    families = common.parse_names("train_throughput", "families", args.families, MODELS)
+    if families is None:
         return 2
     smoke = args.num_images != NUM_IMAGES or args.epochs is not None
     out = args.out or common.RESULTS / ("train_throughput_smoke.json" if smoke else "train_throughput.json")
