@@ -89,7 +89,7 @@ def test_image_captioner_maps_images_to_unit_embeddings_and_learns_them():
     torch.manual_seed(0)
     g = ImageCaptioner(channels=3, embed_dim=16)
     images = torch.zeros(2, 3, 16, 16)
-    images[0, 0], images[1, 2] = 1.0, 1.0  # a red and a blue image
+    images[0, 0, 2:8, 2:8], images[1, 2, 10:12, :] = 1.0, 1.0  # a red square and a blue bar
     targets = torch.nn.functional.normalize(torch.randn(2, 16), dim=-1)
     out = g(images)
     assert out.shape == (2, 16) and torch.allclose(out.norm(dim=-1), torch.ones(2), atol=1e-5)
@@ -104,3 +104,26 @@ def test_image_captioner_maps_images_to_unit_embeddings_and_learns_them():
     after = (g(images) * targets).sum(-1)
     assert float(after.mean()) > max(before, 0.9)  # each image towards its own caption
     assert float(g(images)[0] @ targets[1]) < float(after[0])
+
+
+def test_image_captioner_streams_split_form_from_colour():
+    """The form stream cannot see colour and the colour stream cannot see layout, so neither can tie a
+    shape to a colour (the shortcut that read held-out combinations' shapes wrongly)."""
+    from models.text import ImageCaptioner
+
+    torch.manual_seed(0)
+    g = ImageCaptioner(channels=3, embed_dim=16).eval()
+    red_square, blue_square, red_bar = (torch.zeros(1, 3, 16, 16) for _ in range(3))
+    red_square[0, 0, 4:8, 4:8] = 1.0
+    blue_square[0, 2, 4:8, 4:8] = 1.0
+    red_bar[0, 0, 2, 0:16] = 1.0  # the same 16 red pixels, laid out differently
+    form = lambda x: g.form(x.amax(1, keepdim=True))  # noqa: E731
+    colour = lambda x: g.colour(torch.cat([g.colour_pixels(x).mean((2, 3)), g.colour_pixels(x).amax((2, 3))], 1))  # noqa: E731
+    with torch.no_grad():
+        assert torch.equal(form(red_square), form(blue_square))
+        assert not torch.allclose(form(red_square), form(red_bar))
+        assert torch.allclose(colour(red_square), colour(red_bar), atol=1e-6)
+        assert not torch.allclose(colour(red_square), colour(blue_square))
+        # and the whole captioner is the normalised sum of the two
+        expected = torch.nn.functional.normalize(form(red_square) + colour(red_square), dim=-1)
+        assert torch.allclose(g(red_square), expected, atol=1e-6)
