@@ -115,13 +115,13 @@ class CodeHead(nn.Module):
 
 
 def pseudo_pairs(data: dict[str, Any], epochs: int = 60, seed: int = 0) -> torch.Tensor:
-    """Train the pipeline's captioner (``models.text.ImageCaptioner``, AdamW with weight decay 0.1 as
-    ``train-text`` does) on the aligned (image, embedding) pairs; return its embeddings of every train image."""
-    from models.text import ImageCaptioner
+    """Train the pipeline's captioner (``models.text.ImageCaptioner``, with ``train-text``'s optimiser) on the
+    aligned (image, embedding) pairs; return its embeddings of every train image."""
+    from models.text import CAPTIONER_LR, CAPTIONER_WEIGHT_DECAY, ImageCaptioner
 
     torch.manual_seed(seed)
     g = ImageCaptioner(data["image"].shape[1], data["embedding"].shape[1])
-    opt = torch.optim.AdamW(g.parameters(), 1e-3, weight_decay=0.1)
+    opt = torch.optim.AdamW(g.parameters(), CAPTIONER_LR, weight_decay=CAPTIONER_WEIGHT_DECAY)
     n = len(data["image"])
     for _ in range(epochs):
         g.train()

@@ -195,6 +195,13 @@ class WordAttention(nn.Module):
         return torch.einsum("bql,ble->bqe", scores.softmax(-1), self.value(words)).flatten(1)
 
 
+# The captioner's optimiser (AdamW), shared by train-text and bench/text_map_variants.py. Weight decay:
+# 960 pairs overfit a CNN, and 0.1 read unseen images' shapes better. lr 3e-3, constant: at 1e-3 (or
+# decayed) 60 epochs left the form stream's shapes underfitted (bench/README.md).
+CAPTIONER_LR = 3e-3
+CAPTIONER_WEIGHT_DECAY = 0.1
+
+
 class ImageCaptioner(nn.Module):
     """g: image -> unit-norm text embedding, the inverse direction of f_tau; used only while training f_tau.
 

@@ -705,14 +705,12 @@ def _fit_captioner(images: np.ndarray, embedding: np.ndarray, epochs: int, batch
     epoch's mean cosine to the captions."""
     import ray.train.torch
 
-    from models.text import ImageCaptioner
+    from models.text import CAPTIONER_LR, CAPTIONER_WEIGHT_DECAY, ImageCaptioner
     from pipelines.imaging import batch_to_tensor
 
     captioner = ImageCaptioner(images.shape[-1], embedding.shape[1])
     wrapped = ray.train.torch.prepare_model(captioner)
-    # Weight decay: 960 pairs overfit a CNN; 0.1 read shapes of unseen images better. lr 3e-3, constant:
-    # at 1e-3 (or decayed) 60 epochs left the form stream's shapes underfitted (bench/README.md).
-    optimizer = torch.optim.AdamW(captioner.parameters(), 3e-3, weight_decay=0.1)
+    optimizer = torch.optim.AdamW(captioner.parameters(), CAPTIONER_LR, weight_decay=CAPTIONER_WEIGHT_DECAY)
     batch_size = max(1, min(batch_size, per_rank))
     steps = max(1, per_rank // batch_size)
     rng = np.random.default_rng(seed)
