@@ -322,6 +322,7 @@ def test_evaluate_text_reports_every_set(trained, text_params):
             assert 0.0 <= metrics[f"{name}_acc_{factor}"] <= 1.0
         assert metrics[f"{name}_all_factors"] <= metrics[f"{name}_per_factor"]
     assert metrics["aligned_size"] == summary["aligned_size"]
+    assert metrics["ceiling_method"] == "encode" and metrics["ceiling_all_factors"] <= metrics["ceiling_per_factor"]
     assert "paraphrase_drop" in metrics and set(metrics["targets"]) == {"seen_per_factor>=0.90", "heldout_all_factors>=0.75", "paraphrase_drop<=5"}
 
 
