@@ -43,3 +43,14 @@ def test_ceiling_of_an_encoderless_decoder_is_a_latent_fit_and_reproducible():
         b, _ = _reconstructions(gan, train, rows, seed=3)
     assert method == "latent_fit" and a.shape == (6, c.channels, c.image_size, c.image_size)
     assert torch.equal(a, b)
+
+
+def test_ceiling_of_glo_uses_its_own_optimising_encoder():
+    cls = MODELS["glo"]
+    torch.manual_seed(0)
+    glo = freeze(cls(cls.config_class.tiny()))
+    c = glo.config
+    train = {"images": np.random.default_rng(0).integers(0, 256, size=(4, c.image_size, c.image_size, c.channels), dtype=np.uint8)}
+    with torch.no_grad():
+        images, method = _reconstructions(glo, train, np.arange(4), seed=0)
+    assert method == "latent_fit" and images.shape == (4, c.channels, c.image_size, c.image_size)
