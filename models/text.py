@@ -234,11 +234,18 @@ class ImageCaptioner(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         """images (B, C, H, W) in [0, 1] -> (B, embed_dim), each row L2-normalised like the text encoders'."""
+        return F.normalize(self.form_part(images) + self.colour_part(images), dim=-1)
+
+    def form_part(self, images: Tensor) -> Tensor:
+        """The form stream's (B, embed_dim), from the outline alone."""
+        return self.form(images.amax(1, keepdim=True))
+
+    def colour_part(self, images: Tensor) -> Tensor:
+        """The colour stream's (B, embed_dim), from per-pixel colour features pooled over the image."""
         pixels = self.colour_pixels(images)
         # Mean and max over the image: how much of each colour feature, and whether it is there at all
         # (a small object is a few pixels of the mean).
-        colour = self.colour(torch.cat([pixels.mean((2, 3)), pixels.amax((2, 3))], 1))
-        return F.normalize(self.form(images.amax(1, keepdim=True)) + colour, dim=-1)
+        return self.colour(torch.cat([pixels.mean((2, 3)), pixels.amax((2, 3))], 1))
 
 
 def sample_codes(logits: Tensor, temperature: float, generator: torch.Generator | None = None) -> Tensor:
@@ -257,9 +264,13 @@ def text_map_for(decoder: PretrainedModel, embed_dim: int, **overrides: Any) -> 
     if hasattr(decoder, "decode_indices"):
         base.update(kind="codes", num_codes=c.num_codes, top_shape=tuple(decoder.top_shape), bottom_shape=tuple(decoder.bottom_shape))
     else:
-        shape = tuple(getattr(decoder, "latent_shape", None) or (c.latent_dim,))
-        base.update(kind="latent", latent_shape=shape)
+        base.update(kind="latent", latent_shape=latent_shape_of(decoder))
     return TextMap(TextMapConfig.from_dict({**base, **overrides}))
+
+
+def latent_shape_of(decoder: PretrainedModel) -> tuple[int, ...]:
+    """A flat-latent decoder's latent shape without the batch: ``latent_shape``, else ``(latent_dim,)``."""
+    return tuple(getattr(decoder, "latent_shape", None) or (decoder.config.latent_dim,))
 
 
 def freeze(model: PretrainedModel) -> PretrainedModel:

@@ -150,25 +150,22 @@ def _reconstructions(decoder, train: dict[str, np.ndarray], rows: np.ndarray, se
     from pipelines.imaging import batch_to_tensor
 
     generator = torch.Generator().manual_seed(seed)
-    out, method = [], None
-    for i in range(0, len(rows), 128):
-        x = batch_to_tensor(np.array(train["images"][rows[i:i + 128]]))
-        if type(decoder).__name__ == "GLO":  # its encode fits codes by optimisation
-            method = "latent_fit"
-            out.append(decoder.decode(decoder.encode(x, generator=generator).latent).images)
-        elif decoder.has_encoder:
-            method = "encode"
-            enc = decoder.encode(x)
-            if hasattr(decoder, "decode_indices"):
-                out.append(decoder.decode_indices(*enc.indices).images)
-            else:
-                out.append(decoder.decode(enc.mean if enc.mean is not None else enc.latent).images)
-        elif not hasattr(decoder, "decode_indices"):
-            method = "latent_fit"
-            out.append(decoder.decode(fit_latents(decoder, x, generator=generator)).images)
-        else:
-            return None, None
+    if type(decoder).__name__ == "GLO":  # its encode fits codes by optimisation
+        method, render = "latent_fit", lambda x: decoder.decode(decoder.encode(x, generator=generator).latent)
+    elif decoder.has_encoder and hasattr(decoder, "decode_indices"):
+        method, render = "encode", lambda x: decoder.decode_indices(*decoder.encode(x).indices)
+    elif decoder.has_encoder:
+        method, render = "encode", lambda x: decoder.decode(_mean_or_latent(decoder.encode(x)))
+    elif not hasattr(decoder, "decode_indices"):
+        method, render = "latent_fit", lambda x: decoder.decode(fit_latents(decoder, x, generator=generator))
+    else:
+        return None, None
+    out = [render(batch_to_tensor(np.array(train["images"][rows[i:i + 128]]))).images for i in range(0, len(rows), 128)]
     return torch.cat(out), method
+
+
+def _mean_or_latent(enc):
+    return enc.mean if enc.mean is not None else enc.latent
 
 
 def fit_latents(decoder, x: torch.Tensor, steps: int = LATENT_FIT_STEPS, restarts: int = LATENT_FIT_RESTARTS,
@@ -176,7 +173,9 @@ def fit_latents(decoder, x: torch.Tensor, steps: int = LATENT_FIT_STEPS, restart
     """Latents z (B, *latent_shape) whose ``decoder.decode(z)`` comes closest (pixel MSE) to images x
     (B, C, H, W): the best of ``restarts`` draws from N(0, I) per image, then ``steps`` Adam steps.
     Only z gets gradients: the decoder's weights and their ``.grad`` are left as they are."""
-    shape = tuple(decoder.latent_shape) if hasattr(decoder, "latent_shape") else (decoder.config.latent_dim,)
+    from models.text import latent_shape_of
+
+    shape = latent_shape_of(decoder)
     b = x.shape[0]
     with torch.no_grad():
         candidates = torch.randn((restarts, b, *shape), generator=generator)
