@@ -88,6 +88,9 @@ class TextMap(PretrainedModel):
     def __init__(self, config: TextMapConfig):
         super().__init__(config)
         c = config
+        # Kind codes: a CodeBank to decode from, set by whoever loads a text model that has one (it is
+        # data, not weights: saved next to the model as bank.npz, not in model.safetensors).
+        self.bank: CodeBank | None = None
         blocks: list[nn.Module] = []
         width = c.embed_dim
         if c.word_attention:
@@ -162,11 +165,18 @@ class TextMap(PretrainedModel):
         generator: torch.Generator | None = None, mask: Tensor | None = None,
     ) -> Tensor:
         """Images (B, n, C, H, W) in [0, 1] for B embeddings: the mode at ``temperature`` 0, samples above.
+        With a :class:`CodeBank` in ``self.bank`` (kind codes), the bank's code maps f_tau scores best
+        (:meth:`CodeBank.pick`) instead of per-position codes.
 
         The PyTorch reference of ``pipelines.text_runtime.TextDecoder`` (which draws its noise with
         numpy); used for evaluation and the MLflow prompt grid.
         """
         out = self(embedding, mask)
+        if self.config.kind == "codes" and self.bank is not None:
+            bank = self.bank
+            picks = bank.pick(bank.scores(*out, embedding if embedding.dim() == 2 else None), n, temperature, generator)
+            images = decoder.decode_indices(bank.top[picks.flatten()], bank.bottom[picks.flatten()]).images
+            return images.view(embedding.shape[0], n, *images.shape[1:])
         if self.config.kind == "latent":
             z = out.repeat_interleave(n, 0)
             if temperature > 0:
@@ -246,6 +256,85 @@ class ImageCaptioner(nn.Module):
         # Mean and max over the image: how much of each colour feature, and whether it is there at all
         # (a small object is a few pixels of the mean).
         return self.colour(torch.cat([pixels.mean((2, 3)), pixels.amax((2, 3))], 1))
+
+
+@dataclass
+class CodeBank:
+    """The code maps of the unlabelled images, for decoding f_tau's code logits onto the image manifold.
+
+    f_tau's logits are independent per position; their argmax mixes positions from different images
+    (on ``shapes`` the 1-pixel jitter puts an object's codes at neighbouring positions in different
+    images, and the per-position winners draw no one shape). Decoding from the bank scores each whole
+    code map j of an unlabelled train image instead, and decodes the best:
+
+        score(j | y) = sum over positions p of log softmax(f_tau(y))_p[code_jp]
+                       + text_weight * positions * cos(embed(y), captioner(x_j))
+
+    The first term is the log-likelihood of the map under f_tau (a product of its per-position
+    distributions restricted to maps the encoder produced on real images); the second, when the bank
+    has the captioner's embeddings of its images, is the caption-retrieval score, which reads held-out
+    combinations better than f_tau does (it was trained on images, not on captions of them).
+    ``text_weight`` is per position, so it weighs the same against the mean log-likelihood of a
+    position at any code-map size.
+
+    ``top`` (N, ht, wt), ``bottom`` (N, hb, wb) int64; ``embedding`` (N, E) float32 unit rows or None.
+    """
+
+    top: Tensor
+    bottom: Tensor
+    embedding: Tensor | None = None
+    text_weight: float = 0.0
+
+    def __len__(self) -> int:
+        return int(self.top.shape[0])
+
+    def scores(self, top_logits: Tensor, bottom_logits: Tensor, text_embedding: Tensor | None = None) -> Tensor:
+        """(B, N) scores of every bank map for B prompts (logits (B, h, w, K) per level, embedding (B, E))."""
+        total = _map_log_likelihood(top_logits, self.top) + _map_log_likelihood(bottom_logits, self.bottom)
+        if self.embedding is not None and self.text_weight > 0 and text_embedding is not None:
+            positions = self.top[0].numel() + self.bottom[0].numel()
+            total = total + self.text_weight * positions * (F.normalize(text_embedding.float(), dim=-1) @ self.embedding.T)
+        return total
+
+    def pick(self, scores: Tensor, n: int, temperature: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
+        """(B, n) bank rows per prompt: the n best at ``temperature`` 0, else n drawn without replacement
+        from softmax(scores / temperature) (Gumbel-top-n). A bank smaller than n repeats its picks."""
+        if temperature > 0:
+            u = torch.rand(scores.shape, generator=generator).clamp_(1e-9, 1 - 1e-9)
+            scores = scores / temperature - torch.log(-torch.log(u))
+        picks = scores.topk(min(n, scores.shape[1]), dim=1).indices
+        return picks.repeat(1, -(-n // picks.shape[1]))[:, :n]
+
+    def save(self, path) -> None:
+        """``bank.npz``: codes as uint8 (int16 above 256 codes), embeddings as float16 (a 9600-image
+        bank of 16x16 + 8x8 maps and 384-dim embeddings is about 10 MB)."""
+        import numpy as np
+
+        dtype = np.uint8 if int(max(self.top.max(), self.bottom.max())) < 256 else np.int16
+        arrays = {"top": self.top.numpy().astype(dtype), "bottom": self.bottom.numpy().astype(dtype),
+                  "text_weight": np.float32(self.text_weight)}
+        if self.embedding is not None:
+            arrays["embedding"] = self.embedding.numpy().astype(np.float16)
+        np.savez(path, **arrays)
+
+    @classmethod
+    def load(cls, path) -> "CodeBank":
+        import numpy as np
+
+        with np.load(path) as f:
+            embedding = torch.from_numpy(f["embedding"].astype(np.float32)) if "embedding" in f else None
+            return cls(torch.from_numpy(f["top"].astype(np.int64)), torch.from_numpy(f["bottom"].astype(np.int64)),
+                       embedding, float(f["text_weight"]))
+
+
+def _map_log_likelihood(logits: Tensor, codes: Tensor) -> Tensor:
+    """(B, h, w, K) logits, (N, h, w) codes -> (B, N): sum over positions of log softmax(logits)[code]."""
+    logp = logits.float().log_softmax(-1).flatten(1, 2)  # (B, P, K)
+    flat = codes.flatten(1)                              # (N, P)
+    total = torch.zeros(logp.shape[0], flat.shape[0])
+    for p in range(flat.shape[1]):  # one (B, N) gather per position: B * N * P memory at once would be GBs
+        total += logp[:, p, flat[:, p]]
+    return total
 
 
 def sample_codes(logits: Tensor, temperature: float, generator: torch.Generator | None = None) -> Tensor:

@@ -52,6 +52,9 @@ TEXT_SCHEMA: dict[str, Any] = {
     "latent_weight": (int, float),
     "pseudo_ratio": (int, float),
     "captioner_epochs": int,
+    "bank": bool,
+    "bank_text_weight": (int, float),
+    "vocab_floor": (int, float, type(None)),
     "finetune_decoder": bool,
     "finetune_lr_scale": (int, float),
     "num_workers": int,
@@ -144,6 +147,20 @@ def _minilm_sentences(texts: list[str], batch_size: int = 256) -> np.ndarray:
     return load_minilm().encode(list(texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=4)
+def _vocabulary_weights_cached(vocabulary: tuple[str, ...], floor: float):
+    from pipelines.text_runtime import VocabularyWeights
+
+    return VocabularyWeights(vocabulary, floor, _minilm_sentences)
+
+
+def _vocabulary_weights(spec: dict[str, Any]):
+    """The spec's :class:`pipelines.text_runtime.VocabularyWeights` (pooling words with a vocabulary), else None."""
+    if spec.get("pooling") != "words" or not spec.get("vocabulary") or spec.get("vocab_floor") is None:
+        return None
+    return _vocabulary_weights_cached(tuple(spec["vocabulary"]), float(spec["vocab_floor"]))
+
+
 def embed_texts(spec: dict[str, Any], texts: list[str], batch_size: int = 256) -> np.ndarray:
     """(N,) captions -> (N, dim) float32 embeddings with the encoder ``spec`` names (word attention: the
     mean of the words', one vector per text)."""
@@ -154,7 +171,8 @@ def embed_texts(spec: dict[str, Any], texts: list[str], batch_size: int = 256) -
     if spec.get("pooling", "sentence") in ("words", "attention"):
         from pipelines.text_runtime import pool_words
 
-        return pool_words(texts, functools.partial(_minilm_sentences, batch_size=batch_size))
+        encode = functools.partial(_minilm_sentences, batch_size=batch_size)
+        return pool_words(texts, encode, _vocabulary_weights(spec))
     return _minilm_sentences(texts, batch_size)
 
 
@@ -223,6 +241,10 @@ def resolve_text_job(params: dict[str, Any], model: str, overrides: list[str] | 
         raise ParamsError(f"params text.aligned_fraction must be in (0, 1], got {text['aligned_fraction']}")
     if text["pseudo_ratio"] < 0:
         raise ParamsError(f"params text.pseudo_ratio must be >= 0 (0: no pseudo-captions), got {text['pseudo_ratio']}")
+    if text["vocab_floor"] is not None and not 0 <= text["vocab_floor"] < 1:
+        raise ParamsError(f"params text.vocab_floor must be in [0, 1) or null, got {text['vocab_floor']}")
+    if text["bank_text_weight"] < 0:
+        raise ParamsError(f"params text.bank_text_weight must be >= 0, got {text['bank_text_weight']}")
     if text["pseudo_ratio"] > 0 and text["encoder"] == "minilm-word-attention":
         raise ParamsError("params text.pseudo_ratio > 0 needs one embedding per caption; the captioner cannot give "
                           "minilm-word-attention its words (use minilm-words, minilm or hashed, or pseudo_ratio=0)")
@@ -372,6 +394,11 @@ def prepare_arrays(job: TextJob, echo: Callable[[str], None] = print) -> tuple[d
     rows = aligned_rows(train["captions"], train["factors"], job.manifest, text["aligned_fraction"], holdout, text["seed"])
     captions = [str(c) for c in train["captions"][rows]]
     spec = encoder_spec(text)
+    if spec.get("pooling") == "words" and text["vocab_floor"] is not None:
+        from pipelines.text_runtime import words_of
+
+        # The aligned captions' words: at serving a word unlike all of them counts less (VocabularyWeights).
+        spec.update(vocabulary=sorted({w for c in captions for w in words_of(c)}), vocab_floor=float(text["vocab_floor"]))
     t0 = time.time()
     arrays: dict[str, np.ndarray] = {**text_features(spec, captions), "image": np.array(train["images"][rows])}
     echo(f"aligned set: {len(rows)} of {len(train['captions'])} train images ({text['aligned_fraction']:g}), "
@@ -467,6 +494,7 @@ def run_text_training(job: TextJob, echo: Callable[[str], None] = print) -> dict
         "arrays": arrays, "decoder_files": decoder_files, "text_map_config": text_map.config.to_dict(),
         "epochs": t["epochs"], "batch_size": t["batch_size"], "seed": t["seed"],
         "pseudo_ratio": float(t["pseudo_ratio"]), "captioner_epochs": t["captioner_epochs"],
+        "bank": bool(t["bank"]) and text_map.config.kind == "codes", "bank_text_weight": float(t["bank_text_weight"]),
         "finetune_decoder": t["finetune_decoder"], "finetune_lr_scale": float(t["finetune_lr_scale"]),
         "tracking_uri": job.tracking_uri, "run_id": run_id,
     }
@@ -510,6 +538,13 @@ def _write_outputs(job: TextJob, ckpt: Path, info: dict, state: dict, run_id: st
     try:
         shutil.copytree(ckpt / "text_map", tmp / "text_map")
         shutil.copytree(ckpt / "decoder", tmp / "decoder")
+        bank = None
+        if (ckpt / "bank.npz").is_file():
+            from models.text import CodeBank
+
+            shutil.copy2(ckpt / "bank.npz", tmp / "bank.npz")
+            bank = CodeBank.load(tmp / "bank.npz")
+            bank = {"file": "bank.npz", "size": len(bank), "text_weight": bank.text_weight, "captioned": bank.embedding is not None}
         record = {
             "family": job.family,
             "data": {"name": job.manifest["name"], "data_hash": job.manifest["data_hash"], "image_shape": job.manifest["image_shape"]},
@@ -518,6 +553,7 @@ def _write_outputs(job: TextJob, ckpt: Path, info: dict, state: dict, run_id: st
             "text_encoder": info["text_encoder"],
             "aligned": {k: info[k] for k in ("aligned_size", "pseudo_count", "train_count", "holdout", "sample_captions", "aligned_rows")},
             "settings": job.text,
+            "bank": bank,
             "run_name": job.run_name,
             "mlflow_run_id": run_id,
         }
@@ -546,6 +582,10 @@ def load_text_model(directory: str | Path):
         raise FileNotFoundError(f"{directory}: no text.json; run `latentforge train-text` first")
     record = json.loads((directory / "text.json").read_text())
     text_map = TextMap.from_pretrained(directory / "text_map").eval()
+    if (record.get("bank") or {}).get("file"):
+        from models.text import CodeBank
+
+        text_map.bank = CodeBank.load(directory / record["bank"]["file"])
     decoder = freeze(PretrainedModel.from_pretrained(directory / "decoder"))
     return text_map, decoder, record
 
@@ -624,6 +664,7 @@ def text_loop_per_worker(cfg: dict[str, Any]) -> None:
     # of pseudo_ratio times as many pseudo-captioned ones.
     data = {k: v[rows] for k, v in arrays.items() if not k.startswith("pseudo_")}
     pseudo_per_epoch = 0
+    captioner = None
     logger = None
     if rank == 0:
         from mlflow.tracking import MlflowClient
@@ -692,6 +733,8 @@ def text_loop_per_worker(cfg: dict[str, Any]) -> None:
             if rank == 0:
                 text_map.eval().save_pretrained(Path(tmp) / "text_map")
                 decoder.save_pretrained(Path(tmp) / "decoder")
+                if cfg["bank"]:
+                    _code_bank(arrays, captioner, cfg["bank_text_weight"]).save(Path(tmp) / "bank.npz")
                 (Path(tmp) / "state.json").write_text(json.dumps(
                     {"losses": losses, "decoder_before": before, "decoder_after": state_digest(decoder), "steps": step}))
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
@@ -728,6 +771,24 @@ def _fit_captioner(images: np.ndarray, embedding: np.ndarray, epochs: int, batch
             total += 1 - float(loss)
         cosine = total / steps
     return captioner.eval(), cosine
+
+
+def _code_bank(arrays: dict[str, np.ndarray], captioner, text_weight: float):
+    """:class:`models.text.CodeBank` of every train image the job has (aligned and unlabelled): their
+    code maps and, when a captioner was trained, its embeddings of them (else the bank scores by f_tau's
+    likelihood alone)."""
+    from models.text import CodeBank
+
+    def both(key):
+        return np.concatenate([arrays[key], arrays[f"pseudo_{key}"]]) if f"pseudo_{key}" in arrays else arrays[key]
+
+    top, bottom = both("top"), both("bottom")
+    # One entry per distinct code map: a repeated map is the same latent, and n picks should be n images.
+    _, keep = np.unique(np.concatenate([top.reshape(len(top), -1), bottom.reshape(len(bottom), -1)], 1), axis=0, return_index=True)
+    keep = np.sort(keep)
+    embedding = None if captioner is None else torch.from_numpy(_caption(captioner, both("image")[keep]))
+    return CodeBank(torch.from_numpy(top[keep]), torch.from_numpy(bottom[keep]), embedding,
+                    text_weight if captioner is not None else 0.0)
 
 
 def _caption(captioner, images: np.ndarray) -> np.ndarray:

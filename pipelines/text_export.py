@@ -11,7 +11,8 @@ Graphs (``B`` is the dynamic batch):
   The hashed encoder needs no file: its settings are in the manifest.
 
 No graph draws random numbers: the latent noise and the code sampling are drawn by numpy in
-:class:`pipelines.text_runtime.TextDecoder`. Parity: each graph against PyTorch on the aligned captions
+:class:`pipelines.text_runtime.TextDecoder`. A text model with a code bank (``text.bank``) also gets
+``bank.npz`` (the train images' code maps and captioner embeddings), scored in numpy. Parity: each graph against PyTorch on the aligned captions
 (max abs difference <= ``atol``), then the whole torch-free path (:class:`TextDecoder`, mode) against
 :meth:`models.text.TextMap.generate`. Written to a temporary sibling and renamed on success only.
 """
@@ -146,7 +147,7 @@ def export_text(text_dir: str | Path, out_dir: str | Path, metrics: dict | None 
             "text_map": {"file": "text_map.onnx", "kind": c.kind, "inputs": {k: v[0] for k, v in graphs[0].inputs.items()},
                          "outputs": {k: v[0] for k, v in outputs.items()}},
             "decoder_graph": {"file": "decoder.onnx", "inputs": {k: v[0] for k, v in graphs[1].inputs.items()}},
-            "sampling": {"kind": "latent_noise", "sample_std": c.sample_std} if c.kind == "latent" else {"kind": "codes"},
+            "sampling": _sampling(text_map, tmp),
             "decoder": {k: record["decoder"].get(k) for k in ("source", "name", "version", "sha256", "state_sha256", "path")},
             "aligned": {k: record["aligned"][k] for k in ("aligned_size", "holdout")},
             "limits": {"max_texts": MAX_TEXTS, "max_text_chars": MAX_TEXT_CHARS, "max_n": MAX_N},
@@ -171,6 +172,18 @@ def export_text(text_dir: str | Path, out_dir: str | Path, metrics: dict | None 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _sampling(text_map, out: Path) -> dict[str, Any]:
+    """The manifest's ``sampling``: latent noise, per-position codes, or a code bank (copied to ``out``)."""
+    c = text_map.config
+    if c.kind == "latent":
+        return {"kind": "latent_noise", "sample_std": c.sample_std}
+    if text_map.bank is None:
+        return {"kind": "codes"}
+    text_map.bank.save(out / "bank.npz")
+    return {"kind": "bank", "file": "bank.npz", "size": len(text_map.bank), "text_weight": text_map.bank.text_weight,
+            "captioned": text_map.bank.embedding is not None}
 
 
 def _parity_prompts(record: dict[str, Any]) -> list[str]:

@@ -4,7 +4,8 @@
 f_tau graph, the frozen decoder's graph and the text encoder) and ``decoder(texts, n, seed)`` runs
 
     text -> embedding (hashed n-grams in numpy, or MiniLM's ONNX graph) -> f_tau (ONNX)
-         -> latent noise around f_tau(y) / code sampling, drawn by numpy from ``seed`` -> decoder (ONNX)
+         -> latent noise around f_tau(y) / code sampling / a pick from the code bank, drawn by numpy
+            from ``seed`` -> decoder (ONNX)
          -> images (T, n, C, H, W) float32 in [0, 1]
 
 Nothing here imports torch, so a serving replica stays small. The serving endpoint
@@ -110,11 +111,39 @@ def words_of(text: str) -> list[str]:
     return _POOLED_WORD.findall(text.lower()) or [text.strip() or text]
 
 
-def pool_words(texts: Sequence[str], encode: Any) -> np.ndarray:
+class VocabularyWeights:
+    """How much each word counts in :func:`pool_words`: like a word of the aligned captions or not.
+
+    A word's weight is ``clip((c - floor) / (1 - floor), 0, 1)``, ``c`` its highest cosine to the
+    vocabulary's words (1 for one of them). f_tau only ever saw means of caption words; the words of
+    another style ("please draw me ... of the picture") are unlike all of them (cosine 0.3-0.5 for
+    MiniLM) and fall out, while a near-synonym of a caption word keeps part of its weight. The captions'
+    own words keep weight 1, so the training embeddings are the plain means.
+    """
+
+    def __init__(self, vocabulary: Sequence[str], floor: float, encode: Any):
+        if not vocabulary or not 0 <= floor < 1:
+            raise ValueError(f"vocabulary weights need words and a floor in [0, 1), got {len(vocabulary)} words, floor {floor}")
+        self.floor = float(floor)
+        self.vectors = np.asarray(encode(list(vocabulary)), dtype=np.float32)
+
+    def __call__(self, vectors: np.ndarray) -> np.ndarray:
+        """(W, D) unit word embeddings -> (W,) weights in [0, 1]."""
+        closest = (vectors @ self.vectors.T).max(1)
+        return np.clip((closest - self.floor) / (1 - self.floor), 0.0, 1.0)
+
+
+def pool_words(texts: Sequence[str], encode: Any, weights: VocabularyWeights | None = None) -> np.ndarray:
     """(N, D): the mean of the unit embeddings of each text's words (``encode(list of words)`` -> (V, D)),
-    L2-normalised. A bag of words: order is lost, but so is the sentence's style, which the pooled
-    sentence embedding mixes into every attribute (paraphrases lose size and position in it)."""
-    out = np.stack([v.mean(0) for v in _word_vectors(texts, encode)])
+    L2-normalised; with ``weights``, a weighted mean (:class:`VocabularyWeights`; a text none of whose
+    words counts falls back to the plain mean). A bag of words: order is lost, but so is the sentence's
+    style, which the pooled sentence embedding mixes into every attribute (paraphrases lose size and
+    position in it)."""
+    pooled = []
+    for v in _word_vectors(texts, encode):
+        w = weights(v) if weights is not None else np.ones(len(v), dtype=np.float32)
+        pooled.append((w[:, None] * v).sum(0) if w.sum() > 0 else v.mean(0))
+    out = np.stack(pooled)
     return (out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-8)).astype(np.float32)
 
 
@@ -146,7 +175,8 @@ class OnnxMiniLMEncoder:
     ``pooling="words"``: each text is the normalised mean of its words' embeddings (:func:`pool_words`);
     ``pooling="attention"``: f_tau gets the words' embeddings themselves (:func:`word_set`)."""
 
-    def __init__(self, graph: str | Path, tokenizer: str | Path, max_length: int = 128, pooling: str = "sentence"):
+    def __init__(self, graph: str | Path, tokenizer: str | Path, max_length: int = 128, pooling: str = "sentence",
+                 vocabulary: Sequence[str] | None = None, vocab_floor: float | None = None):
         if pooling not in ("sentence", "words", "attention"):
             raise ValueError(f"MiniLM pooling must be sentence, words or attention, got {pooling!r}")
         self.pooling = pooling
@@ -158,11 +188,14 @@ class OnnxMiniLMEncoder:
         self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
         self.session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
         self.dim = int(self.session.get_outputs()[0].shape[-1])
+        # pooling words with a vocabulary (text.vocab_floor): the weighted mean train-text used
+        self.weights = (VocabularyWeights(vocabulary, vocab_floor, self._sentences)
+                        if pooling == "words" and vocabulary and vocab_floor is not None else None)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """(N, 384): one embedding per text (pooling attention: the mean of its words')."""
         if self.pooling in ("words", "attention"):
-            return pool_words(texts, self._sentences)
+            return pool_words(texts, self._sentences, self.weights)
         return self._sentences(texts)
 
     def inputs(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
@@ -186,7 +219,7 @@ def encoder_from_spec(spec: dict[str, Any], directory: str | Path | None = None)
     if spec["kind"] == "minilm":
         directory = Path(directory or ".")
         return OnnxMiniLMEncoder(directory / spec["graph"], directory / spec["tokenizer"], spec.get("max_length", 128),
-                                 spec.get("pooling", "sentence"))
+                                 spec.get("pooling", "sentence"), spec.get("vocabulary"), spec.get("vocab_floor"))
     raise ValueError(f"unknown text encoder kind {spec.get('kind')!r}")
 
 
@@ -235,6 +268,47 @@ def sample_codes_np(logits: np.ndarray, temperature: float, rng: np.random.Gener
     return (logits / temperature - np.log(-np.log(u))).argmax(-1).astype(np.int64)
 
 
+class CodeBankNp:
+    """:class:`models.text.CodeBank` in numpy (``bank.npz`` of an export): the code maps of the train images,
+    scored by f_tau's log-likelihood plus ``text_weight`` * positions * the caption-retrieval cosine."""
+
+    def __init__(self, path: str | Path):
+        with np.load(path) as f:
+            self.top, self.bottom = f["top"].astype(np.int64), f["bottom"].astype(np.int64)
+            self.embedding = f["embedding"].astype(np.float32) if "embedding" in f else None
+            self.text_weight = float(f["text_weight"])
+
+    def scores(self, top_logits: np.ndarray, bottom_logits: np.ndarray, text_embedding: np.ndarray | None) -> np.ndarray:
+        """(B, N) scores of every bank map for B prompts."""
+        total = _map_log_likelihood_np(top_logits, self.top) + _map_log_likelihood_np(bottom_logits, self.bottom)
+        if self.embedding is not None and self.text_weight > 0 and text_embedding is not None:
+            unit = text_embedding / np.maximum(np.linalg.norm(text_embedding, axis=-1, keepdims=True), 1e-12)
+            positions = self.top[0].size + self.bottom[0].size
+            total = total + self.text_weight * positions * (unit @ self.embedding.T)
+        return total
+
+    def pick(self, scores: np.ndarray, n: int, temperature: float, rng: np.random.Generator) -> np.ndarray:
+        """(B, n) bank rows: the n best at temperature 0, else Gumbel-top-n of scores / temperature."""
+        if temperature > 0:
+            u = np.clip(rng.random(scores.shape, dtype=np.float32), 1e-9, 1 - 1e-9)
+            scores = scores / temperature - np.log(-np.log(u))
+        k = min(n, scores.shape[1])
+        picks = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.tile(picks, (1, -(-n // k)))[:, :n]
+
+
+def _map_log_likelihood_np(logits: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """(B, h, w, K) logits, (N, h, w) codes -> (B, N): sum over positions of log softmax(logits)[code]."""
+    flat_logits = logits.reshape(logits.shape[0], -1, logits.shape[-1]).astype(np.float64)
+    top = flat_logits.max(-1, keepdims=True)
+    logp = flat_logits - top - np.log(np.exp(flat_logits - top).sum(-1, keepdims=True))
+    flat = codes.reshape(codes.shape[0], -1)
+    total = np.zeros((logits.shape[0], flat.shape[0]))
+    for p in range(flat.shape[1]):
+        total += logp[:, p, flat[:, p]]
+    return total
+
+
 class TextDecoder:
     """A loaded text export: ``decoder(texts, n, seed, temperature)`` -> images (T, n, C, H, W) float32."""
 
@@ -247,6 +321,8 @@ class TextDecoder:
         self.decoder = session(manifest["decoder_graph"]["file"])
         self.encoder = encoder_from_spec(manifest["text_encoder"], directory)
         self.kind = manifest["text_map"]["kind"]
+        sampling = manifest.get("sampling") or {}
+        self.bank = CodeBankNp(directory / sampling["file"]) if sampling.get("kind") == "bank" else None
         self.name, self.version, self.alias = manifest.get("family", ""), "", None  # set by a server
 
     @classmethod
@@ -278,8 +354,13 @@ class TextDecoder:
         the request first (:func:`validate_request`). ``temperature`` 0 gives the mode n times."""
         texts, n, seed = validate_request(texts, n, seed)
         rng = np.random.default_rng(seed)
-        out = self.text_map.run(None, self.embed(texts))
-        if self.kind == "latent":
+        inputs = self.embed(texts)
+        out = self.text_map.run(None, inputs)
+        if self.bank is not None:
+            embedding = inputs["embedding"] if inputs["embedding"].ndim == 2 else None
+            picks = self.bank.pick(self.bank.scores(out[0], out[1], embedding), n, temperature, rng).reshape(-1)
+            images = self.decoder.run(["images"], {"top_indices": self.bank.top[picks], "bottom_indices": self.bank.bottom[picks]})[0]
+        elif self.kind == "latent":
             z = np.repeat(out[0], n, axis=0)
             if temperature > 0:
                 z = z + (temperature * self.manifest["sampling"]["sample_std"]) * rng.standard_normal(z.shape, dtype=np.float32)

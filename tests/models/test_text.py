@@ -126,3 +126,59 @@ def test_image_captioner_streams_split_form_from_colour():
         # and the whole captioner is the normalised sum of the two
         expected = torch.nn.functional.normalize(form(red_square) + colour(red_square), dim=-1)
         assert torch.allclose(g(red_square), expected, atol=1e-6)
+
+
+def _tiny_bank(decoder, count: int, embed_dim: int = 0, text_weight: float = 0.0):
+    from models.text import CodeBank
+
+    x = torch.rand(count, decoder.config.channels, decoder.config.image_size, decoder.config.image_size)
+    top, bottom = decoder.encode(x).indices
+    embedding = torch.nn.functional.normalize(torch.randn(count, embed_dim), dim=-1) if embed_dim else None
+    return CodeBank(top, bottom, embedding, text_weight)
+
+
+def test_code_bank_scores_whole_maps_by_f_tau_likelihood_plus_retrieval(tmp_path):
+    from models.text import CodeBank
+
+    torch.manual_seed(0)
+    decoder = freeze(MODELS["vqvae2"](MODELS["vqvae2"].config_class.tiny()))
+    bank = _tiny_bank(decoder, 7, embed_dim=6, text_weight=0.5)
+    k = decoder.config.num_codes
+    top_logits = torch.randn(3, *decoder.top_shape, k)
+    bottom_logits = torch.randn(3, *decoder.bottom_shape, k)
+    text = torch.randn(3, 6)
+    scores = bank.scores(top_logits, bottom_logits, text)
+    positions = bank.top[0].numel() + bank.bottom[0].numel()
+    for b in range(3):
+        for j in range(7):  # brute force: the map's log-probability under the per-position softmaxes
+            ll = sum(torch.log_softmax(lg[b], -1).gather(-1, codes[j][..., None]).sum()
+                     for lg, codes in ((top_logits, bank.top), (bottom_logits, bank.bottom)))
+            cos = torch.nn.functional.cosine_similarity(text[b], bank.embedding[j], dim=0)
+            assert scores[b, j].item() == pytest.approx((ll + 0.5 * positions * cos).item(), rel=1e-4, abs=1e-3)
+    # Without embeddings (no captioner) the score is the likelihood alone.
+    plain = CodeBank(bank.top, bank.bottom).scores(top_logits, bottom_logits, text)
+    assert torch.allclose(scores - plain, 0.5 * positions * torch.nn.functional.normalize(text, dim=-1) @ bank.embedding.T, atol=1e-3)
+    # The mode: the best n in order; samples: seeded, n distinct rows; a bank smaller than n repeats.
+    assert torch.equal(bank.pick(scores, 3), scores.argsort(1, descending=True)[:, :3])
+    drawn = bank.pick(scores, 5, 1.0, torch.Generator().manual_seed(1))
+    assert torch.equal(drawn, bank.pick(scores, 5, 1.0, torch.Generator().manual_seed(1)))
+    assert all(len(set(row.tolist())) == 5 for row in drawn)
+    assert bank.pick(scores, 10).shape == (3, 10)
+    # save/load keeps the codes exactly and the embeddings to float16
+    bank.save(tmp_path / "bank.npz")
+    again = CodeBank.load(tmp_path / "bank.npz")
+    assert torch.equal(again.top, bank.top) and torch.equal(again.bottom, bank.bottom) and again.text_weight == 0.5
+    assert torch.allclose(again.embedding, bank.embedding, atol=1e-3)
+
+
+def test_generate_with_a_bank_decodes_the_best_scoring_bank_map():
+    torch.manual_seed(0)
+    decoder = freeze(MODELS["vqvae2"](MODELS["vqvae2"].config_class.tiny()))
+    text_map = text_map_for(decoder, 6, hidden_dim=16).eval()
+    text_map.bank = _tiny_bank(decoder, 9, embed_dim=6, text_weight=1.0)
+    emb = torch.randn(2, 6)
+    with torch.no_grad():
+        images = text_map.generate(decoder, emb, n=2, temperature=0.0)
+        best = text_map.bank.scores(*text_map(emb), emb).argsort(1, descending=True)[:, :2].flatten()
+        expected = decoder.decode_indices(text_map.bank.top[best], text_map.bank.bottom[best]).images
+    assert torch.equal(images.flatten(0, 1), expected)

@@ -192,6 +192,9 @@ def test_train_text_cli_bad_input_is_one_line_exit_2(text_params, tmp_path, caps
 def test_export_parity_and_text_decode(exported, family):
     out, manifest = exported[family]
     assert all(v <= 1e-4 for v in manifest["parity"].values()) and "text_decode" in manifest["parity"]
+    if family == "vqvae2":  # text.bank (the default): decoded from the train images' distinct code maps
+        assert manifest["sampling"]["kind"] == "bank" and manifest["sampling"]["captioned"]
+        assert (out / "bank.npz").is_file() and 1 < manifest["sampling"]["size"] <= manifest["aligned"]["aligned_size"] * 2
     decoder = TextDecoder.load(out)
     texts = ["a large red circle in the center", "small blue square, top left"]
     images = decoder(texts, n=3, seed=7)

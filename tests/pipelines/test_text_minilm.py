@@ -38,6 +38,16 @@ def test_minilm_loads_offline_and_its_onnx_export_matches(tmp_path, monkeypatch)
     swapped = embed_texts(words_spec, ["center the in circle red large a", "a large blue circle in the center"])
     assert np.abs(swapped[0] - words[0]).max() <= 1e-5 and swapped[1] @ words[0] < 0.99
 
+    # minilm-words with the aligned captions' vocabulary (text.vocab_floor): a request's filler words fall
+    # out, the captions' own words keep weight 1 (their embedding is the plain mean), on both sides.
+    vocab_spec = {**words_spec, "vocabulary": ["a", "large", "red", "circle", "in", "the", "center"], "vocab_floor": 0.5}
+    styled = ["Please draw me a large red circle near the center of the picture.", "a large red circle in the center"]
+    weighted, plain = embed_texts(vocab_spec, styled), embed_texts(words_spec, styled)
+    assert np.abs(weighted[1] - plain[1]).max() <= 1e-4
+    assert weighted[0] @ weighted[1] > 0.97 > 0.95 > plain[0] @ plain[1]  # 0.979 and 0.946
+    onnx_vocab = encoder_from_spec({**vocab_spec, "graph": "text_encoder.onnx", "tokenizer": "tokenizer.json"}, tmp_path)
+    assert np.abs(onnx_vocab.encode(styled) - weighted).max() <= 1e-4
+
     # minilm-word-attention: f_tau gets the words themselves, MAX_WORDS slots and a mask, on both sides
     from pipelines.text import text_features
     from pipelines.text_runtime import MAX_WORDS
@@ -60,3 +70,16 @@ def test_words_of_splits_like_the_pooling_expects():
     table = {"a": [1.0, 0.0], "b": [0.0, 1.0], "!!!": [1.0, 1.0]}
     out = pool_words(["a b", "a a", "!!!"], lambda ws: np.array([table[w] for w in ws]))
     assert np.allclose(out, [[2 ** -0.5, 2 ** -0.5], [1.0, 0.0], [2 ** -0.5, 2 ** -0.5]])
+
+
+def test_vocabulary_weights_drop_words_unlike_the_vocabulary():
+    from pipelines.text_runtime import VocabularyWeights, pool_words
+
+    table = {"red": [1.0, 0.0, 0.0], "crimson": [0.8, 0.6, 0.0], "please": [0.0, 0.0, 1.0]}
+    encode = lambda ws: np.array([table[w] for w in ws])  # noqa: E731
+    weights = VocabularyWeights(["red"], 0.5, encode)
+    assert np.allclose(weights(encode(["red", "crimson", "please"])), [1.0, 0.6, 0.0])
+    # "please" (cosine 0 to "red") falls out; a text of unknown words only keeps its plain mean
+    assert np.allclose(pool_words(["red please", "please"], encode, weights), [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    with pytest.raises(ValueError, match="floor"):
+        VocabularyWeights(["red"], 1.0, encode)
