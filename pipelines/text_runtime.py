@@ -397,7 +397,7 @@ class TextDecoder:
         """What is served, for ``GET /v1/models``."""
         m = self.manifest
         return {"name": self.name, "version": self.version, "alias": self.alias, "family": m["family"], "kind": "text", "capabilities": self.capabilities, "image_shape": list(self.image_shape),
-                "text_encoder": m["text_encoder"]["kind"], "decoder": {k: m["decoder"].get(k) for k in ("name", "version", "sha256")},
+                "text_encoder": m["text_encoder"]["kind"], "sampling": (m.get("sampling") or {}).get("kind"), "decoder": {k: m["decoder"].get(k) for k in ("name", "version", "sha256")},
                 "aligned_size": m["aligned"]["aligned_size"], "limits": m.get("limits"), "metrics": m.get("metrics") or {}}
 
 

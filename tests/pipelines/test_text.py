@@ -183,6 +183,9 @@ def test_train_text_cli_bad_input_is_one_line_exit_2(text_params, tmp_path, caps
     assert "pseudo_ratio" in capsys.readouterr().err
     assert main(["train-text", "--params", str(path), "--model", "vae", "--set", "encoder=minilm-sentences"]) == 2
     assert "text.encoder" in capsys.readouterr().err
+    for bad, field in (("vocab_floor=1", "vocab_floor"), ("bank_text_weight=-1", "bank_text_weight"), ("bank=maybe", "bank")):
+        assert main(["train-text", "--params", str(path), "--model", "vae", "--set", bad]) == 2
+        assert field in capsys.readouterr().err
 
 
 # -- export and the torch-free runtime ------------------------------------------------------------------
@@ -399,6 +402,9 @@ def test_word_attention_trains_exports_and_serves(text_params, local_ray, tmp_pa
 
     manifest = export_text(summary["output_dir"], tmp_path / "export")
     assert manifest["text_map"]["inputs"] == {"embedding": [None, MAX_WORDS, 384], "mask": [None, MAX_WORDS]}
+    # no captioner (pseudo_ratio 0): the bank scores by f_tau's likelihood alone
+    assert manifest["sampling"]["kind"] == "bank" and not manifest["sampling"]["captioned"]
+    assert manifest["sampling"]["text_weight"] == 0.0
     assert max(manifest["parity"].values()) <= manifest["parity_atol"]
     runtime = TextDecoder.load(tmp_path / "export")
     texts = ["a small blue square at the top left", "Please draw me a large red circle near the center."]
