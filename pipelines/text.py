@@ -406,11 +406,13 @@ def prepare_arrays(job: TextJob, echo: Callable[[str], None] = print) -> tuple[d
     decoder = PretrainedModel.from_pretrained(job.decoder_dir).eval()
     arrays.update(decoder_targets(decoder, arrays["image"]))
     pseudo_count = 0
-    if text["pseudo_ratio"] > 0:
+    # The unlabelled images: pseudo-captioned for f_tau, and (a code-map decoder with text.bank) the bank's maps.
+    if text["pseudo_ratio"] > 0 or (text["bank"] and hasattr(decoder, "decode_indices")):
         others = np.setdiff1d(np.arange(len(train["captions"])), rows)
         pseudo = {"image": np.array(train["images"][others]), **decoder_targets(decoder, train["images"][others])}
         arrays.update({f"pseudo_{k}": v for k, v in pseudo.items()})
-        pseudo_count = int(len(others))
+    if text["pseudo_ratio"] > 0:
+        pseudo_count = int(len(arrays["pseudo_image"]))
         echo(f"pseudo-captions: {pseudo_count} unlabelled train images, {text['pseudo_ratio']:g} per aligned pair each epoch")
     info = {
         "aligned_size": int(len(rows)),

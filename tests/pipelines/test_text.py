@@ -402,9 +402,9 @@ def test_word_attention_trains_exports_and_serves(text_params, local_ray, tmp_pa
 
     manifest = export_text(summary["output_dir"], tmp_path / "export")
     assert manifest["text_map"]["inputs"] == {"embedding": [None, MAX_WORDS, 384], "mask": [None, MAX_WORDS]}
-    # no captioner (pseudo_ratio 0): the bank scores by f_tau's likelihood alone
+    # no captioner (pseudo_ratio 0): the bank (every train image's map) scores by f_tau's likelihood alone
     assert manifest["sampling"]["kind"] == "bank" and not manifest["sampling"]["captioned"]
-    assert manifest["sampling"]["text_weight"] == 0.0
+    assert manifest["sampling"]["text_weight"] == 0.0 and manifest["sampling"]["size"] > record["aligned"]["aligned_size"]
     assert max(manifest["parity"].values()) <= manifest["parity_atol"]
     runtime = TextDecoder.load(tmp_path / "export")
     texts = ["a small blue square at the top left", "Please draw me a large red circle near the center."]
