@@ -10,7 +10,8 @@ the decoder frozen. What f_tau outputs depends on the decoder's latent space:
   latent space the decoder was trained on. ``n`` images per prompt: ``z + temperature * sample_std * eps``.
 * ``kind="codes"`` (VQ-VAE-2): per level and per position, logits over that level's codebook,
   ``top (B, ht, wt, K)`` and ``bottom (B, hb, wb, K)``, trained by cross-entropy to the codes of the
-  image. Decoded by argmax (``temperature=0``) or by sampling each position for variety.
+  image. Decoded by argmax (``temperature=0``) or by sampling each position for variety, or (``text.bank``)
+  by picking whole code maps of train images from a :class:`CodeBank`.
 
 With ``word_attention`` = q > 0, f_tau reads one embedding per word instead of one per text: ``embedding``
 (B, L, E) and ``mask`` (B, L) (1 for a word, 0 for padding); q learned queries attend over the words and
@@ -260,12 +261,12 @@ class ImageCaptioner(nn.Module):
 
 @dataclass
 class CodeBank:
-    """The code maps of the unlabelled images, for decoding f_tau's code logits onto the image manifold.
+    """The distinct code maps of the train images, for decoding f_tau's code logits onto the image manifold.
 
     f_tau's logits are independent per position; their argmax mixes positions from different images
     (on ``shapes`` the 1-pixel jitter puts an object's codes at neighbouring positions in different
     images, and the per-position winners draw no one shape). Decoding from the bank scores each whole
-    code map j of an unlabelled train image instead, and decodes the best:
+    code map j of a train image instead, and decodes the best:
 
         score(j | y) = sum over positions p of log softmax(f_tau(y))_p[code_jp]
                        + text_weight * positions * cos(embed(y), captioner(x_j))
