@@ -166,6 +166,11 @@ class EncoderOutput:
     logvar: Tensor | None = None
     indices: tuple[Tensor, ...] | None = None
 
+    @property
+    def point(self) -> Tensor:
+        """One latent per image without sampling: the mean where there is one, else ``latent``."""
+        return self.mean if self.mean is not None else self.latent
+
 
 @dataclass
 class DecoderOutput:

@@ -285,6 +285,7 @@ def _plan(model: nn.Module, images: Tensor) -> tuple[list[_Graph], dict, dict]:
     """The graphs ``model`` needs, with their parity checks, plus the manifest's latent and sampling."""
     from models.glo import GLO
     from models.vqvae2 import VQVAE2
+    from models.text import latent_shape_of
 
     gen = torch.Generator().manual_seed(0)
     c = model.config
@@ -294,7 +295,7 @@ def _plan(model: nn.Module, images: Tensor) -> tuple[list[_Graph], dict, dict]:
     if isinstance(model, VQVAE2):
         return _plan_vqvae2(model, images, gen, img)
 
-    latent_shape = list(getattr(model, "latent_shape", None) or (c.latent_dim,))
+    latent_shape = list(latent_shape_of(model))
     lat = [None, *latent_shape]
     real_latents: Tensor | None = None
     kind = "deterministic"
@@ -302,7 +303,7 @@ def _plan(model: nn.Module, images: Tensor) -> tuple[list[_Graph], dict, dict]:
         enc = model.encode(images)
         kind = "gaussian" if enc.mean is not None else "deterministic"
         outputs = {"mean": (lat, "float32"), "logvar": (lat, "float32")} if kind == "gaussian" else {"latent": (lat, "float32")}
-        real_latents = enc.mean if kind == "gaussian" else enc.latent
+        real_latents = enc.point
 
         def check_encoder(session, atol, kind=kind):
             out = model.encode(images)

@@ -440,8 +440,7 @@ def decoder_targets(decoder, images: np.ndarray) -> dict[str, np.ndarray]:
                 targets.setdefault("top", []).append(top.numpy())
                 targets.setdefault("bottom", []).append(bottom.numpy())
             elif decoder.has_encoder and type(decoder).__name__ != "GLO":  # GLO encodes by optimisation: pixels only
-                enc = decoder.encode(x)
-                targets.setdefault("target_latent", []).append((enc.mean if enc.mean is not None else enc.latent).numpy())
+                targets.setdefault("target_latent", []).append(decoder.encode(x).point.numpy())
     return {k: np.concatenate(v) for k, v in targets.items()}
 
 

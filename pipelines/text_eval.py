@@ -155,17 +155,13 @@ def _reconstructions(decoder, train: dict[str, np.ndarray], rows: np.ndarray, se
     elif decoder.has_encoder and hasattr(decoder, "decode_indices"):
         method, render = "encode", lambda x: decoder.decode_indices(*decoder.encode(x).indices)
     elif decoder.has_encoder:
-        method, render = "encode", lambda x: decoder.decode(_mean_or_latent(decoder.encode(x)))
+        method, render = "encode", lambda x: decoder.decode(decoder.encode(x).point)
     elif not hasattr(decoder, "decode_indices"):
         method, render = "latent_fit", lambda x: decoder.decode(fit_latents(decoder, x, generator=generator))
     else:
         return None, None
     out = [render(batch_to_tensor(np.array(train["images"][rows[i:i + 128]]))).images for i in range(0, len(rows), 128)]
     return torch.cat(out), method
-
-
-def _mean_or_latent(enc):
-    return enc.mean if enc.mean is not None else enc.latent
 
 
 def fit_latents(decoder, x: torch.Tensor, steps: int = LATENT_FIT_STEPS, restarts: int = LATENT_FIT_RESTARTS,
