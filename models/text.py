@@ -300,9 +300,7 @@ class CodeBank:
     def pick(self, scores: Tensor, n: int, temperature: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
         """(B, n) bank rows per prompt: the n best at ``temperature`` 0, else n drawn without replacement
         from softmax(scores / temperature) (Gumbel-top-n). A bank smaller than n repeats its picks."""
-        if temperature > 0:
-            u = torch.rand(scores.shape, generator=generator).clamp_(1e-9, 1 - 1e-9)
-            scores = scores / temperature - torch.log(-torch.log(u))
+        scores = gumbel_perturbed(scores, temperature, generator)
         picks = scores.topk(min(n, scores.shape[1]), dim=1).indices
         return picks.repeat(1, -(-n // picks.shape[1]))[:, :n]
 
@@ -340,10 +338,16 @@ def _map_log_likelihood(logits: Tensor, codes: Tensor) -> Tensor:
 
 def sample_codes(logits: Tensor, temperature: float, generator: torch.Generator | None = None) -> Tensor:
     """(..., K) logits -> (...) int64: argmax at temperature 0, else Gumbel-max sampling of softmax(logits / T)."""
+    return gumbel_perturbed(logits, temperature, generator).argmax(-1)
+
+
+def gumbel_perturbed(logits: Tensor, temperature: float, generator: torch.Generator | None = None) -> Tensor:
+    """``logits`` at temperature 0, else logits / T plus Gumbel noise: its argmax (top-n) is a draw (n draws
+    without replacement) from softmax(logits / T)."""
     if temperature <= 0:
-        return logits.argmax(-1)
+        return logits
     u = torch.rand(logits.shape, generator=generator).clamp_(1e-9, 1 - 1e-9)
-    return (logits / temperature - torch.log(-torch.log(u))).argmax(-1)
+    return logits / temperature - torch.log(-torch.log(u))
 
 
 def text_map_for(decoder: PretrainedModel, embed_dim: int, **overrides: Any) -> TextMap:

@@ -262,10 +262,15 @@ def validate_request(texts: Any, n: Any = 1, seed: Any = None) -> tuple[list[str
 
 def sample_codes_np(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> np.ndarray:
     """(..., K) logits -> (...) int64: argmax at temperature 0, else Gumbel-max draws of softmax(logits / T)."""
+    return gumbel_perturbed_np(logits, temperature, rng).argmax(-1).astype(np.int64)
+
+
+def gumbel_perturbed_np(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> np.ndarray:
+    """``logits`` at temperature 0, else logits / T plus Gumbel noise (``models.text.gumbel_perturbed``)."""
     if temperature <= 0:
-        return logits.argmax(-1).astype(np.int64)
+        return logits
     u = np.clip(rng.random(logits.shape, dtype=np.float32), 1e-9, 1 - 1e-9)
-    return (logits / temperature - np.log(-np.log(u))).argmax(-1).astype(np.int64)
+    return logits / temperature - np.log(-np.log(u))
 
 
 class CodeBankNp:
@@ -289,9 +294,7 @@ class CodeBankNp:
 
     def pick(self, scores: np.ndarray, n: int, temperature: float, rng: np.random.Generator) -> np.ndarray:
         """(B, n) bank rows: the n best at temperature 0, else Gumbel-top-n of scores / temperature."""
-        if temperature > 0:
-            u = np.clip(rng.random(scores.shape, dtype=np.float32), 1e-9, 1 - 1e-9)
-            scores = scores / temperature - np.log(-np.log(u))
+        scores = gumbel_perturbed_np(scores, temperature, rng)
         k = min(n, scores.shape[1])
         picks = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         return np.tile(picks, (1, -(-n // k)))[:, :n]
