@@ -147,7 +147,7 @@ def export_text(text_dir: str | Path, out_dir: str | Path, metrics: dict | None 
             "text_map": {"file": "text_map.onnx", "kind": c.kind, "inputs": {k: v[0] for k, v in graphs[0].inputs.items()},
                          "outputs": {k: v[0] for k, v in outputs.items()}},
             "decoder_graph": {"file": "decoder.onnx", "inputs": {k: v[0] for k, v in graphs[1].inputs.items()}},
-            "sampling": _sampling(text_map, tmp),
+            "sampling": _sampling(c, record, text_dir, tmp),
             "decoder": {k: record["decoder"].get(k) for k in ("source", "name", "version", "sha256", "state_sha256", "path")},
             "aligned": {k: record["aligned"][k] for k in ("aligned_size", "holdout")},
             "limits": {"max_texts": MAX_TEXTS, "max_text_chars": MAX_TEXT_CHARS, "max_n": MAX_N},
@@ -174,16 +174,16 @@ def export_text(text_dir: str | Path, out_dir: str | Path, metrics: dict | None 
     return manifest
 
 
-def _sampling(text_map, out: Path) -> dict[str, Any]:
-    """The manifest's ``sampling``: latent noise, per-position codes, or a code bank (copied to ``out``)."""
-    c = text_map.config
+def _sampling(c, record: dict[str, Any], text_dir: Path, out: Path) -> dict[str, Any]:
+    """The manifest's ``sampling``: latent noise, per-position codes, or the text model's code bank
+    (its ``bank.npz`` copied to ``out``, its facts from ``text.json``)."""
     if c.kind == "latent":
         return {"kind": "latent_noise", "sample_std": c.sample_std}
-    if text_map.bank is None:
+    bank = record.get("bank")
+    if not bank:
         return {"kind": "codes"}
-    text_map.bank.save(out / "bank.npz")
-    return {"kind": "bank", "file": "bank.npz", "size": len(text_map.bank), "text_weight": text_map.bank.text_weight,
-            "captioned": text_map.bank.embedding is not None}
+    shutil.copy2(text_dir / bank["file"], out / "bank.npz")
+    return {"kind": "bank", "file": "bank.npz", **{k: bank[k] for k in ("size", "text_weight", "captioned")}}
 
 
 def _parity_prompts(record: dict[str, Any]) -> list[str]:
