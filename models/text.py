@@ -269,7 +269,7 @@ class CodeBank:
     code map j of a train image instead, and decodes the best:
 
         score(j | y) = sum over positions p of log softmax(f_tau(y))_p[code_jp]
-                       + text_weight * positions * cos(embed(y), captioner(x_j))
+                       + text_weight * positions * cos(embed(y), captioner(x_j))   (in the retrieval space below)
 
     The first term is the log-likelihood of the map under f_tau (a product of its per-position
     distributions restricted to maps the encoder produced on real images); the second, when the bank
@@ -278,23 +278,44 @@ class CodeBank:
     ``text_weight`` is per position, so it weighs the same against the mean log-likelihood of a
     position at any code-map size.
 
-    ``top`` (N, ht, wt), ``bottom`` (N, hb, wb) int64; ``embedding`` (N, E) float32 unit rows or None.
+    The cosine is taken in a *retrieval space* when the bank has one (``centre``, ``whiten``, from
+    :func:`retrieval_space` over the aligned captions' embeddings): centred on the mean caption and
+    whitened, so that every direction in which captions differ counts alike. A plain cosine is ruled by
+    the words every caption shares and by the largest differences (shape, colour); whitened, size and
+    position count as much, and the likelihood term has less to make up for (on ``shapes`` held-out
+    combinations 0.547 -> 0.647 all factors right, bench/README.md).
+
+    ``top`` (N, ht, wt), ``bottom`` (N, hb, wb) int64; ``embedding`` (N, E) float32 unit rows or None;
+    ``centre`` (E,) and ``whiten`` (E, E) float32 or None.
     """
 
     top: Tensor
     bottom: Tensor
     embedding: Tensor | None = None
     text_weight: float = 0.0
+    centre: Tensor | None = None
+    whiten: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        # The bank side of the cosine, projected once.
+        self.keys = None if self.embedding is None else self.project(self.embedding)
 
     def __len__(self) -> int:
         return int(self.top.shape[0])
 
+    def project(self, embedding: Tensor) -> Tensor:
+        """(B, E) embeddings -> unit rows in the retrieval space (only normalised without one)."""
+        unit = F.normalize(embedding.float(), dim=-1)
+        if self.whiten is None:
+            return unit
+        return F.normalize((unit - self.centre) @ self.whiten, dim=-1)
+
     def scores(self, top_logits: Tensor, bottom_logits: Tensor, text_embedding: Tensor | None = None) -> Tensor:
         """(B, N) scores of every bank map for B prompts (logits (B, h, w, K) per level, embedding (B, E))."""
         total = _map_log_likelihood(top_logits, self.top) + _map_log_likelihood(bottom_logits, self.bottom)
-        if self.embedding is not None and self.text_weight > 0 and text_embedding is not None:
+        if self.keys is not None and self.text_weight > 0 and text_embedding is not None:
             positions = self.top[0].numel() + self.bottom[0].numel()
-            total = total + self.text_weight * positions * (F.normalize(text_embedding.float(), dim=-1) @ self.embedding.T)
+            total = total + self.text_weight * positions * (self.project(text_embedding) @ self.keys.T)
         return total
 
     def pick(self, scores: Tensor, n: int, temperature: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
@@ -314,6 +335,8 @@ class CodeBank:
                   "text_weight": np.float32(self.text_weight)}
         if self.embedding is not None:
             arrays["embedding"] = self.embedding.numpy().astype(np.float16)
+        if self.whiten is not None:
+            arrays.update(centre=self.centre.numpy().astype(np.float32), whiten=self.whiten.numpy().astype(np.float32))
         np.savez(path, **arrays)
 
     @classmethod
@@ -321,9 +344,24 @@ class CodeBank:
         import numpy as np
 
         with np.load(path) as f:
-            embedding = torch.from_numpy(f["embedding"].astype(np.float32)) if "embedding" in f else None
+            floats = {k: torch.from_numpy(f[k].astype(np.float32)) if k in f else None for k in ("embedding", "centre", "whiten")}
             return cls(torch.from_numpy(f["top"].astype(np.int64)), torch.from_numpy(f["bottom"].astype(np.int64)),
-                       embedding, float(f["text_weight"]))
+                       floats["embedding"], float(f["text_weight"]), floats["centre"], floats["whiten"])
+
+
+def retrieval_space(captions: Tensor, ridge: float) -> tuple[Tensor, Tensor]:
+    """(centre (E,), whiten (E, E)) of :class:`CodeBank`'s retrieval space from (N, E) caption embeddings:
+    centre their unit rows, rotate onto the eigenvectors of their covariance and scale each by
+    ``1 / sqrt(variance + ridge * largest variance)``. The ridge keeps the directions in which the
+    captions hardly vary (noise, for the captioner) from being blown up: at 0.1 the strong directions
+    are whitened and the weak ones only centred."""
+    unit = F.normalize(captions.double(), dim=-1)
+    centre = unit.mean(0)
+    covariance = (unit - centre).T @ (unit - centre) / max(len(unit) - 1, 1)
+    variance, vectors = torch.linalg.eigh(covariance)
+    variance = variance.clamp_min(0)
+    whiten = vectors * (variance + ridge * variance.max()).clamp_min(1e-12).rsqrt()
+    return centre.float(), whiten.float()
 
 
 def _map_log_likelihood(logits: Tensor, codes: Tensor) -> Tensor:

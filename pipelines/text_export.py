@@ -183,7 +183,8 @@ def _sampling(c, record: dict[str, Any], text_dir: Path, out: Path) -> dict[str,
     if not bank:
         return {"kind": "codes"}
     shutil.copy2(text_dir / bank["file"], out / "bank.npz")
-    return {"kind": "bank", "file": "bank.npz", **{k: bank[k] for k in ("size", "text_weight", "captioned")}}
+    return {"kind": "bank", "file": "bank.npz", **{k: bank[k] for k in ("size", "text_weight", "captioned")},
+            "whitened": bool(bank.get("whitened"))}
 
 
 def _parity_prompts(record: dict[str, Any]) -> list[str]:

@@ -275,21 +275,30 @@ def gumbel_perturbed_np(logits: np.ndarray, temperature: float, rng: np.random.G
 
 class CodeBankNp:
     """:class:`models.text.CodeBank` in numpy (``bank.npz`` of an export): the code maps of the train images,
-    scored by f_tau's log-likelihood plus ``text_weight`` * positions * the caption-retrieval cosine."""
+    scored by f_tau's log-likelihood plus ``text_weight`` * positions * the caption-retrieval cosine (in the
+    bank's retrieval space when it has one: ``centre``, ``whiten``)."""
 
     def __init__(self, path: str | Path):
         with np.load(path) as f:
             self.top, self.bottom = f["top"].astype(np.int64), f["bottom"].astype(np.int64)
-            self.embedding = f["embedding"].astype(np.float32) if "embedding" in f else None
+            embedding = f["embedding"].astype(np.float32) if "embedding" in f else None
             self.text_weight = float(f["text_weight"])
+            self.centre, self.whiten = (f[k].astype(np.float32) if "whiten" in f else None for k in ("centre", "whiten"))
+        self.keys = None if embedding is None else self.project(embedding)  # the bank side, projected once
+
+    def project(self, embedding: np.ndarray) -> np.ndarray:
+        """(B, E) embeddings -> unit rows in the bank's retrieval space (only normalised without one)."""
+        def unit(x):
+            return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+        return unit(embedding) if self.whiten is None else unit((unit(embedding) - self.centre) @ self.whiten)
 
     def scores(self, top_logits: np.ndarray, bottom_logits: np.ndarray, text_embedding: np.ndarray | None) -> np.ndarray:
         """(B, N) scores of every bank map for B prompts."""
         total = _map_log_likelihood_np(top_logits, self.top) + _map_log_likelihood_np(bottom_logits, self.bottom)
-        if self.embedding is not None and self.text_weight > 0 and text_embedding is not None:
-            unit = text_embedding / np.maximum(np.linalg.norm(text_embedding, axis=-1, keepdims=True), 1e-12)
+        if self.keys is not None and self.text_weight > 0 and text_embedding is not None:
             positions = self.top[0].size + self.bottom[0].size
-            total = total + self.text_weight * positions * (unit @ self.embedding.T)
+            total = total + self.text_weight * positions * (self.project(text_embedding) @ self.keys.T)
         return total
 
     def pick(self, scores: np.ndarray, n: int, temperature: float, rng: np.random.Generator) -> np.ndarray:

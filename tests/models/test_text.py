@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -169,6 +170,53 @@ def test_code_bank_scores_whole_maps_by_f_tau_likelihood_plus_retrieval(tmp_path
     again = CodeBank.load(tmp_path / "bank.npz")
     assert torch.equal(again.top, bank.top) and torch.equal(again.bottom, bank.bottom) and again.text_weight == 0.5
     assert torch.allclose(again.embedding, bank.embedding, atol=1e-3)
+
+
+def test_retrieval_space_whitens_the_captions_and_the_bank_scores_in_it(tmp_path):
+    from models.text import CodeBank, retrieval_space
+    from pipelines.text_runtime import CodeBankNp
+
+    torch.manual_seed(0)
+    # Captions that vary a lot along one direction and little along another, on a shared offset.
+    e = torch.zeros(200, 6)
+    e[:, 0] = 3.0
+    e[:, 1] = 1.0 * torch.randn(200)
+    e[:, 2] = 0.05 * torch.randn(200)
+    unit = torch.nn.functional.normalize(e, dim=-1)
+    variance = torch.linalg.eigvalsh(torch.cov(unit.T).double()).clamp_min(0).float()  # ascending
+    for ridge in (1e-6, 0.1):
+        centre, whiten = retrieval_space(e, ridge)
+        assert torch.allclose(centre, unit.mean(0), atol=1e-6)
+        white = (unit - centre) @ whiten
+        # Decorrelated, each principal direction's variance v scaled to v / (v + ridge * v_max): a near-zero
+        # ridge gives every direction the captions vary in unit variance; 0.1 leaves the weak ones small.
+        expected = variance / (variance + ridge * variance.max())
+        assert torch.allclose(torch.cov(white.T), torch.diag(expected), atol=1e-3)
+    assert expected[-1] > 0.9 and expected[-2] < 0.5  # (ridge 0.1)
+
+    decoder = freeze(MODELS["vqvae2"](MODELS["vqvae2"].config_class.tiny()))
+    plain = _tiny_bank(decoder, 7, embed_dim=6, text_weight=0.5)
+    centre, whiten = retrieval_space(e, ridge=0.1)
+    bank = CodeBank(plain.top, plain.bottom, plain.embedding, 0.5, centre, whiten)
+    k = decoder.config.num_codes
+    top_logits, bottom_logits = torch.randn(3, *decoder.top_shape, k), torch.randn(3, *decoder.bottom_shape, k)
+    text = torch.randn(3, 6)
+    positions = bank.top[0].numel() + bank.bottom[0].numel()
+
+    def projected(x):
+        return torch.nn.functional.normalize((torch.nn.functional.normalize(x, dim=-1) - centre) @ whiten, dim=-1)
+
+    retrieval = bank.scores(top_logits, bottom_logits, text) - CodeBank(bank.top, bank.bottom).scores(top_logits, bottom_logits)
+    assert torch.allclose(retrieval, 0.5 * positions * projected(text) @ projected(bank.embedding).T, atol=1e-3)
+    assert not torch.allclose(retrieval, plain.scores(top_logits, bottom_logits, text)
+                              - CodeBank(bank.top, bank.bottom).scores(top_logits, bottom_logits), atol=1e-2)
+    # save/load keeps the space; serving's numpy bank scores the same
+    bank.save(tmp_path / "bank.npz")
+    again = CodeBank.load(tmp_path / "bank.npz")
+    assert torch.allclose(again.whiten, whiten) and torch.allclose(again.centre, centre)
+    expected = again.scores(top_logits, bottom_logits, text)
+    served = CodeBankNp(tmp_path / "bank.npz").scores(top_logits.numpy(), bottom_logits.numpy(), text.numpy())
+    assert np.allclose(served, expected.numpy(), rtol=1e-4, atol=1e-2)
 
 
 def test_generate_with_a_bank_decodes_the_best_scoring_bank_map():

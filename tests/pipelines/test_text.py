@@ -183,7 +183,8 @@ def test_train_text_cli_bad_input_is_one_line_exit_2(text_params, tmp_path, caps
     assert "pseudo_ratio" in capsys.readouterr().err
     assert main(["train-text", "--params", str(path), "--model", "vae", "--set", "encoder=minilm-sentences"]) == 2
     assert "text.encoder" in capsys.readouterr().err
-    for bad, field in (("vocab_floor=1", "vocab_floor"), ("bank_text_weight=-1", "bank_text_weight"), ("bank=maybe", "bank")):
+    for bad, field in (("vocab_floor=1", "vocab_floor"), ("bank_text_weight=-1", "bank_text_weight"), ("bank=maybe", "bank"),
+                       ("bank_whitening=0", "bank_whitening")):
         assert main(["train-text", "--params", str(path), "--model", "vae", "--set", bad]) == 2
         assert field in capsys.readouterr().err
 
@@ -196,7 +197,7 @@ def test_export_parity_and_text_decode(exported, family):
     out, manifest = exported[family]
     assert all(v <= 1e-4 for v in manifest["parity"].values()) and "text_decode" in manifest["parity"]
     if family == "vqvae2":  # text.bank (the default): decoded from the train images' distinct code maps
-        assert manifest["sampling"]["kind"] == "bank" and manifest["sampling"]["captioned"]
+        assert manifest["sampling"]["kind"] == "bank" and manifest["sampling"]["captioned"] and manifest["sampling"]["whitened"]
         assert (out / "bank.npz").is_file() and 1 < manifest["sampling"]["size"] <= manifest["aligned"]["aligned_size"] * 2
     decoder = TextDecoder.load(out)
     texts = ["a large red circle in the center", "small blue square, top left"]
@@ -403,7 +404,7 @@ def test_word_attention_trains_exports_and_serves(text_params, local_ray, tmp_pa
     manifest = export_text(summary["output_dir"], tmp_path / "export")
     assert manifest["text_map"]["inputs"] == {"embedding": [None, MAX_WORDS, 384], "mask": [None, MAX_WORDS]}
     # no captioner (pseudo_ratio 0): the bank (every train image's map) scores by f_tau's likelihood alone
-    assert manifest["sampling"]["kind"] == "bank" and not manifest["sampling"]["captioned"]
+    assert manifest["sampling"]["kind"] == "bank" and not manifest["sampling"]["captioned"] and not manifest["sampling"]["whitened"]
     assert manifest["sampling"]["text_weight"] == 0.0 and manifest["sampling"]["size"] > record["aligned"]["aligned_size"]
     assert max(manifest["parity"].values()) <= manifest["parity_atol"]
     runtime = TextDecoder.load(tmp_path / "export")
