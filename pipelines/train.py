@@ -33,6 +33,7 @@ from pipelines.params import ParamsError, apply_overrides, check_keys, section
 
 TRAIN_SCHEMA: dict[str, Any] = {
     "epochs": int,
+    "family_epochs": (dict, type(None)),
     "batch_size": int,
     "num_workers": int,
     "use_gpu": bool,
@@ -121,14 +122,23 @@ def resolve_job(
         value = yaml.safe_load(raw) if raw else ""
         if key in config_fields:
             model_section[key] = value
-        elif key in TRAIN_SCHEMA and key not in ("models", "families"):
+        elif key in TRAIN_SCHEMA and key not in ("models", "families", "family_epochs"):
             train_extra[key] = value
         else:
             raise ParamsError(
                 f"--set {key}: not a field of {cls.config_class.__name__} ({', '.join(sorted(config_fields))}) "
-                f"nor a train setting ({', '.join(k for k in TRAIN_SCHEMA if k not in ('models', 'families'))})"
+                f"nor a train setting ({', '.join(k for k in TRAIN_SCHEMA if k not in ('models', 'families', 'family_epochs'))})"
             )
     train = check_keys({**train_params, **train_extra}, TRAIN_SCHEMA, "train")
+    # A family that needs more (or fewer) epochs than train.epochs; an explicit --set epochs=N wins.
+    family_epochs = train.pop("family_epochs") or {}
+    if not isinstance(family_epochs, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in family_epochs.values()):
+        raise ParamsError(f"params train.family_epochs must map family names to epochs > 0, got {family_epochs!r}")
+    unknown = sorted(set(family_epochs) - set(MODELS))
+    if unknown:
+        raise ParamsError(f"params train.family_epochs names unknown model families: {', '.join(unknown)}")
+    if family in family_epochs and "epochs" not in train_extra:
+        train["epochs"] = family_epochs[family]
     if num_workers is not None:
         train["num_workers"] = num_workers
     if use_gpu is not None:

@@ -42,7 +42,7 @@ def repo_copy(tmp_path) -> Path:
     # Small data, one tiny family, one epoch: these tests are about the pipeline, not the models.
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params["data"]["shapes"].update(num_images=120, image_size=16)
-    params["train"].update(epochs=1, batch_size=16, families=["vae"], log_every_steps=2)
+    params["train"].update(epochs=1, family_epochs=None, batch_size=16, families=["vae"], log_every_steps=2)
     params["train"]["models"] = {"vae": tiny_section("vae")}
     params["classifier"].update(epochs=1, widths=[8, 16], feature_dim=32)
     params["evaluate"].update(iwae_k=4, iwae_images=16, num_samples=32, prior_samples=8, split_images=64,

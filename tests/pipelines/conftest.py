@@ -28,7 +28,7 @@ def project(tmp_path_factory):
     params["data"]["shapes"].update(num_images=240, image_size=16)
     params["data"]["output_dir"] = str(root / "data" / "prepared")
     params["train"].update(
-        epochs=2, batch_size=16, storage_path=str(root / "ray_results"), output_dir=str(root / "artifacts"),
+        epochs=2, family_epochs=None, batch_size=16, storage_path=str(root / "ray_results"), output_dir=str(root / "artifacts"),
         log_every_steps=2, resource_timeout_s=5, cpus_per_worker=1,  # two workers fit the 2-CPU test runtimes
     )
     params["train"]["models"] = {f: tiny_section(f) for f in ("vae", "vqvae2", "gan")}

@@ -93,6 +93,20 @@ def test_bad_inputs_resolve(project):
         resolve_job(missing, "vae")
     job = resolve_job(params, "vae", ["beta=4", "epochs=3"])
     assert job.model_config["beta"] == 4.0 and job.train["epochs"] == 3
+    # train.family_epochs: a family's own epochs over train.epochs; --set epochs=N over both
+    per_family = {**params, "train": {**params["train"], "family_epochs": {"vqvae2": 5}}}
+    assert resolve_job(per_family, "vqvae2").train["epochs"] == 5
+    assert resolve_job(per_family, "vae").train["epochs"] == params["train"]["epochs"]
+    assert resolve_job(per_family, "vqvae2", ["epochs=1"]).train["epochs"] == 1
+    assert "family_epochs" not in resolve_job(per_family, "vqvae2").train
+    with pytest.raises(ParamsError, match="train.family_epochs names unknown model families: vqvea2"):
+        resolve_job({**params, "train": {**params["train"], "family_epochs": {"vqvea2": 5}}}, "vae")
+    with pytest.raises(ParamsError, match="train.family_epochs must map family names to epochs"):
+        resolve_job({**params, "train": {**params["train"], "family_epochs": {"vqvae2": "many"}}}, "vae")
+    with pytest.raises(ParamsError, match="--set family_epochs: not a field"):
+        resolve_job(params, "vae", ["family_epochs=3"])
+    with pytest.raises(ParamsError, match="train.family_epochs must map family names to epochs"):
+        resolve_job({**params, "train": {**params["train"], "family_epochs": {"vqvae2": 0}}}, "vae")
     assert job.model_config["image_size"] == 16 and job.model_config["channels"] == 3
 
 
