@@ -51,6 +51,8 @@ TRAIN_SCHEMA: dict[str, Any] = {
     "families": list,
     "models": dict,
 }
+# train settings that are no `--set` key: sections of their own, or per-family (dotted keys set them).
+NOT_SET_KEYS = ("models", "families", "family_epochs")
 MLFLOW_SCHEMA: dict[str, Any] = {"tracking_uri": str, "experiment": str}
 # Model config fields that come from the prepared data, not from params.
 DATA_FIELDS = ("image_size", "channels", "num_samples")
@@ -122,17 +124,17 @@ def resolve_job(
         value = yaml.safe_load(raw) if raw else ""
         if key in config_fields:
             model_section[key] = value
-        elif key in TRAIN_SCHEMA and key not in ("models", "families", "family_epochs"):
+        elif key in TRAIN_SCHEMA and key not in NOT_SET_KEYS:
             train_extra[key] = value
         else:
             raise ParamsError(
                 f"--set {key}: not a field of {cls.config_class.__name__} ({', '.join(sorted(config_fields))}) "
-                f"nor a train setting ({', '.join(k for k in TRAIN_SCHEMA if k not in ('models', 'families', 'family_epochs'))})"
+                f"nor a train setting ({', '.join(k for k in TRAIN_SCHEMA if k not in NOT_SET_KEYS)})"
             )
     train = check_keys({**train_params, **train_extra}, TRAIN_SCHEMA, "train")
     # A family that needs more (or fewer) epochs than train.epochs; an explicit --set epochs=N wins.
-    family_epochs = train.pop("family_epochs") or {}
-    if not isinstance(family_epochs, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in family_epochs.values()):
+    family_epochs = train.pop("family_epochs") or {}  # check_keys: a dict or null
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in family_epochs.values()):
         raise ParamsError(f"params train.family_epochs must map family names to epochs > 0, got {family_epochs!r}")
     unknown = sorted(set(family_epochs) - set(MODELS))
     if unknown:
