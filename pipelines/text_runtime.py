@@ -32,6 +32,11 @@ MAX_N = 16
 MAX_WORDS = 32
 
 
+def unit_rows(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Rows of ``x`` scaled to unit L2 norm (a norm under ``eps`` divides by ``eps``: torch's F.normalize)."""
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
 class TextRequestError(ValueError):
     """A bad text-decode request; ``field`` is the request field at fault (``texts``, ``texts[2]``, ``n``)."""
 
@@ -94,8 +99,7 @@ class HashedTextEncoder:
             for feature, weight in self.features(text):
                 bucket, sign = self._bucket(feature)
                 out[row, bucket] += sign * weight
-        norms = np.linalg.norm(out, axis=1, keepdims=True)
-        return out / np.maximum(norms, 1e-8)
+        return unit_rows(out, 1e-8)
 
     def inputs(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """f_tau's inputs: ``{"embedding": (N, dim)}``."""
@@ -144,7 +148,7 @@ def pool_words(texts: Sequence[str], encode: Any, weights: VocabularyWeights | N
         w = weights(v) if weights is not None else np.ones(len(v), dtype=np.float32)
         pooled.append((w[:, None] * v).sum(0) if w.sum() > 0 else v.mean(0))
     out = np.stack(pooled)
-    return (out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-8)).astype(np.float32)
+    return unit_rows(out, 1e-8).astype(np.float32)
 
 
 def word_set(texts: Sequence[str], encode: Any, max_words: int = MAX_WORDS) -> dict[str, np.ndarray]:
@@ -288,10 +292,8 @@ class CodeBankNp:
 
     def project(self, embedding: np.ndarray) -> np.ndarray:
         """(B, E) embeddings -> unit rows in the bank's retrieval space (only normalised without one)."""
-        def unit(x):
-            return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-        return unit(embedding) if self.whiten is None else unit((unit(embedding) - self.centre) @ self.whiten)
+        unit = unit_rows(embedding)
+        return unit if self.whiten is None else unit_rows((unit - self.centre) @ self.whiten)
 
     def scores(self, top_logits: np.ndarray, bottom_logits: np.ndarray, text_embedding: np.ndarray | None) -> np.ndarray:
         """(B, N) scores of every bank map for B prompts."""
