@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -34,6 +35,7 @@ from pipelines.params import ParamsError, apply_overrides, check_keys, section
 TRAIN_SCHEMA: dict[str, Any] = {
     "epochs": int,
     "family_epochs": (dict, type(None)),
+    "lr_schedule": str,
     "batch_size": int,
     "num_workers": int,
     "use_gpu": bool,
@@ -53,6 +55,7 @@ TRAIN_SCHEMA: dict[str, Any] = {
 }
 # train settings that are no `--set` key: sections of their own, or per-family (dotted keys set them).
 NOT_SET_KEYS = ("models", "families", "family_epochs")
+LR_SCHEDULES = ("constant", "cosine")
 MLFLOW_SCHEMA: dict[str, Any] = {"tracking_uri": str, "experiment": str}
 # Model config fields that come from the prepared data, not from params.
 DATA_FIELDS = ("image_size", "channels", "num_samples")
@@ -145,6 +148,8 @@ def resolve_job(
         train["num_workers"] = num_workers
     if use_gpu is not None:
         train["use_gpu"] = use_gpu
+    if train["lr_schedule"] not in LR_SCHEDULES:
+        raise ParamsError(f"params train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {train['lr_schedule']!r}")
     for key in ("epochs", "batch_size", "num_workers", "checkpoint_every", "keep_checkpoints", "log_every_steps", "images_every"):
         if train[key] <= 0:
             raise ParamsError(f"params train.{key} must be > 0, got {train[key]}")
@@ -512,6 +517,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     wrapped = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     core = wrapped.module if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else wrapped
     optimizers = core.configure_optimizers()
+    # The families' own learning rates, before a checkpoint's (scheduled) ones overwrite them.
+    base_lrs = {name: [g["lr"] for g in opt.param_groups] for name, opt in optimizers.items()}
     if opt_state is not None:
         for name, opt in optimizers.items():
             opt.load_state_dict(opt_state[name])
@@ -524,6 +531,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     batch_size, epochs = train_cfg["batch_size"], train_cfg["epochs"]
+    total_steps = epochs * max(1, cfg["train_count"] // (batch_size * world))
     shape = cfg["image_shape"]
     to_device = lambda b: {k: v.to(device, non_blocking=True) for k, v in b.items()}  # noqa: E731
     run_start = time.time()
@@ -536,6 +544,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             batch_size=batch_size, batch_format="numpy", drop_last=True,
             local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=train_cfg["seed"] + 1000 * epoch + rank,
         ):
+            factor = lr_factor(train_cfg["lr_schedule"], step, total_steps)
+            for name, opt in optimizers.items():
+                for group, base in zip(opt.param_groups, base_lrs[name]):
+                    group["lr"] = base * factor
             logs = train_step(core, optimizers, to_device(decode_batch(raw, shape)), step, forward=forward)
             step += 1
             n_steps += 1
@@ -588,6 +600,15 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         _check_replicas_in_sync(core)
     if logger:
         logger.close()
+
+
+def lr_factor(schedule: str, step: int, total_steps: int) -> float:
+    """The multiplier of every optimiser's learning rate at ``step`` of ``total_steps``: 1 (``constant``),
+    or (``cosine``) half a cosine from 1 down to 0 at the last step. A function of the step alone, so a
+    resumed run picks it up where it stopped; running the same run again with more epochs stretches it."""
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * min(step / max(total_steps, 1), 1.0)))
 
 
 def _check_replicas_in_sync(core) -> None:

@@ -12,7 +12,7 @@ import yaml
 from models import MODELS, ConfigError, PretrainedModel
 from pipelines.data import DataError
 from pipelines.params import ParamsError
-from pipelines.train import TrainingError, resolve_job, run_training
+from pipelines.train import TrainingError, lr_factor, resolve_job, run_training
 from tests.pipelines.conftest import mlflow_runs
 
 
@@ -49,11 +49,12 @@ def test_two_worker_ddp_run(project, local_ray, family):
 
 def test_resume_same_run_name(project, local_ray):
     root, params = project
-    first = run_training(resolve_job(params, "vae", run_name="resume-me"), echo=lambda s: None)
+    job = resolve_job(params, "vae", ["lr_schedule=cosine"], run_name="resume-me")
+    first = run_training(job, echo=lambda s: None)
     assert json.loads((Path(first["model_dir"]).parent / "metrics.json").read_text())["epoch"] == 1
     # Same name, more epochs: it continues from the last checkpoint (epoch index 1 -> 2 -> 3).
     lines: list[str] = []
-    second = run_training(resolve_job(params, "vae", ["epochs=4"], run_name="resume-me"), echo=lines.append)
+    second = run_training(resolve_job(params, "vae", ["epochs=4", "lr_schedule=cosine"], run_name="resume-me"), echo=lines.append)
     assert lines[0].startswith("resuming resume-me")
     assert second["mlflow_run_id"] == first["mlflow_run_id"]
     state = json.loads((Path(second["model_dir"]).parent / "metrics.json").read_text())
@@ -62,6 +63,22 @@ def test_resume_same_run_name(project, local_ray):
     assert sum(r.data.tags.get("latentforge.run_name") == "resume-me" for r in runs) == 1
     steps = [m.step for m in client.get_metric_history(first["mlflow_run_id"], "epoch/val_score")]
     assert steps == sorted(steps) and len(steps) == 4 and len(set(steps)) == 4
+    # The cosine schedule: each logged lr (after the step at which it was set) is the family's lr times
+    # lr_factor of that step, over the run's length then: 2 epochs first, 4 after the resume.
+    per_epoch = job.manifest["splits"]["train"]["count"] // job.train["batch_size"]
+    base = MODELS["vae"].config_class.from_dict(job.model_config).lr
+    history = client.get_metric_history(first["mlflow_run_id"], "lr/main")
+    assert len(history) >= 4 and history[0].value < base
+    for m in history:
+        total = (2 if m.step <= 2 * per_epoch else 4) * per_epoch
+        assert m.value == pytest.approx(base * lr_factor("cosine", m.step - 1, total), rel=1e-6)
+    assert history[-1].value < 0.05 * base
+
+
+def test_lr_factor():
+    assert [lr_factor("constant", s, 10) for s in (0, 5, 10, 99)] == [1.0, 1.0, 1.0, 1.0]
+    assert [round(lr_factor("cosine", s, 10), 6) for s in (0, 5, 10, 99)] == [1.0, 0.5, 0.0, 0.0]
+    assert lr_factor("cosine", 0, 0) == 1.0  # a run shorter than one batch: no division by zero
 
 
 def test_job_too_big_for_cluster_fails_fast(project, local_ray):
@@ -107,6 +124,9 @@ def test_bad_inputs_resolve(project):
         resolve_job(params, "vae", ["family_epochs=3"])
     with pytest.raises(ParamsError, match="train.family_epochs must map family names to epochs"):
         resolve_job({**params, "train": {**params["train"], "family_epochs": {"vqvae2": 0}}}, "vae")
+    with pytest.raises(ParamsError, match="train.lr_schedule must be one of constant, cosine, got 'cosin'"):
+        resolve_job(params, "vae", ["lr_schedule=cosin"])
+    assert resolve_job(params, "vae", ["lr_schedule=cosine"]).train["lr_schedule"] == "cosine"
     assert job.model_config["image_size"] == 16 and job.model_config["channels"] == 3
 
 
