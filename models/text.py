@@ -279,11 +279,13 @@ class CodeBank:
     position at any code-map size.
 
     The cosine is taken in a *retrieval space* when the bank has one (``centre``, ``whiten``, from
-    :func:`retrieval_space` over the aligned captions' embeddings): centred on the mean caption and
-    whitened, so that every direction in which captions differ counts alike. A plain cosine is ruled by
-    the words every caption shares and by the largest differences (shape, colour); whitened, size and
-    position count as much, and the likelihood term has less to make up for (on ``shapes`` held-out
-    combinations 0.547 -> 0.647 all factors right, bench/README.md).
+    :func:`retrieval_space` over the aligned pairs): centred on the mean caption and whitened by the
+    captioner's residuals on the aligned pairs, so that the directions in which a caption varies for a
+    given image (its template, its synonyms) hardly count and those the image fixes count alike. A plain
+    cosine is ruled by the words every caption shares and by the largest differences, template words
+    among them: a held-out prompt then finds a bank image whose caption has its template and the wrong
+    size (on ``shapes``, held-out combinations picked with all factors right: plain 0.38, the captions
+    whitened 0.42, the residuals whitened 0.96, by the cosine alone; bench/README.md).
 
     ``top`` (N, ht, wt), ``bottom`` (N, hb, wb) int64; ``embedding`` (N, E) float32 unit rows or None;
     ``centre`` (E,) and ``whiten`` (E, E) float32 or None.
@@ -349,15 +351,22 @@ class CodeBank:
                        floats["embedding"], float(f["text_weight"]), floats["centre"], floats["whiten"])
 
 
-def retrieval_space(captions: Tensor, ridge: float) -> tuple[Tensor, Tensor]:
+def retrieval_space(captions: Tensor, ridge: float, predictions: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(centre (E,), whiten (E, E)) of :class:`CodeBank`'s retrieval space from (N, E) caption embeddings:
-    centre their unit rows, rotate onto the eigenvectors of their covariance and scale each by
-    ``1 / sqrt(variance + ridge * largest variance)``. The ridge keeps the directions in which the
-    captions hardly vary (noise, for the captioner) from being blown up: at 0.1 the strong directions
-    are whitened and the weak ones only centred."""
+    centre their unit rows on their mean, rotate onto the eigenvectors of a covariance and scale each by
+    ``1 / sqrt(variance + ridge * largest variance)``.
+
+    The covariance is the captions' own, or, given the captioner's (N, E) ``predictions`` for the same
+    images, that of the residuals ``caption - prediction``: how captions vary *for a given image*. On
+    ``shapes`` that is the template and the synonyms ("a tiny red disc ..." or "red circle, small, ..."),
+    which say nothing about the image; the residual-whitened cosine all but ignores those directions
+    and counts the ones the image fixes (shape, colour, size, position). Whitening the captions
+    themselves cannot tell the two apart: the template is one of their largest variations. The ridge
+    keeps the directions with hardly any variance from being blown up without bound."""
     unit = F.normalize(captions.double(), dim=-1)
     centre = unit.mean(0)
-    covariance = (unit - centre).T @ (unit - centre) / max(len(unit) - 1, 1)
+    spread = unit - centre if predictions is None else unit - F.normalize(predictions.double(), dim=-1)
+    covariance = spread.T @ spread / max(len(unit) - 1, 1)
     variance, vectors = torch.linalg.eigh(covariance)
     variance = variance.clamp_min(0)
     whiten = vectors * (variance + ridge * variance.max()).clamp_min(1e-12).rsqrt()

@@ -55,6 +55,7 @@ TEXT_SCHEMA: dict[str, Any] = {
     "bank": bool,
     "bank_text_weight": (int, float),
     "bank_whitening": (int, float, type(None)),
+    "bank_space": str,
     "vocab_floor": (int, float, type(None)),
     "finetune_decoder": bool,
     "finetune_lr_scale": (int, float),
@@ -65,6 +66,7 @@ TEXT_SCHEMA: dict[str, Any] = {
     "eval_prompts": int,
 }
 ENCODERS = ("minilm", "minilm-words", "minilm-word-attention", "hashed")
+BANK_SPACES = ("residuals", "captions")  # what text.bank_whitening whitens (models.text.retrieval_space)
 _POOLING = {"minilm": "sentence", "minilm-words": "words", "minilm-word-attention": "attention"}
 WORD_ATTENTION_QUERIES = 8
 MINILM_DIM = 384
@@ -248,6 +250,8 @@ def resolve_text_job(params: dict[str, Any], model: str, overrides: list[str] | 
         raise ParamsError(f"params text.bank_text_weight must be >= 0, got {text['bank_text_weight']}")
     if text["bank_whitening"] is not None and text["bank_whitening"] <= 0:
         raise ParamsError(f"params text.bank_whitening must be > 0 or null (a plain cosine), got {text['bank_whitening']}")
+    if text["bank_space"] not in BANK_SPACES:
+        raise ParamsError(f"params text.bank_space must be one of {', '.join(BANK_SPACES)}, got {text['bank_space']!r}")
     if text["pseudo_ratio"] > 0 and text["encoder"] == "minilm-word-attention":
         raise ParamsError("params text.pseudo_ratio > 0 needs one embedding per caption; the captioner cannot give "
                           "minilm-word-attention its words (use minilm-words, minilm or hashed, or pseudo_ratio=0)")
@@ -499,7 +503,7 @@ def run_text_training(job: TextJob, echo: Callable[[str], None] = print) -> dict
         "epochs": t["epochs"], "batch_size": t["batch_size"], "seed": t["seed"],
         "pseudo_ratio": float(t["pseudo_ratio"]), "captioner_epochs": t["captioner_epochs"],
         "bank": bool(t["bank"]) and text_map.config.kind == "codes", "bank_text_weight": float(t["bank_text_weight"]),
-        "bank_whitening": None if t["bank_whitening"] is None else float(t["bank_whitening"]),
+        "bank_whitening": None if t["bank_whitening"] is None else float(t["bank_whitening"]), "bank_space": t["bank_space"],
         "finetune_decoder": t["finetune_decoder"], "finetune_lr_scale": float(t["finetune_lr_scale"]),
         "tracking_uri": job.tracking_uri, "run_id": run_id,
     }
@@ -550,7 +554,8 @@ def _write_outputs(job: TextJob, ckpt: Path, info: dict, state: dict, run_id: st
             shutil.copy2(ckpt / "bank.npz", tmp / "bank.npz")
             bank = CodeBank.load(tmp / "bank.npz")
             bank = {"file": "bank.npz", "size": len(bank), "text_weight": bank.text_weight, "captioned": bank.embedding is not None,
-                    "whitened": bank.whiten is not None}
+                    "whitened": bank.whiten is not None,
+                    "space": job.text["bank_space"] if bank.whiten is not None else None}
         record = {
             "family": job.family,
             "data": {"name": job.manifest["name"], "data_hash": job.manifest["data_hash"], "image_shape": job.manifest["image_shape"]},
@@ -740,7 +745,7 @@ def text_loop_per_worker(cfg: dict[str, Any]) -> None:
                 text_map.eval().save_pretrained(Path(tmp) / "text_map")
                 decoder.save_pretrained(Path(tmp) / "decoder")
                 if cfg["bank"]:
-                    _code_bank(arrays, captioner, cfg["bank_text_weight"], cfg["bank_whitening"]).save(Path(tmp) / "bank.npz")
+                    _code_bank(arrays, captioner, cfg["bank_text_weight"], cfg["bank_whitening"], cfg["bank_space"]).save(Path(tmp) / "bank.npz")
                 (Path(tmp) / "state.json").write_text(json.dumps(
                     {"losses": losses, "decoder_before": before, "decoder_after": state_digest(decoder), "steps": step}))
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
@@ -779,10 +784,11 @@ def _fit_captioner(images: np.ndarray, embedding: np.ndarray, epochs: int, batch
     return captioner.eval(), cosine
 
 
-def _code_bank(arrays: dict[str, np.ndarray], captioner, text_weight: float, whitening: float | None):
+def _code_bank(arrays: dict[str, np.ndarray], captioner, text_weight: float, whitening: float | None, space: str = "residuals"):
     """:class:`models.text.CodeBank` of every train image the job has (aligned and unlabelled): their
     code maps and, when a captioner was trained, its embeddings of them (else the bank scores by f_tau's
-    likelihood alone) and (``whitening`` not None) the retrieval space of the aligned captions."""
+    likelihood alone) and (``whitening`` not None) the retrieval space of the aligned pairs: their
+    captions' residuals from the captioner (``space`` residuals) or the captions themselves (captions)."""
     from models.text import CodeBank, retrieval_space
 
     def both(key):
@@ -795,9 +801,12 @@ def _code_bank(arrays: dict[str, np.ndarray], captioner, text_weight: float, whi
     if captioner is None:
         return CodeBank(torch.from_numpy(top[keep]), torch.from_numpy(bottom[keep]))
     embedding = torch.from_numpy(_caption(captioner, both("image")[keep]))
-    # The aligned captions' embeddings (what the captioner learnt to give) span the retrieval space.
-    space = (None, None) if whitening is None else retrieval_space(torch.from_numpy(arrays["embedding"]), whitening)
-    return CodeBank(torch.from_numpy(top[keep]), torch.from_numpy(bottom[keep]), embedding, text_weight, *space)
+    space_of = (None, None)
+    if whitening is not None:
+        captions = torch.from_numpy(arrays["embedding"])
+        predictions = torch.from_numpy(_caption(captioner, arrays["image"])) if space == "residuals" else None
+        space_of = retrieval_space(captions, whitening, predictions)
+    return CodeBank(torch.from_numpy(top[keep]), torch.from_numpy(bottom[keep]), embedding, text_weight, *space_of)
 
 
 def _caption(captioner, images: np.ndarray) -> np.ndarray:

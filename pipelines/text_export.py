@@ -184,7 +184,7 @@ def _sampling(c, record: dict[str, Any], text_dir: Path, out: Path) -> dict[str,
         return {"kind": "codes"}
     shutil.copy2(text_dir / bank["file"], out / "bank.npz")
     return {"kind": "bank", "file": "bank.npz", **{k: bank[k] for k in ("size", "text_weight", "captioned")},
-            "whitened": bool(bank.get("whitened"))}
+            "whitened": bool(bank.get("whitened")), "space": bank.get("space")}
 
 
 def _parity_prompts(record: dict[str, Any]) -> list[str]:

@@ -194,6 +194,24 @@ def test_retrieval_space_whitens_the_captions_and_the_bank_scores_in_it(tmp_path
         assert torch.allclose(torch.cov(white.T), torch.diag(expected), atol=1e-3)
     assert expected[-1] > 0.9 and expected[-2] < 0.5  # (ridge 0.1)
 
+    # Given the captioner's predictions, the residuals (caption - prediction) are whitened instead: a
+    # direction captions vary in for the same image (a template word, dim 3 here) then counts far less
+    # than one the image fixes (dim 1), though the captions vary as much in both.
+    template = torch.randint(0, 2, (200,)).float() * 2 - 1
+    captions = torch.stack([torch.full((200,), 3.0), torch.randn(200), 0.01 * torch.randn(200), template], 1)
+    predictions = captions * torch.tensor([1.0, 1.0, 1.0, 0.0])  # the image tells everything but the template
+    caption = torch.tensor([[3.0, 0.5, 0.0, 1.0]])
+    other_template, other_image = caption * torch.tensor([1.0, 1.0, 1.0, -1.0]), caption * torch.tensor([1.0, -1.0, 1.0, 1.0])
+
+    def moved(space, other):  # how far a change of the caption moves it in the whitened space
+        centre, whiten = space
+        white = lambda x: (torch.nn.functional.normalize(x, dim=-1) - centre) @ whiten  # noqa: E731
+        return float((white(other) - white(caption)).norm())
+
+    by_captions, by_residuals = retrieval_space(captions, 1e-3), retrieval_space(captions, 1e-3, predictions)
+    assert moved(by_captions, other_template) > moved(by_captions, other_image)
+    assert moved(by_residuals, other_template) < 0.25 * moved(by_residuals, other_image)
+
     decoder = freeze(MODELS["vqvae2"](MODELS["vqvae2"].config_class.tiny()))
     plain = _tiny_bank(decoder, 7, embed_dim=6, text_weight=0.5)
     centre, whiten = retrieval_space(e, ridge=0.1)

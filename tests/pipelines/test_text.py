@@ -184,7 +184,7 @@ def test_train_text_cli_bad_input_is_one_line_exit_2(text_params, tmp_path, caps
     assert main(["train-text", "--params", str(path), "--model", "vae", "--set", "encoder=minilm-sentences"]) == 2
     assert "text.encoder" in capsys.readouterr().err
     for bad, field in (("vocab_floor=1", "vocab_floor"), ("bank_text_weight=-1", "bank_text_weight"), ("bank=maybe", "bank"),
-                       ("bank_whitening=0", "bank_whitening")):
+                       ("bank_whitening=0", "bank_whitening"), ("bank_space=words", "bank_space")):
         assert main(["train-text", "--params", str(path), "--model", "vae", "--set", bad]) == 2
         assert field in capsys.readouterr().err
 
@@ -198,6 +198,7 @@ def test_export_parity_and_text_decode(exported, family):
     assert all(v <= 1e-4 for v in manifest["parity"].values()) and "text_decode" in manifest["parity"]
     if family == "vqvae2":  # text.bank (the default): decoded from the train images' distinct code maps
         assert manifest["sampling"]["kind"] == "bank" and manifest["sampling"]["captioned"] and manifest["sampling"]["whitened"]
+        assert manifest["sampling"]["space"] == "residuals"
         assert (out / "bank.npz").is_file() and 1 < manifest["sampling"]["size"] <= manifest["aligned"]["aligned_size"] * 2
     decoder = TextDecoder.load(out)
     texts = ["a large red circle in the center", "small blue square, top left"]
