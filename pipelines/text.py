@@ -784,7 +784,7 @@ def _fit_captioner(images: np.ndarray, embedding: np.ndarray, epochs: int, batch
     return captioner.eval(), cosine
 
 
-def _code_bank(arrays: dict[str, np.ndarray], captioner, text_weight: float, whitening: float | None, space: str = "residuals"):
+def _code_bank(arrays: dict[str, np.ndarray], captioner, text_weight: float, whitening: float | None, space: str):
     """:class:`models.text.CodeBank` of every train image the job has (aligned and unlabelled): their
     code maps and, when a captioner was trained, its embeddings of them (else the bank scores by f_tau's
     likelihood alone) and (``whitening`` not None) the retrieval space of the aligned pairs: their
