@@ -45,10 +45,10 @@ import common  # noqa: E402  (puts the repository root on sys.path)
 import numpy as np
 import torch
 
-from models import MODELS, train_step
-from pipelines.data import load_idx
-from pipelines.imaging import make_grid, save_png, tensor_to_uint8
-from pipelines.prepare import split_indices
+from latentforge.models import MODELS, train_step
+from latentforge.pipelines.data import load_idx
+from latentforge.pipelines.imaging import make_grid, save_png, tensor_to_uint8
+from latentforge.pipelines.prepare import split_indices
 
 DEFAULT_MNIST = common.REPO.parent / "shared" / "data" / "mnist"
 FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
@@ -250,7 +250,7 @@ def vqvae2_figures(model, test: dict[str, torch.Tensor]) -> dict[str, Any]:
 def real_mmd_floor(val: torch.Tensor, test: torch.Tensor) -> float:
     """The GAN's batch MMD between two sets of REAL images (val vs test), batches of 64: what a
     generator indistinguishable from the data would score with the same estimator."""
-    from models.gan import pixel_mmd
+    from latentforge.models.gan import pixel_mmd
 
     n = min(len(val), len(test))
     sums, count = 0.0, 0

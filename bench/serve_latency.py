@@ -10,7 +10,7 @@ Workloads: ``generate`` n=1, ``generate`` n=64 (fixed seed, PNG out for HTTP) an
 image (a base64 PNG for HTTP). Paths:
 
 * **http**: ``requests`` sessions against ``POST /v1/models/vae-shapes/<op>``, one per client thread;
-* **onnx**: :class:`serving.runtime.ModelRuntime` on the export (the sessions HTTP runs, no Serve);
+* **onnx**: :class:`runtime.images.ModelRuntime` on the export (the sessions HTTP runs, no Serve);
 * **torch**: the same model in PyTorch eager (``model.sample(noise=)``, ``model.encode``), no_grad.
 
 Each cell runs ``clients`` threads (concurrency 1, 8, 32) that each send requests back to back for
@@ -93,11 +93,11 @@ def measure(call: Callable[[], None], clients: int, seconds: float, warmup: int 
 
 def setup(root: Path) -> tuple[Path, Path, str, dict]:
     """Prepared shapes data, a default-config VAE, its export, registered as champion in a sqlite store."""
-    from models import MODELS
-    from pipelines.export import export_model
-    from pipelines.params import load_params
-    from pipelines.prepare import prepare
-    from pipelines.registry import promote, register
+    from latentforge.models import MODELS
+    from latentforge.pipelines.export import export_model
+    from latentforge.pipelines.common.params import load_params
+    from latentforge.pipelines.prepare import prepare
+    from latentforge.pipelines.registry import promote, register
 
     params = load_params(common.REPO / "params.yaml")
     params["data"]["shapes"].update(num_images=200)
@@ -140,10 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     import yaml
     from ray import serve
 
-    from models import PretrainedModel
-    from serving.codec import encode_png
-    from serving.launch import deploy
-    from serving.runtime import ModelRuntime
+    from latentforge.models import PretrainedModel
+    from latentforge.serving.codec import encode_png
+    from latentforge.serving.launch import deploy
+    from latentforge.runtime.images import ModelRuntime
 
     result: dict[str, Any] = {"environment": common.environment(), "seconds_per_cell": args.seconds, "cells": []}
     root = Path(tempfile.mkdtemp(prefix="serve-latency-"))

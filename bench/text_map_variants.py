@@ -56,7 +56,7 @@ MAX_TOKENS = 40
 
 def token_embeddings(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """MiniLM's contextual token embeddings, padded: (N, MAX_TOKENS, 384) and a (N, MAX_TOKENS) mask."""
-    from pipelines.text import load_minilm
+    from latentforge.pipelines.text.train import load_minilm
 
     out = load_minilm().encode(list(texts), output_value="token_embeddings")
     tokens = torch.zeros(len(texts), MAX_TOKENS, out[0].shape[1])
@@ -69,8 +69,8 @@ def token_embeddings(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def word_embeddings(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """MiniLM's embedding of each word on its own, as ``text.encoder: minilm-word-attention`` feeds f_tau:
-    (N, MAX_WORDS, 384) and a (N, MAX_WORDS) mask (``pipelines.text_runtime.word_set``)."""
-    from pipelines.text import text_features
+    (N, MAX_WORDS, 384) and a (N, MAX_WORDS) mask (``runtime.text.word_set``)."""
+    from latentforge.pipelines.text.train import text_features
 
     feats = text_features({"kind": "minilm", "pooling": "attention"}, texts)
     return torch.from_numpy(feats["embedding"]), torch.from_numpy(feats["mask"])
@@ -78,7 +78,7 @@ def word_embeddings(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def attention_pool() -> nn.Module:
     """8 learned queries over token or word embeddings: the pipeline's ``models.text.WordAttention``."""
-    from models.text import WordAttention
+    from latentforge.models.text import WordAttention
 
     pool = WordAttention(384, 8, 64)
     pool.out_dim = 8 * 64
@@ -117,7 +117,7 @@ class CodeHead(nn.Module):
 def pseudo_pairs(data: dict[str, Any], epochs: int = 60, seed: int = 0) -> torch.Tensor:
     """Train the pipeline's captioner (``models.text.ImageCaptioner``, with ``train-text``'s optimiser) on the
     aligned (image, embedding) pairs; return its embeddings of every train image."""
-    from models.text import CAPTIONER_LR, CAPTIONER_WEIGHT_DECAY, ImageCaptioner
+    from latentforge.models.text import CAPTIONER_LR, CAPTIONER_WEIGHT_DECAY, ImageCaptioner
 
     torch.manual_seed(seed)
     g = ImageCaptioner(data["image"].shape[1], data["embedding"].shape[1])
@@ -223,11 +223,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"text_map_variants: skipped: {path} is missing ({what}); run `dvc repro` first")
             return 0
 
-    from pipelines.classifier import load_classifier
-    from pipelines.imaging import batch_to_tensor
-    from pipelines.prepare import load_split
-    from pipelines.text import embed_texts, load_text_model
-    from pipelines.text_eval import _score, prompt_sets
+    from latentforge.pipelines.classifier import load_classifier
+    from latentforge.pipelines.imaging import batch_to_tensor
+    from latentforge.pipelines.prepare import load_split
+    from latentforge.pipelines.text.train import embed_texts, load_text_model
+    from latentforge.pipelines.text.evaluate import _score, prompt_sets
 
     _, decoder, record = load_text_model(args.text_dir)
     if not hasattr(decoder, "decode_indices"):

@@ -79,8 +79,8 @@ def log(msg: str) -> None:
 
 def make_project(root: Path, num_images: int, families: list[str]) -> dict[str, Any]:
     """params.yaml of this checkout, pointed at ``root``: shapes data, sqlite MLflow, Ray storage."""
-    from pipelines.params import load_params
-    from pipelines.prepare import prepare
+    from latentforge.pipelines.common.params import load_params
+    from latentforge.pipelines.prepare import prepare
 
     params = load_params(common.REPO / "params.yaml")
     data = params["data"]
@@ -115,7 +115,7 @@ def probe_loop(cfg: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from pipelines.train import decode_batch
+    from latentforge.pipelines.train import decode_batch
 
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
@@ -195,8 +195,8 @@ def profile_loop(cfg: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from models import MODELS, train_step
-    from pipelines.train import decode_batch
+    from latentforge.models import MODELS, train_step
+    from latentforge.pipelines.train import decode_batch
 
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
@@ -296,8 +296,8 @@ def load_train_split(data_dir: str) -> dict[str, np.ndarray]:
 
 def plain_loop(job, split: dict[str, np.ndarray], threads: int, epochs: int, seed: int) -> dict[str, Any]:
     """``epochs`` timed epochs (after a short warm-up) of the family's ``train_step`` on decoded batches."""
-    from models import MODELS, train_step
-    from pipelines.train import decode_batch
+    from latentforge.models import MODELS, train_step
+    from latentforge.pipelines.train import decode_batch
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -355,7 +355,7 @@ def plain_loop(job, split: dict[str, np.ndarray], threads: int, epochs: int, see
 def ray_run(params: dict[str, Any], family: str, workers: int, epochs: int) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
 
-    from pipelines.train import resolve_job, run_training
+    from latentforge.pipelines.train import resolve_job, run_training
 
     # A fresh run name: the default name does not depend on num_workers or epochs, so a second job
     # would resume the first one's finished run instead of training.
@@ -450,7 +450,7 @@ def measure_family(params: dict[str, Any], root: Path, family: str, epochs: int,
     """Plain loop (matched threads), plain loop (default threads), Ray 1 worker, Ray 2 workers, plain
     loop (matched threads) again: the two matched plain runs bracket the Ray runs in time, so that a
     change of load on this shared machine shows up as their spread instead of silently in the ratio."""
-    from pipelines.train import resolve_job
+    from latentforge.pipelines.train import resolve_job
 
     job = resolve_job(params, family)
     split = load_train_split(job.data_dir)
@@ -550,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="JSON output (default bench/results/train_throughput.json)")
     args = parser.parse_args(argv)
 
-    from models import MODELS
+    from latentforge.models import MODELS
 
     families = common.parse_names("train_throughput", "families", args.families, MODELS)
     if families is None:
@@ -567,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import ray
 
-        from pipelines.train import mlflow_client
+        from latentforge.pipelines.train import mlflow_client
 
         params = make_project(root, args.num_images, families)
         manifest = json.loads((Path(params["data"]["output_dir"]) / "shapes" / "manifest.json").read_text())

@@ -6,7 +6,7 @@ names its config dataclass in ``config_class``.
 
 from __future__ import annotations
 
-from models.base import (
+from latentforge.models.base import (
     ConfigError,
     DecoderOutput,
     EncoderOutput,
@@ -17,7 +17,7 @@ from models.base import (
 )
 
 # --- autoencoders.py (helper A) ---
-from models.autoencoders import (
+from latentforge.models.autoencoders import (
     AutoEncoder,
     ConvAutoEncoder,
     DenoisingAutoEncoder,
@@ -28,12 +28,12 @@ from models.autoencoders import (
     TiedAutoEncoder,
 )
 # --- vae.py, gan.py, aae.py, glo.py (helper B) ---
-from models.aae import AAE, AAEConfig
-from models.gan import GAN, GANConfig
-from models.glo import GLO, GLOConfig
-from models.vae import VAE, VAEConfig
+from latentforge.models.aae import AAE, AAEConfig
+from latentforge.models.gan import GAN, GANConfig
+from latentforge.models.glo import GLO, GLOConfig
+from latentforge.models.vae import VAE, VAEConfig
 # --- vqvae2.py, priors.py (helper C) ---
-from models.vqvae2 import VQVAE2, VQVAE2Config
+from latentforge.models.vqvae2 import VQVAE2, VQVAE2Config
 
 MODELS: dict[str, type[PretrainedModel]] = {
     # --- autoencoders (helper A) ---

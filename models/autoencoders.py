@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.base import (
+from latentforge.models.base import (
     ConfigError,
     DecoderOutput,
     EncoderOutput,
@@ -38,7 +38,7 @@ from models.base import (
     require_divisible,
     require_positive,
 )
-from models.blocks import (
+from latentforge.models.blocks import (
     ACTIVATIONS,
     RunningGaussian,
     activation,

@@ -268,7 +268,7 @@ class PretrainedModel(nn.Module):
         meta = json.loads(config_path.read_text())
         target = cls
         if cls is PretrainedModel:
-            from models import model_class_by_name
+            from latentforge.models import model_class_by_name
 
             target = model_class_by_name(meta["class"])
         elif meta["class"] != cls.__name__:

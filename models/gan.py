@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
-from models.base import (
+from latentforge.models.base import (
     ConfigError,
     DecoderOutput,
     EncoderOutput,
@@ -37,8 +37,8 @@ from models.base import (
     require_choice,
     require_positive,
 )
-from models.blocks import check_images, check_latent
-from models.vae import check_phase, spatial_plan, standard_normal
+from latentforge.models.blocks import check_images, check_latent
+from latentforge.models.vae import check_phase, spatial_plan, standard_normal
 
 LOSSES = ("nonsaturating", "hinge", "wgan-gp")
 

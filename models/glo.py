@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.base import (
+from latentforge.models.base import (
     ConfigError,
     DecoderOutput,
     EncoderOutput,
@@ -29,8 +29,8 @@ from models.base import (
     require_choice,
     require_positive,
 )
-from models.blocks import check_images, check_latent
-from models.vae import ConvDecoder, check_phase, randn, spatial_plan, standard_normal
+from latentforge.models.blocks import check_images, check_latent
+from latentforge.models.vae import ConvDecoder, check_phase, randn, spatial_plan, standard_normal
 
 LOSSES = ("laplacian", "mse", "bce")
 

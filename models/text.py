@@ -19,7 +19,7 @@ their outputs feed the MLP. The queries can learn to read the words that carry a
 the rest (a paraphrase's "please draw me"), which a mean over words or the sentence embedding cannot.
 
 Inputs are embeddings, not strings: the text encoders (a hashed n-gram encoder, MiniLM) live outside
-this package so that serving can run them without PyTorch (``pipelines/text_runtime.py``).
+this package so that serving can run them without PyTorch (``runtime/text.py``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.base import ConfigError, LossOutput, ModelConfig, PretrainedModel, require_choice, require_positive
+from latentforge.models.base import ConfigError, LossOutput, ModelConfig, PretrainedModel, require_choice, require_positive
 
 
 @dataclass
@@ -169,7 +169,7 @@ class TextMap(PretrainedModel):
         With a :class:`CodeBank` in ``self.bank`` (kind codes), the bank's code maps f_tau scores best
         (:meth:`CodeBank.pick`) instead of per-position codes.
 
-        The PyTorch reference of ``pipelines.text_runtime.TextDecoder`` (which draws its noise with
+        The PyTorch reference of ``runtime.text.TextDecoder`` (which draws its noise with
         numpy); used for evaluation and the MLflow prompt grid.
         """
         out = self(embedding, mask)

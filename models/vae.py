@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.base import (
+from latentforge.models.base import (
     ConfigError,
     DecoderOutput,
     EncoderOutput,
@@ -37,7 +37,7 @@ from models.base import (
     require_choice,
     require_positive,
 )
-from models.blocks import check_images, check_latent
+from latentforge.models.blocks import check_images, check_latent
 
 LOG_2PI = math.log(2.0 * math.pi)
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.base import (
+from latentforge.models.base import (
     ConfigError,
     DecoderOutput,
     EncoderOutput,
@@ -42,8 +42,8 @@ from models.base import (
     require_divisible,
     require_positive,
 )
-from models.priors import CodePrior
-from models.quantize import VectorQuantizerEMA, _exporting
+from latentforge.models.priors import CodePrior
+from latentforge.models.quantize import VectorQuantizerEMA, _exporting
 
 
 @dataclass

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipelines.data import DataError
-from pipelines.params import ParamsError, check_keys, section
+from latentforge.pipelines.data import DataError
+from latentforge.pipelines.common.params import ParamsError, check_keys, section
 
 CLASSIFIER_SCHEMA: dict[str, Any] = {
     "epochs": int,
@@ -90,7 +90,7 @@ def embed_images(classifier: DomainClassifier, images, batch_size: int = 256) ->
 
     images: (N, C, H, W) float tensor in [0, 1], or (N, H, W, C) uint8 numpy (the prepared layout).
     """
-    from pipelines.imaging import batch_to_tensor
+    from latentforge.pipelines.imaging import batch_to_tensor
 
     classifier.eval()
     feats, probs = [], []
@@ -106,7 +106,7 @@ def embed_images(classifier: DomainClassifier, images, batch_size: int = 256) ->
 @torch.no_grad()
 def head_accuracies(classifier: DomainClassifier, images: np.ndarray, targets: dict[str, np.ndarray], batch_size: int = 256) -> dict[str, float]:
     """Accuracy of each head on (N, H, W, C) uint8 images; targets: head -> (N,) ints (-1 rows skipped)."""
-    from pipelines.imaging import batch_to_tensor
+    from latentforge.pipelines.imaging import batch_to_tensor
 
     classifier.eval()
     preds: dict[str, list[np.ndarray]] = {k: [] for k in targets}
@@ -165,7 +165,7 @@ def train_classifier(
     """Train a :class:`DomainClassifier` on (N, H, W, C) uint8 images; targets: head -> (N,) ints, -1
     where unknown (ignored by the loss). The loss is the sum of the heads' cross-entropies; Adam with a
     cosine-decayed learning rate. Deterministic given ``seed`` (on CPU)."""
-    from pipelines.imaging import batch_to_tensor
+    from latentforge.pipelines.imaging import batch_to_tensor
 
     torch.manual_seed(seed)
     model = DomainClassifier(images.shape[-1], heads, tuple(widths), feature_dim)
@@ -214,7 +214,7 @@ def run_classifier(params: dict[str, Any], echo: Callable[[str], None] = print) 
     """
     from safetensors.torch import save_model
 
-    from pipelines.prepare import load_split
+    from latentforge.pipelines.prepare import load_split
 
     cfg, data_dir, out = resolve_classifier(params)
     if not (data_dir / "manifest.json").is_file():

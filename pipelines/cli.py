@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipelines.params import DEFAULT_PARAMS, ParamsError, apply_overrides, load_params
+from latentforge.pipelines.common.params import DEFAULT_PARAMS, ParamsError, apply_overrides, load_params
 
 
 def _params(args: argparse.Namespace) -> dict:
@@ -16,7 +16,7 @@ def _params(args: argparse.Namespace) -> dict:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from pipelines.prepare import prepare
+    from latentforge.pipelines.prepare import prepare
 
     out_dir, manifest = prepare(_params(args))
     counts = ", ".join(f"{s} {v['count']}" for s, v in manifest["splits"].items())
@@ -27,7 +27,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pipelines.train import resolve_job, run_training
+    from latentforge.pipelines.train import resolve_job, run_training
 
     job = resolve_job(
         load_params(args.params), args.model, args.set or [],
@@ -39,7 +39,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from pipelines.submit import submit_training
+    from latentforge.pipelines.submit import submit_training
 
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
     for item in args.set or []:
@@ -52,7 +52,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pipelines.export import export_from_params
+    from latentforge.pipelines.export import export_from_params
 
     out_dir, manifest = export_from_params(_params(args), args.model, out=args.out, metrics_path=args.metrics)
     figures = ", ".join(f"{name} {diff:.2g}" for name, diff in manifest["parity"].items())
@@ -62,7 +62,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from pipelines.registry import register_from_params
+    from latentforge.pipelines.registry import register_from_params
 
     version, decision = register_from_params(_params(args), args.model, export_dir=args.export_dir, name=args.name,
                                              promote_it=args.promote)
@@ -87,7 +87,7 @@ def _write_record(path: Path, record: dict) -> None:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from pipelines.registry import model_name, policy_for, promote, tracking_uri_from_params
+    from latentforge.pipelines.registry import model_name, policy_for, promote, tracking_uri_from_params
 
     params = _params(args)
     name = args.name or model_name(params, args.model)
@@ -97,7 +97,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from pipelines.registry import format_table, list_models, tracking_uri_from_params
+    from latentforge.pipelines.registry import format_table, list_models, tracking_uri_from_params
 
     uri = tracking_uri_from_params(_params(args))
     rows = list_models(uri, name=args.name)
@@ -106,7 +106,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_classifier(args: argparse.Namespace) -> int:
-    from pipelines.classifier import run_classifier
+    from latentforge.pipelines.classifier import run_classifier
 
     out_dir, metrics = run_classifier(_params(args))
     print(json.dumps({"classifier_dir": str(out_dir), **metrics}))
@@ -114,7 +114,7 @@ def cmd_classifier(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pipelines.evaluate import resolve_evaluation, run_evaluation
+    from latentforge.pipelines.evaluate import resolve_evaluation, run_evaluation
 
     out = run_evaluation(resolve_evaluation(_params(args), args.model))
     info = out["info"]
@@ -124,7 +124,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_train_text(args: argparse.Namespace) -> int:
-    from pipelines.text import resolve_text_job, run_text_training
+    from latentforge.pipelines.text.train import resolve_text_job, run_text_training
 
     job = resolve_text_job(load_params(args.params), args.model, args.set or [], num_workers=args.num_workers,
                            run_name=args.run_name)
@@ -134,7 +134,7 @@ def cmd_train_text(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate_text(args: argparse.Namespace) -> int:
-    from pipelines.text_eval import evaluate_text_from_params
+    from latentforge.pipelines.text.evaluate import evaluate_text_from_params
 
     out, metrics = evaluate_text_from_params(_params(args), args.model)
     print(json.dumps({"metrics": str(out / "metrics.json"), **{k: v for k, v in metrics.items() if k.endswith(
@@ -143,7 +143,7 @@ def cmd_evaluate_text(args: argparse.Namespace) -> int:
 
 
 def cmd_export_text(args: argparse.Namespace) -> int:
-    from pipelines.text_export import export_text_from_params
+    from latentforge.pipelines.text.export import export_text_from_params
 
     out, manifest = export_text_from_params(_params(args), args.model, out=args.out)
     figures = ", ".join(f"{name} {diff:.2g}" for name, diff in manifest["parity"].items())
@@ -152,8 +152,8 @@ def cmd_export_text(args: argparse.Namespace) -> int:
 
 
 def cmd_register_text(args: argparse.Namespace) -> int:
-    from pipelines.registry import tracking_uri_from_params
-    from pipelines.text_registry import register_text
+    from latentforge.pipelines.registry import tracking_uri_from_params
+    from latentforge.pipelines.text.registry import register_text
 
     params = _params(args)
     export_dir = args.export_dir or Path("artifacts/export-text") / args.model
@@ -163,7 +163,7 @@ def cmd_register_text(args: argparse.Namespace) -> int:
           f"version {version.tags['decoder_version']})")
     decision = None
     if args.champion:
-        from pipelines.registry import promote
+        from latentforge.pipelines.registry import promote
 
         decision = promote(version.name, uri, version=int(version.version))
         print(f"{version.name} version {decision['version']}: {decision['reason']}")
@@ -179,7 +179,7 @@ def text_models_with_champion(uri: str, decoders: list[str]) -> list[dict]:
     make), each bound to the ``<decoder>@champion`` it must have been trained against."""
     from mlflow.exceptions import MlflowException
 
-    from pipelines.registry import connect
+    from latentforge.pipelines.registry import connect
 
     client, found = connect(uri), []
     for decoder in decoders:
@@ -193,14 +193,14 @@ def text_models_with_champion(uri: str, decoders: list[str]) -> list[dict]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Deploy serving/config.yaml (or --config) on Ray Serve and serve until Ctrl-C."""
-    from serving.launch import resolve_config, serve_forever
+    from latentforge.serving.launch import resolve_config, serve_forever
 
     params = _params(args)
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     models = None
     if args.params_store or args.model:
-        from pipelines.params import section
-        from pipelines.registry import model_name, tracking_uri_from_params
+        from latentforge.pipelines.common.params import section
+        from latentforge.pipelines.registry import model_name, tracking_uri_from_params
 
         if args.params_store:
             uri = tracking_uri_from_params(params)
@@ -212,9 +212,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     def ready(url: str) -> None:
         if args.demo:
-            from pipelines.params import section
-            from pipelines.prepare import load_split
-            from serving.demo import run_demo
+            from latentforge.pipelines.common.params import section
+            from latentforge.pipelines.prepare import load_split
+            from latentforge.serving.demo import run_demo
 
             data = section(params, "data")
             test = load_split(Path(data["output_dir"]) / data["name"], "test")["images"]
@@ -357,13 +357,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Errors a user can cause: one line on stderr and exit status 2, no traceback.
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from models.base import ConfigError
-    from pipelines.data import DataError
-    from pipelines.evaluate import EvaluationError
-    from pipelines.export import ExportError
-    from pipelines.registry import RegistryError
-    from pipelines.train import TrainingError
-    from serving.launch import ServeError
+    from latentforge.models.base import ConfigError
+    from latentforge.pipelines.data import DataError
+    from latentforge.pipelines.evaluate import EvaluationError
+    from latentforge.pipelines.export import ExportError
+    from latentforge.pipelines.registry import RegistryError
+    from latentforge.pipelines.train import TrainingError
+    from latentforge.serving.launch import ServeError
 
     return (ServeError, ParamsError, DataError, ConfigError, FileNotFoundError, TrainingError, RegistryError, ExportError, EvaluationError)
 

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipelines.params import ParamsError, check_keys
+from latentforge.pipelines.common.params import ParamsError, check_keys
 
 
 class DataError(ValueError):

@@ -43,8 +43,8 @@ from torch import Tensor, nn
 
 # The torch-free half (reading an export, VQ-VAE-2 sampling) lives with serving, which must not import
 # torch; it is imported here so that the exporter checks exports with the code that serves them.
-from serving.runtime import FORMAT_VERSION, ExportError, load_sessions, pick_tokens_np, sample_vqvae2_onnx
-from serving.runtime import onnx_session as _onnx_session
+from latentforge.runtime.images import FORMAT_VERSION, ExportError, load_sessions, pick_tokens_np, sample_vqvae2_onnx
+from latentforge.runtime.images import onnx_session as _onnx_session
 
 __all__ = ["FORMAT_VERSION", "ExportError", "export_model", "export_from_params", "load_sessions",
            "pick_tokens_np", "sample_vqvae2_onnx", "graph_op_types"]
@@ -188,10 +188,10 @@ def export_model(
     match exactly (but for exact ties between two codes, see :func:`_check_codes`). Raises
     :class:`ExportError` on any failure, having written nothing.
     """
-    from models import MODELS, PretrainedModel
-    from pipelines.data import DataError
-    from pipelines.imaging import batch_to_tensor
-    from pipelines.prepare import _replace_dir, load_split
+    from latentforge.models import MODELS, PretrainedModel
+    from latentforge.pipelines.data import DataError
+    from latentforge.pipelines.imaging import batch_to_tensor
+    from latentforge.pipelines.prepare import _replace_dir, load_split
 
     model_dir, prepared_dir, out_dir = Path(model_dir), Path(prepared_dir), Path(out_dir)
     if not (model_dir / "config.json").is_file():
@@ -283,9 +283,9 @@ def export_model(
 
 def _plan(model: nn.Module, images: Tensor) -> tuple[list[_Graph], dict, dict]:
     """The graphs ``model`` needs, with their parity checks, plus the manifest's latent and sampling."""
-    from models.glo import GLO
-    from models.vqvae2 import VQVAE2
-    from models.text import latent_shape_of
+    from latentforge.models.glo import GLO
+    from latentforge.models.vqvae2 import VQVAE2
+    from latentforge.models.text import latent_shape_of
 
     gen = torch.Generator().manual_seed(0)
     c = model.config
@@ -644,10 +644,10 @@ def export_from_params(
     ``metrics_path`` or, when present, ``artifacts/evaluate/<family>/metrics.json``; source: the
     training run recorded in ``<train.output_dir>/<family>/metrics.json``. Returns ``(out_dir, manifest)``.
     """
-    from models import MODELS, ConfigError
-    from pipelines.data import DataError
-    from pipelines.params import section
-    from pipelines.train import git_commit
+    from latentforge.models import MODELS, ConfigError
+    from latentforge.pipelines.data import DataError
+    from latentforge.pipelines.common.params import section
+    from latentforge.pipelines.train import git_commit
 
     if family not in MODELS:
         raise ConfigError(f"unknown model family {family!r}; choose one of: {', '.join(sorted(MODELS))}")

@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.data import SOURCES, DataError, ImageSet, load_source, sha256_file
-from pipelines.params import ParamsError, check_keys
+from latentforge.pipelines.data import SOURCES, DataError, ImageSet, load_source, sha256_file
+from latentforge.pipelines.common.params import ParamsError, check_keys
 
 SPLITS = ("train", "val", "test")
 FORMAT_VERSION = 1

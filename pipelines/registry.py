@@ -46,7 +46,7 @@ from typing import Any, Iterator
 import mlflow.pyfunc
 import numpy as np
 
-from pipelines.params import ParamsError, check_keys, section
+from latentforge.pipelines.common.params import ParamsError, check_keys, section
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -272,8 +272,8 @@ def register(
     from mlflow.exceptions import MlflowException
     from mlflow.models import infer_signature
 
-    from pipelines.export import ExportError, load_sessions
-    from pipelines.train import _experiment_id
+    from latentforge.pipelines.export import ExportError, load_sessions
+    from latentforge.pipelines.train import _experiment_id
 
     export_dir = Path(export_dir)
     try:
@@ -422,7 +422,7 @@ def _quote(name: str) -> str:
 
 def connect(tracking_uri: str):
     """An MlflowClient for ``tracking_uri``, or one :class:`RegistryError` line when it is unreachable."""
-    from pipelines.train import TrainingError, mlflow_client
+    from latentforge.pipelines.train import TrainingError, mlflow_client
 
     try:
         return mlflow_client(tracking_uri)
@@ -600,7 +600,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def tracking_uri_from_params(params: dict[str, Any]) -> str:
     """``MLFLOW_TRACKING_URI`` if set, else params ``mlflow.tracking_uri`` (local paths made absolute)."""
-    from pipelines.train import _absolute_uri
+    from latentforge.pipelines.train import _absolute_uri
 
     uri = os.environ.get("MLFLOW_TRACKING_URI") or section(params, "mlflow").get("tracking_uri")
     if not uri:
@@ -624,7 +624,7 @@ def register_from_params(
 ) -> tuple[Any, dict[str, Any] | None]:
     """``latentforge register --model <family> [--promote]``: register the family's export (and apply the
     policy). Returns ``(ModelVersion, promote result or None)``."""
-    from models import MODELS, ConfigError
+    from latentforge.models import MODELS, ConfigError
 
     if family not in MODELS:
         raise ConfigError(f"unknown model family {family!r}; choose one of: {', '.join(sorted(MODELS))}")

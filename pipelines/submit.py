@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from pipelines.params import load_params
+from latentforge.pipelines.common.params import load_params
 
 # Never uploaded with the job: environments, caches and run outputs (the cluster has its own).
 EXCLUDES = [".venv", ".git", "data", "dvc-storage", ".dvc/cache", "mlruns", "mlartifacts", "mlflow.db",
@@ -24,7 +24,7 @@ EXCLUDES = [".venv", ".git", "data", "dvc-storage", ".dvc/cache", "mlruns", "mla
 
 def local_path_overrides(params_path: Path, train_args: list[str]) -> tuple[list[str], dict[str, str]]:
     """``--set`` overrides and env vars that pin this machine's relative paths for the job."""
-    from pipelines.train import _absolute_uri
+    from latentforge.pipelines.train import _absolute_uri
 
     params = load_params(params_path)
     overrides: list[str] = []
@@ -48,14 +48,14 @@ def submit_training(
     """Submit ``latentforge train <train_args>`` as a Ray job; return (job id, final or current status)."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from pipelines.train import TrainingError
+    from latentforge.pipelines.train import TrainingError
 
     try:
         client = JobSubmissionClient(address)
     except Exception as exc:  # ConnectionError, ValueError: the message names the address
         raise TrainingError(f"cannot reach the Ray Jobs API at {address}: {exc}") from None
     overrides, env = local_path_overrides(params_path, train_args)
-    entrypoint = shlex.join(["python", "-m", "pipelines.cli", "train", "--params", str(params_path), *train_args, *overrides])
+    entrypoint = shlex.join(["python", "-m", "latentforge.pipelines.cli", "train", "--params", str(params_path), *train_args, *overrides])
     runtime_env = {"working_dir": str(working_dir), "excludes": EXCLUDES, "env_vars": env}
     # A head that has just started answers "No available agent" until its job agent is up: retry briefly.
     for attempt in range(30):

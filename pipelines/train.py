@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from pipelines.data import DataError
-from pipelines.params import ParamsError, apply_overrides, check_keys, section
+from latentforge.pipelines.data import DataError
+from latentforge.pipelines.common.params import ParamsError, apply_overrides, check_keys, section
 
 TRAIN_SCHEMA: dict[str, Any] = {
     "epochs": int,
@@ -106,7 +106,7 @@ def resolve_job(
     """
     import yaml
 
-    from models import MODELS, ConfigError
+    from latentforge.models import MODELS, ConfigError
 
     if family not in MODELS:
         raise ConfigError(f"unknown model family {family!r}; choose one of: {', '.join(sorted(MODELS))}")
@@ -360,7 +360,7 @@ def run_training(job: TrainJob, echo: Callable[[str], None] = print) -> dict[str
     echo(f"{'resuming' if resumed else 'starting'} {job.run_name}: {job.family} on {job.manifest['name']}, "
          f"{job.train['num_workers']} worker(s), {'GPU' if job.train['use_gpu'] else 'CPU'}; MLflow run {run_id}")
 
-    from models import MODELS
+    from latentforge.models import MODELS
 
     val_metric = MODELS[job.family].val_metric
     ctx = ray.data.DataContext.get_current()
@@ -474,7 +474,7 @@ def decode_batch(batch: dict[str, Any], image_shape: list[int]) -> dict[str, Any
     import numpy as np
     import torch
 
-    from pipelines.imaging import batch_to_tensor
+    from latentforge.pipelines.imaging import batch_to_tensor
 
     blob = b"".join(batch["image"])
     images = np.frombuffer(blob, dtype=np.uint8).reshape((len(batch["image"]), *image_shape))
@@ -493,7 +493,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
-    from models import MODELS, train_step
+    from latentforge.models import MODELS, train_step
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -722,7 +722,7 @@ class _RankZeroLogger:
     def log_images(self, core, val_images, epoch) -> None:
         import torch
 
-        from pipelines.imaging import make_grid, save_png, tensor_to_uint8
+        from latentforge.pipelines.imaging import make_grid, save_png, tensor_to_uint8
 
         core.eval()
         with tempfile.TemporaryDirectory() as tmp, torch.no_grad():

@@ -47,10 +47,10 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving import codec
-from serving.codec import BadInput
-from serving.runtime import ModelRuntime, sample_codes
-from serving.schemas import (
+from latentforge.serving import codec
+from latentforge.serving.codec import BadInput
+from latentforge.runtime.images import ModelRuntime, sample_codes
+from latentforge.serving.schemas import (
     AnomalyResponse, AppConfig, DecodeRequest, EncodeResponse, ErrorResponse, GenerateRequest, GenerateResponse,
     ImagesRequest, ImagesResponse, InterpolateRequest, Limits, TextDecodeRequest, TextDecodeResponse,
 )
@@ -291,7 +291,7 @@ class ModelServer:
         return {"seed": seed, "format": p["format"], "images": codec.encode_images(images, p["format"])}
 
     async def _text_decode(self, rt, p: dict) -> dict:
-        from pipelines.text_runtime import TextRequestError
+        from latentforge.runtime.text import TextRequestError
 
         body = {k: p[k] for k in ("texts", "n", "seed", "temperature") if p.get(k) is not None}
         try:
@@ -353,13 +353,13 @@ def is_text_export(export_dir: Path) -> bool:
 
 
 def load_text_runtime(export_dir: Path, decoder: str | None, tracking_uri: str, name: str, version: str, alias: str | None):
-    """A text model (:class:`pipelines.text_runtime.TextDecoder`, torch-free) as a served runtime.
+    """A text model (:class:`runtime.text.TextDecoder`, torch-free) as a served runtime.
 
     ``decoder`` (``name@alias`` or ``name/version``, the config's ``decoder`` of this model): the decoder
     version served beside it; a text model trained against another version is refused
-    (:class:`pipelines.text_runtime.DecoderMismatchError`), so the replica does not start.
+    (:class:`runtime.text.DecoderMismatchError`), so the replica does not start.
     """
-    from pipelines.text_runtime import TextDecoder
+    from latentforge.runtime.text import TextDecoder
 
     served_name = served_version = None
     if decoder and "/" in decoder:

@@ -40,7 +40,7 @@ def run_demo(url: str, images: np.ndarray, out_dir: str | Path, timeout: float =
     """Call every endpoint of every model served at ``url``; ``images``: test images (N >= 2, H, W, C)
     uint8 for the operations that take images. Writes PNG grids to ``out_dir``; returns a report line
     per call. Raises ``RuntimeError`` naming the call when one does not answer 200."""
-    from serving.codec import encode_png
+    from latentforge.serving.codec import encode_png
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from serving.schemas import absolute_uri
+from latentforge.serving.schemas import absolute_uri
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
 

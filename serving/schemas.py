@@ -114,7 +114,7 @@ class DecodeRequest(_Request):
 
 class TextDecodeRequest(_Request):
     """Text-conditioned decoding (a ``<family>-<data>-text`` model). The texts, ``n`` and ``seed`` are
-    checked by :func:`pipelines.text_runtime.validate_request` (a 4xx naming the field)."""
+    checked by :func:`runtime.text.validate_request` (a 4xx naming the field)."""
 
     texts: list[Any] = Field(description="prompts: 1 to 16 non-blank strings of at most 256 characters")
     n: Any = Field(1, description="images per text, 1 to 16")

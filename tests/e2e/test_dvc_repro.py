@@ -64,7 +64,7 @@ def test_dvc_repro_twice_then_push(repo_copy):
     assert (prepared / "manifest.json").is_file() and (prepared / "train.parquet").is_file()
     assert "/shapes" in (repo_copy / "data" / "prepared" / ".gitignore").read_text()
     # The train stage's outputs: a loadable model directory and its metrics, shown by `dvc metrics`.
-    from models import PretrainedModel
+    from latentforge.models import PretrainedModel
 
     model = PretrainedModel.from_pretrained(repo_copy / "artifacts" / "train" / "vae" / "model")
     assert model.sample(1).images.shape == (1, 3, 16, 16)

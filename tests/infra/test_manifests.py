@@ -297,14 +297,14 @@ def test_rayservice_serves_serving_config_yaml_on_the_cluster():
     assert app["args"].pop("tracking_uri") == "http://mlflow:5000"
     local_app["args"].pop("tracking_uri")
     assert app == local_app, "serveConfigV2 and serving/config.yaml differ"
-    from serving.schemas import AppConfig
+    from latentforge.serving.schemas import AppConfig
 
     AppConfig.model_validate({**app["args"], "tracking_uri": "http://mlflow:5000"})
 
 
 def test_rayjob_fits_its_cluster_and_uses_its_gpus():
-    from pipelines.cli import build_parser
-    from pipelines.params import apply_overrides, load_params
+    from latentforge.pipelines.cli import build_parser
+    from latentforge.pipelines.common.params import apply_overrides, load_params
 
     spec = one(K8S / "rayjob-train.yaml", "RayJob")["spec"]
     args = build_parser().parse_args(shell_split(spec["entrypoint"])[3:])
@@ -330,15 +330,15 @@ def test_rayjob_entrypoint_is_one_plain_command():
     assert not re.search(r"[;&|<>$`()\\\n]", entrypoint.strip()), entrypoint
     # the runtime env goes into the same line as one double-quoted JSON string: no expansions in it
     assert not re.search(r"[$`]", json.dumps(yaml.safe_load(spec["runtimeEnvYAML"])))
-    assert shell_split(entrypoint)[:3] == ["python", "-m", "pipelines.cli"]
+    assert shell_split(entrypoint)[:3] == ["python", "-m", "latentforge.pipelines.cli"]
 
 
 @pytest.mark.parametrize("name", ["rayjob-train.yaml", "raycluster.yaml"])
 def test_every_ray_pod_finds_the_prepared_data_where_the_job_reads_it(name):
     """The init container pulls ``<workingDir>/<params data.output_dir>`` into a volume; the Ray
     container must mount that volume at the path the job reads (``--set data.output_dir``)."""
-    from pipelines.cli import build_parser
-    from pipelines.params import load_params
+    from latentforge.pipelines.cli import build_parser
+    from latentforge.pipelines.common.params import load_params
 
     docs = load_docs(K8S / name)
     spec = docs[0]["spec"]
@@ -379,7 +379,7 @@ def test_mlflow_server_is_reachable_where_the_ray_pods_look_for_it():
     container = pod["spec"]["containers"][0]
     argv = container["command"] + container.get("args", [])
     assert argv[:2] == ["latentforge", "mlflow-server"]
-    from pipelines.cli import build_parser
+    from latentforge.pipelines.cli import build_parser
 
     args = build_parser().parse_args(argv[1:])
     assert args.host == "0.0.0.0"
@@ -437,7 +437,7 @@ def logical_lines(text: str) -> list[str]:
 
 def shell_commands(text: str, program: str) -> list[tuple[str, list[str]]]:
     """(the line, the arguments after ``program``) for every simple command in ``text`` that runs
-    ``program`` (a word, or words such as ``python -m pipelines.cli``): where a command starts (a line's
+    ``program`` (a word, or words such as ``python -m latentforge.pipelines.cli``): where a command starts (a line's
     start, after an operator, after a wrapper's ``--``), past ``NAME=value`` assignments. The arguments
     end at the next shell operator."""
     words = program.split()
@@ -518,7 +518,7 @@ def all_commands(program: str) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
 
 
 def latentforge_commands() -> tuple[tuple[str, str, tuple[str, ...]], ...]:
-    return all_commands("latentforge") + all_commands("python -m pipelines.cli") + all_commands("python3 -m pipelines.cli")
+    return all_commands("latentforge") + all_commands("python -m latentforge.pipelines.cli") + all_commands("python3 -m latentforge.pipelines.cli")
 
 
 def parse_or_fail(parser, argv: list[str], where: str):
@@ -534,10 +534,10 @@ def check_overrides(overrides: list[str], family: str | None, where: str) -> Non
     """``--set`` must name params that exist, with values of the right type, as `latentforge` checks."""
     import dataclasses
 
-    from models import MODELS
-    from pipelines.params import ParamsError, apply_overrides, check_keys, load_params, section
-    from pipelines.prepare import DATA_SCHEMA
-    from pipelines.train import TRAIN_SCHEMA
+    from latentforge.models import MODELS
+    from latentforge.pipelines.common.params import ParamsError, apply_overrides, check_keys, load_params, section
+    from latentforge.pipelines.prepare import DATA_SCHEMA
+    from latentforge.pipelines.train import TRAIN_SCHEMA
 
     params = load_params(REPO / "params.yaml")
     dotted = [o for o in overrides if "." in o.partition("=")[0]]
@@ -559,8 +559,8 @@ def image_workdir() -> str:
 
 
 def test_every_latentforge_command_line_parses_and_names_a_model_family():
-    from models import MODELS
-    from pipelines.cli import build_parser
+    from latentforge.models import MODELS
+    from latentforge.pipelines.cli import build_parser
 
     commands = latentforge_commands()
     count: dict[str, int] = {}
@@ -628,7 +628,7 @@ def test_every_ray_job_submit_line_parses_with_rays_cli():
             ctx = submit.make_context("submit", list(argv))
         except click.ClickException as exc:
             pytest.fail(f"{where}: {line}: {exc.format_message()}")
-        assert ctx.params["entrypoint"][:3] == ("python", "-m", "pipelines.cli")
+        assert ctx.params["entrypoint"][:3] == ("python", "-m", "latentforge.pipelines.cli")
         if ctx.params.get("runtime_env_json"):
             assert isinstance(json.loads(ctx.params["runtime_env_json"]), dict)
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from models import MODELS
+from latentforge.models import MODELS
 
 
 @pytest.fixture(autouse=True, scope="session")

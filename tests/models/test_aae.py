@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from models import MODELS, ConfigError, PretrainedModel, train_step
-from models.aae import AAE, AAEConfig
+from latentforge.models import MODELS, ConfigError, PretrainedModel, train_step
+from latentforge.models.aae import AAE, AAEConfig
 
 torch.set_num_threads(1)
 

@@ -11,8 +11,8 @@ from scipy.linalg import subspace_angles
 from sklearn.decomposition import PCA
 from torch import nn
 
-from models import MODELS, ConfigError, train_step
-from models.autoencoders import (
+from latentforge.models import MODELS, ConfigError, train_step
+from latentforge.models.autoencoders import (
     AEConfig,
     ConvAEConfig,
     ConvAutoEncoder,
@@ -26,7 +26,7 @@ from models.autoencoders import (
     TiedAEConfig,
     TiedAutoEncoder,
 )
-from models.blocks import RunningGaussian, reconstruction_loss
+from latentforge.models.blocks import RunningGaussian, reconstruction_loss
 
 AUTOENCODERS = ["ae", "mlp_ae", "conv_ae", "sparse_ae", "denoising_ae", "tied_ae", "lstm_ae", "linear_ae"]
 

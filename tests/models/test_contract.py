@@ -15,7 +15,7 @@ import typing
 import pytest
 import torch
 
-from models import MODELS, ConfigError, DecoderOutput, EncoderOutput, PretrainedModel, build_model, train_step
+from latentforge.models import MODELS, ConfigError, DecoderOutput, EncoderOutput, PretrainedModel, build_model, train_step
 
 # Fields where a negative value is legitimate, so the "negative numbers are rejected" check skips them.
 NEGATIVE_ALLOWED = {"seed"}

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
-from models import MODELS, ConfigError, PretrainedModel, train_step
-from models.gan import GAN, GANConfig
+from latentforge.models import MODELS, ConfigError, PretrainedModel, train_step
+from latentforge.models.gan import GAN, GANConfig
 
 torch.set_num_threads(1)
 
@@ -196,7 +196,7 @@ def test_sample_noise_and_generator():
 
 
 def test_pixel_mmd():
-    from models.gan import pixel_mmd
+    from latentforge.models.gan import pixel_mmd
 
     g = torch.Generator().manual_seed(0)
     a = torch.rand(16, 1, 8, 8, generator=g)

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import MODELS, ConfigError, PretrainedModel, train_step
-from models.glo import GLO, GLOConfig, laplacian_l1
+from latentforge.models import MODELS, ConfigError, PretrainedModel, train_step
+from latentforge.models.glo import GLO, GLOConfig, laplacian_l1
 
 torch.set_num_threads(1)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.priors import CodePrior, pick_tokens
+from latentforge.models.priors import CodePrior, pick_tokens
 
 torch.set_num_threads(1)
 

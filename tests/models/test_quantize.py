@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from models.quantize import VectorQuantizerEMA
+from latentforge.models.quantize import VectorQuantizerEMA
 
 torch.set_num_threads(1)
 
@@ -169,8 +169,8 @@ def _worker(rank: int, store_path: str, out_dir: str) -> None:
         # without DDP's buffer broadcast, only the quantiser's own all-reduce keeps the codebooks equal.
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        from models import train_step
-        from models.vqvae2 import VQVAE2, VQVAE2Config
+        from latentforge.models import train_step
+        from latentforge.models.vqvae2 import VQVAE2, VQVAE2Config
 
         for broadcast_buffers in (True, False):
             torch.manual_seed(0)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from models import MODELS, ConfigError
-from models.text import TextMap, TextMapConfig, freeze, sample_codes, state_digest, text_map_for
+from latentforge.models import MODELS, ConfigError
+from latentforge.models.text import TextMap, TextMapConfig, freeze, sample_codes, state_digest, text_map_for
 
 
 @pytest.mark.parametrize("family, overrides", [("vae", {}), ("vqvae2", {}), ("vqvae2", {"code_rank": 4}), ("gan", {}),
@@ -85,7 +85,7 @@ def test_sample_codes_mode_and_seeded_draws():
 
 
 def test_image_captioner_maps_images_to_unit_embeddings_and_learns_them():
-    from models.text import ImageCaptioner
+    from latentforge.models.text import ImageCaptioner
 
     torch.manual_seed(0)
     g = ImageCaptioner(channels=3, embed_dim=16)
@@ -110,7 +110,7 @@ def test_image_captioner_maps_images_to_unit_embeddings_and_learns_them():
 def test_image_captioner_streams_split_form_from_colour():
     """The form stream cannot see colour and the colour stream cannot see layout, so neither can tie a
     shape to a colour (the shortcut that read held-out combinations' shapes wrongly)."""
-    from models.text import ImageCaptioner
+    from latentforge.models.text import ImageCaptioner
 
     torch.manual_seed(0)
     g = ImageCaptioner(channels=3, embed_dim=16).eval()
@@ -130,7 +130,7 @@ def test_image_captioner_streams_split_form_from_colour():
 
 
 def _tiny_bank(decoder, count: int, embed_dim: int = 0, text_weight: float = 0.0):
-    from models.text import CodeBank
+    from latentforge.models.text import CodeBank
 
     x = torch.rand(count, decoder.config.channels, decoder.config.image_size, decoder.config.image_size)
     top, bottom = decoder.encode(x).indices
@@ -139,7 +139,7 @@ def _tiny_bank(decoder, count: int, embed_dim: int = 0, text_weight: float = 0.0
 
 
 def test_code_bank_scores_whole_maps_by_f_tau_likelihood_plus_retrieval(tmp_path):
-    from models.text import CodeBank
+    from latentforge.models.text import CodeBank
 
     torch.manual_seed(0)
     decoder = freeze(MODELS["vqvae2"](MODELS["vqvae2"].config_class.tiny()))
@@ -173,8 +173,8 @@ def test_code_bank_scores_whole_maps_by_f_tau_likelihood_plus_retrieval(tmp_path
 
 
 def test_retrieval_space_whitens_the_captions_and_the_bank_scores_in_it(tmp_path):
-    from models.text import CodeBank, retrieval_space
-    from pipelines.text_runtime import CodeBankNp
+    from latentforge.models.text import CodeBank, retrieval_space
+    from latentforge.runtime.text import CodeBankNp
 
     torch.manual_seed(0)
     # Captions that vary a lot along one direction and little along another, on a shared offset.

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from models import MODELS, ConfigError, PretrainedModel, train_step
-from models.vae import VAE, VAEConfig
+from latentforge.models import MODELS, ConfigError, PretrainedModel, train_step
+from latentforge.models.vae import VAE, VAEConfig
 
 torch.set_num_threads(1)
 

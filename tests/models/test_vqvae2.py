@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import MODELS, ConfigError, PretrainedModel, build_model, train_step
-from models.vqvae2 import VQVAE2, VQVAE2Config
+from latentforge.models import MODELS, ConfigError, PretrainedModel, build_model, train_step
+from latentforge.models.vqvae2 import VQVAE2, VQVAE2Config
 
 torch.set_num_threads(1)
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from models import MODELS
-from pipelines.params import load_params
-from pipelines.prepare import prepare
-from pipelines.train import DATA_FIELDS
+from latentforge.models import MODELS
+from latentforge.pipelines.common.params import load_params
+from latentforge.pipelines.prepare import prepare
+from latentforge.pipelines.train import DATA_FIELDS
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.data import (
+from latentforge.pipelines.data import (
     COLOURS,
     SHAPES,
     DataError,
@@ -24,7 +24,7 @@ from pipelines.data import (
     load_source,
     read_idx,
 )
-from pipelines.params import ParamsError
+from latentforge.pipelines.common.params import ParamsError
 
 SHARED_MNIST = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"
 

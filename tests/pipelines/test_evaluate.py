@@ -12,13 +12,13 @@ import pytest
 import torch
 import yaml
 
-from models import MODELS, train_step
-from pipelines.classifier import head_accuracies, load_classifier, run_classifier, train_classifier
-from pipelines.cli import main
-from pipelines.data import load_shapes
-from pipelines.evaluate import EvaluationError, resolve_evaluation, run_evaluation
-from pipelines.imaging import batch_to_tensor
-from pipelines.prepare import load_split
+from latentforge.models import MODELS, train_step
+from latentforge.pipelines.classifier import head_accuracies, load_classifier, run_classifier, train_classifier
+from latentforge.pipelines.cli import main
+from latentforge.pipelines.data import load_shapes
+from latentforge.pipelines.evaluate import EvaluationError, resolve_evaluation, run_evaluation
+from latentforge.pipelines.imaging import batch_to_tensor
+from latentforge.pipelines.prepare import load_split
 from tests.pipelines.conftest import tiny_section
 
 
@@ -185,7 +185,7 @@ def test_missing_inputs_name_the_command_to_run(evaluated, tmp_path, capsys):
 
 
 def test_resolve_rejects_bad_evaluate_params(evaluated):
-    from pipelines.params import ParamsError
+    from latentforge.pipelines.common.params import ParamsError
 
     params, *_ = evaluated
     bad = copy.deepcopy(params)

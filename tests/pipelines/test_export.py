@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from models import MODELS, PretrainedModel, train_step
-from pipelines import export
-from pipelines.cli import main
-from models.priors import pick_tokens
-from pipelines.export import (
+from latentforge.models import MODELS, PretrainedModel, train_step
+from latentforge.pipelines import export
+from latentforge.pipelines.cli import main
+from latentforge.models.priors import pick_tokens
+from latentforge.pipelines.export import (
     RANDOM_OPS,
     ExportError,
     export_model,
@@ -22,8 +22,8 @@ from pipelines.export import (
     pick_tokens_np,
     sample_vqvae2_onnx,
 )
-from pipelines.imaging import batch_to_tensor
-from pipelines.prepare import load_split
+from latentforge.pipelines.imaging import batch_to_tensor
+from latentforge.pipelines.prepare import load_split
 
 ATOL = 1e-4
 MANIFEST_KEYS = {

@@ -1,4 +1,4 @@
-"""Known answers for the evaluation metrics (pipelines/metrics.py)."""
+"""Known answers for the evaluation metrics (pipelines/evaluate/metrics.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import metrics as M
+from latentforge.pipelines import metrics as M
 
 
 def _images(n=6, c=3, h=16, w=16, seed=0):

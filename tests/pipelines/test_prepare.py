@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.params import ParamsError, apply_overrides, load_params
-from pipelines.prepare import load_split, prepare, split_indices
+from latentforge.pipelines.common.params import ParamsError, apply_overrides, load_params
+from latentforge.pipelines.prepare import load_split, prepare, split_indices
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -91,7 +91,7 @@ def test_overrides():
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "latentforge.pipelines.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
 

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-from models import MODELS, train_step
-from pipelines.cli import main
-from pipelines.export import export_model, load_sessions
-from pipelines.imaging import batch_to_tensor
-from pipelines.prepare import load_split
-from pipelines.registry import CHALLENGER, CHAMPION, Policy, RegistryError, list_models, promote, register
+from latentforge.models import MODELS, train_step
+from latentforge.pipelines.cli import main
+from latentforge.pipelines.export import export_model, load_sessions
+from latentforge.pipelines.imaging import batch_to_tensor
+from latentforge.pipelines.prepare import load_split
+from latentforge.pipelines.registry import CHALLENGER, CHAMPION, Policy, RegistryError, list_models, promote, register
 from tests.pipelines.conftest import REPO, tiny_section
 
 PSNR = Policy("psnr", "max", 0.5)  # higher is better, by more than 0.5 dB
@@ -46,7 +46,7 @@ def _tiny_model(family: str, prepared: Path, out: Path) -> Path:
 @pytest.fixture(scope="module")
 def store(project):
     """A sqlite tracking store (and its artifacts beside it), with one finished "training" run."""
-    from pipelines.train import _experiment_id, mlflow_client
+    from latentforge.pipelines.train import _experiment_id, mlflow_client
 
     root, _ = project
     uri = f"sqlite:///{root / 'registry' / 'mlflow.db'}"
@@ -256,9 +256,9 @@ def test_cli(project, store, exports, monkeypatch, capsys):
 
 
 def test_params_policy():
-    from pipelines.evaluate import primary_metric
-    from pipelines.params import ParamsError, apply_overrides, load_params
-    from pipelines.registry import policy_for
+    from latentforge.pipelines.evaluate import primary_metric
+    from latentforge.pipelines.common.params import ParamsError, apply_overrides, load_params
+    from latentforge.pipelines.registry import policy_for
 
     params = load_params(REPO / "params.yaml")
     assert policy_for(params, "vae").metric_names == ["iwae_nll", "recon_mse"]

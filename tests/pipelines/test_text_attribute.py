@@ -10,12 +10,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from models import build_model, train_step
-from models.text import freeze, state_digest, text_map_for
-from pipelines.classifier import train_classifier
-from pipelines.data import SHAPE_FACTORS, render_shape, shape_caption
-from pipelines.imaging import batch_to_tensor
-from pipelines.text_runtime import HashedTextEncoder
+from latentforge.models import build_model, train_step
+from latentforge.models.text import freeze, state_digest, text_map_for
+from latentforge.pipelines.classifier import train_classifier
+from latentforge.pipelines.data import SHAPE_FACTORS, render_shape, shape_caption
+from latentforge.pipelines.imaging import batch_to_tensor
+from latentforge.runtime.text import HashedTextEncoder
 
 
 def _preset():

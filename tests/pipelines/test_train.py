@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from models import MODELS, ConfigError, PretrainedModel
-from pipelines.data import DataError
-from pipelines.params import ParamsError
-from pipelines.train import TrainingError, lr_factor, resolve_job, run_training
+from latentforge.models import MODELS, ConfigError, PretrainedModel
+from latentforge.pipelines.data import DataError
+from latentforge.pipelines.common.params import ParamsError
+from latentforge.pipelines.train import TrainingError, lr_factor, resolve_job, run_training
 from tests.pipelines.conftest import mlflow_runs
 
 

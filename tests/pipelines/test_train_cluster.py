@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.train import resolve_job, run_training
+from latentforge.pipelines.train import resolve_job, run_training
 from tests.pipelines.conftest import REPO, mlflow_runs
 
 BIN = Path(sys.executable).parent
@@ -99,7 +99,7 @@ def ray_head(monkeypatch):
 
 
 def test_submit_job_to_ray_head(project, ray_head):
-    from pipelines.submit import submit_training
+    from latentforge.pipelines.submit import submit_training
 
     root, params = project
     job_id, status = submit_training(

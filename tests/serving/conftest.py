@@ -32,10 +32,10 @@ def _tiny_model(family: str, prepared: Path, out: Path, seed: int) -> Path:
     """A tiny ``family`` model after two training steps on the prepared data (``save_pretrained`` dir)."""
     import torch
 
-    from models import MODELS as FAMILIES
-    from models import train_step
-    from pipelines.imaging import batch_to_tensor
-    from pipelines.prepare import load_split
+    from latentforge.models import MODELS as FAMILIES
+    from latentforge.models import train_step
+    from latentforge.pipelines.imaging import batch_to_tensor
+    from latentforge.pipelines.prepare import load_split
 
     h, w, c = json.loads((prepared / "manifest.json").read_text())["image_shape"]
     cls = FAMILIES[family]
@@ -53,10 +53,10 @@ def _tiny_model(family: str, prepared: Path, out: Path, seed: int) -> Path:
 def registry(tmp_path_factory):
     """``{"uri", "root", "prepared", "exports": {label: dir}}``: a registry with vae-shapes (versions
     1 and 2), vqvae2-shapes and gan-shapes (version 1), version 1 of each the champion."""
-    from pipelines.export import export_model
-    from pipelines.params import load_params
-    from pipelines.prepare import prepare
-    from pipelines.registry import promote, register
+    from latentforge.pipelines.export import export_model
+    from latentforge.pipelines.common.params import load_params
+    from latentforge.pipelines.prepare import prepare
+    from latentforge.pipelines.registry import promote, register
 
     root = tmp_path_factory.mktemp("serving")
     params = load_params(REPO / "params.yaml")
@@ -132,7 +132,7 @@ def running_serve(args: list[str], port: int, log_path: Path):
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", *args],
+        proc = subprocess.Popen([sys.executable, "-m", "latentforge.pipelines.cli", "serve", *args],
                                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         url = f"http://127.0.0.1:{port}"
         try:

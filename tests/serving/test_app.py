@@ -17,10 +17,10 @@ import pytest
 import requests
 from PIL import Image
 
-from pipelines.imaging import batch_to_tensor
-from pipelines.prepare import load_split
-from serving.codec import encode_png
-from serving.runtime import ModelRuntime, sample_vqvae2_onnx
+from latentforge.pipelines.imaging import batch_to_tensor
+from latentforge.pipelines.prepare import load_split
+from latentforge.serving.codec import encode_png
+from latentforge.runtime.images import ModelRuntime, sample_vqvae2_onnx
 from tests.pipelines.conftest import REPO
 from tests.serving.conftest import MODELS
 
@@ -77,7 +77,7 @@ def test_models_health_and_openapi(server):
 
 
 def test_serving_code_does_not_import_torch():
-    code = ("import sys, serving.app, serving.runtime, serving.codec, serving.schemas, serving.launch; "
+    code = ("import sys, serving.app, runtime.images, serving.codec, serving.schemas, serving.launch; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 
@@ -242,7 +242,7 @@ def test_promotion_under_load_drops_nothing(server, registry, direct):
     """8 client threads call generate on vae-shapes while `champion` moves 1 -> 2: every request
     succeeds, each answer is wholly one version's (its images match that version's export), and
     the version switches."""
-    from pipelines.registry import promote
+    from latentforge.pipelines.registry import promote
 
     expected = {v: np.clip(direct[f"vae-{v}"].generate(1, seed=7), 0, 1) for v in ("1", "2")}
     results, errors, lock = [], [], threading.Lock()
@@ -307,7 +307,7 @@ def test_make_demo_calls_every_endpoint_and_saves_images(server, registry):
 
 
 def test_serve_errors_are_one_line_and_exit_2(tmp_path):
-    from pipelines.cli import main
+    from latentforge.pipelines.cli import main
 
     assert main(["serve", "--config", str(tmp_path / "missing.yaml")]) == 2
     (tmp_path / "bad.yaml").write_text("applications: 3\n")

@@ -1,11 +1,11 @@
-"""serving.app._Coalescer: the batches that wait behind a running call go together into the next one."""
+"""latentforge.serving.app._Coalescer: the batches that wait behind a running call go together into the next one."""
 
 import asyncio
 import threading
 
 import pytest
 
-from serving.app import _Coalescer
+from latentforge.serving.app import _Coalescer
 
 
 def test_items_waiting_behind_a_running_call_are_merged_up_to_max_items():

@@ -19,13 +19,13 @@ def text_model(registry):
     """Register vae-shapes-text version 1 (trained against vae-shapes version 1), its champion."""
     from mlflow.tracking import MlflowClient
 
-    from models import PretrainedModel
-    from models.text import state_digest, text_map_for
-    from pipelines.params import load_params
-    from pipelines.text import _write_outputs, prepare_arrays, resolve_text_job
-    from pipelines.text_export import export_text
-    from pipelines.text_registry import register_text
-    from pipelines.train import _experiment_id
+    from latentforge.models import PretrainedModel
+    from latentforge.models.text import state_digest, text_map_for
+    from latentforge.pipelines.common.params import load_params
+    from latentforge.pipelines.text.train import _write_outputs, prepare_arrays, resolve_text_job
+    from latentforge.pipelines.text.export import export_text
+    from latentforge.pipelines.text.registry import register_text
+    from latentforge.pipelines.train import _experiment_id
 
     root, uri = registry["root"], registry["uri"]
     params = load_params(REPO / "params.yaml")
@@ -116,8 +116,8 @@ def test_text_decode_only_on_text_models_and_listed(text_server):
 
 
 def test_another_decoder_version_is_refused_at_load(registry, text_model):
-    from pipelines.text_runtime import DecoderMismatchError
-    from serving.app import load_text_runtime
+    from latentforge.runtime.text import DecoderMismatchError
+    from latentforge.serving.app import load_text_runtime
 
     rt = load_text_runtime(text_model, "vae-shapes@champion", registry["uri"], TEXT, "1", "champion")
     assert rt.describe()["decoder"]["version"] == 1
@@ -128,8 +128,8 @@ def test_another_decoder_version_is_refused_at_load(registry, text_model):
 def test_params_store_serves_the_text_models_that_have_a_champion(registry, text_model):
     """`latentforge serve --params-store` (the end of `make demo`) adds each family's `<decoder>-text`
     champion, bound to `<decoder>@champion`, with serving/config.yaml's deployment options for it."""
-    from pipelines.cli import text_models_with_champion
-    from serving.launch import resolve_config
+    from latentforge.pipelines.cli import text_models_with_champion
+    from latentforge.serving.launch import resolve_config
 
     found = text_models_with_champion(registry["uri"], ["vae-shapes", "gan-shapes"])
     assert found == [{"name": TEXT, "alias": "champion", "decoder": "vae-shapes@champion"}]  # gan has no text model

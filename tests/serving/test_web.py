@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.prepare import load_split
-from serving.codec import encode_png
+from latentforge.pipelines.prepare import load_split
+from latentforge.serving.codec import encode_png
 
 CHROMIUM = "/usr/bin/chromium"
 # No network, no GPU, no first-run or background traffic: nothing is fetched while the test runs.

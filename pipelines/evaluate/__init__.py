@@ -61,9 +61,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipelines.data import DataError
-from pipelines.params import ParamsError, check_keys, section
-from pipelines.prepare import _replace_dir
+from latentforge.pipelines.data import DataError
+from latentforge.pipelines.common.params import ParamsError, check_keys, section
+from latentforge.pipelines.prepare import _replace_dir
 
 EVALUATE_SCHEMA: dict[str, Any] = {
     "iwae_k": int,
@@ -135,8 +135,8 @@ def resolve_evaluation(params: dict[str, Any], family: str) -> EvalJob:
     """Check every input before anything heavy runs: the family, the ``evaluate`` params, the prepared
     data, the trained model (and that it takes this data's image shape), its training metrics (MLflow
     run id) and the domain classifier (trained on this data)."""
-    from models import MODELS, ConfigError
-    from pipelines.train import _absolute_uri
+    from latentforge.models import MODELS, ConfigError
+    from latentforge.pipelines.train import _absolute_uri
 
     if family not in MODELS:
         raise ConfigError(f"unknown model family {family!r}; choose one of: {', '.join(sorted(MODELS))}")
@@ -225,7 +225,7 @@ def _shape(hwc: tuple[int, int, int]) -> str:
 
 def _mlflow(job: EvalJob):
     """A client for the job's store, checked reachable, with the training run checked present."""
-    from pipelines.train import TrainingError, mlflow_client
+    from latentforge.pipelines.train import TrainingError, mlflow_client
 
     try:
         client = mlflow_client(job.tracking_uri)
@@ -274,7 +274,7 @@ def encode_images(model, images: np.ndarray, kwargs: dict[str, Any], batch: int 
     [0, 1] and, for quantised families, the code indices (one (N, h, w) array per level) or None."""
     import torch
 
-    from pipelines.imaging import batch_to_tensor
+    from latentforge.pipelines.imaging import batch_to_tensor
 
     latents, recons, indices = [], [], []
     for i in range(0, len(images), batch):
@@ -320,11 +320,11 @@ def run_evaluation(job: EvalJob, echo: Callable[[str], None] = print) -> dict[st
     run. Returns the metrics dict (as written)."""
     import torch
 
-    from models import PretrainedModel
-    from pipelines import metrics as M
-    from pipelines.classifier import embed_images, load_classifier
-    from pipelines.imaging import batch_to_tensor, tensor_to_uint8
-    from pipelines.prepare import load_split
+    from latentforge.models import PretrainedModel
+    from latentforge.pipelines.evaluate import metrics as M
+    from latentforge.pipelines.classifier import embed_images, load_classifier
+    from latentforge.pipelines.imaging import batch_to_tensor, tensor_to_uint8
+    from latentforge.pipelines.prepare import load_split
 
     client = _mlflow(job)  # fail fast, before the minutes of work
     s = job.settings
@@ -575,7 +575,7 @@ def _validation_figures(model, images: np.ndarray, seed: int) -> dict[str, float
     """Batch-size-weighted means of ``model.validation_step`` over (N, H, W, C) uint8 images."""
     import torch
 
-    from pipelines.imaging import batch_to_tensor
+    from latentforge.pipelines.imaging import batch_to_tensor
 
     torch.manual_seed(seed)  # validation_step may draw (a VAE's posterior sample, a GAN's z)
     sums: dict[str, float] = {}
@@ -594,7 +594,7 @@ def _interpolation(model, test, test_rows, test_latents, s, rng, generator):
     pairs of prior draws (needs ``model.latent_shape``); None when neither is possible."""
     import torch
 
-    from pipelines.imaging import batch_to_tensor
+    from latentforge.pipelines.imaging import batch_to_tensor
 
     p, t = s["interp_pairs"], s["interp_steps"]
     if test_latents is not None:
@@ -645,7 +645,7 @@ def _loss_history(client, run_id: str) -> dict[str, list[tuple[int, float]]]:
 
 
 def _grid_png(images: np.ndarray, path: Path, nrow: int | None = None) -> None:
-    from pipelines.imaging import make_grid, save_png
+    from latentforge.pipelines.imaging import make_grid, save_png
 
     save_png(make_grid(images, nrow=nrow), path, scale=max(1, 128 // images.shape[1]))
 

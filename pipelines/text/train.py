@@ -32,9 +32,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from pipelines.data import DataError
-from pipelines.params import ParamsError, apply_overrides, check_keys, section
-from pipelines.train import TrainingError
+from latentforge.pipelines.data import DataError
+from latentforge.pipelines.common.params import ParamsError, apply_overrides, check_keys, section
+from latentforge.pipelines.train import TrainingError
 
 TEXT_SCHEMA: dict[str, Any] = {
     "encoder": str,
@@ -96,9 +96,9 @@ class TextJob:
 
 
 def encoder_spec(text: dict[str, Any]) -> dict[str, Any]:
-    """The manifest spec of the configured encoder (``pipelines.text_runtime.encoder_from_spec``)."""
+    """The manifest spec of the configured encoder (``runtime.text.encoder_from_spec``)."""
     if text["encoder"] == "hashed":
-        from pipelines.text_runtime import HashedTextEncoder
+        from latentforge.runtime.text import HashedTextEncoder
 
         return HashedTextEncoder(text["hashed_dim"]).spec
     # minilm-words: the same encoder, each text the mean of its words' embeddings (text_runtime.pool_words);
@@ -135,7 +135,7 @@ def text_features(spec: dict[str, Any], texts: list[str]) -> dict[str, np.ndarra
     """f_tau's inputs for (N,) texts: ``{"embedding": (N, dim)}``, or for word attention ``{"embedding":
     (N, MAX_WORDS, dim), "mask": (N, MAX_WORDS)}`` (what ``text_runtime``'s encoders give at serving)."""
     if spec.get("pooling") == "attention":
-        from pipelines.text_runtime import word_set
+        from latentforge.runtime.text import word_set
 
         return word_set(texts, functools.partial(_minilm_sentences, batch_size=256))
     return {"embedding": embed_texts(spec, texts)}
@@ -152,13 +152,13 @@ def _minilm_sentences(texts: list[str], batch_size: int = 256) -> np.ndarray:
 
 @functools.lru_cache(maxsize=4)
 def _vocabulary_weights_cached(vocabulary: tuple[str, ...], floor: float):
-    from pipelines.text_runtime import VocabularyWeights
+    from latentforge.runtime.text import VocabularyWeights
 
     return VocabularyWeights(vocabulary, floor, _minilm_sentences)
 
 
 def _vocabulary_weights(spec: dict[str, Any]):
-    """The spec's :class:`pipelines.text_runtime.VocabularyWeights` (pooling words with a vocabulary), else None."""
+    """The spec's :class:`runtime.text.VocabularyWeights` (pooling words with a vocabulary), else None."""
     if spec.get("pooling") != "words" or not spec.get("vocabulary") or spec.get("vocab_floor") is None:
         return None
     return _vocabulary_weights_cached(tuple(spec["vocabulary"]), float(spec["vocab_floor"]))
@@ -168,11 +168,11 @@ def embed_texts(spec: dict[str, Any], texts: list[str], batch_size: int = 256) -
     """(N,) captions -> (N, dim) float32 embeddings with the encoder ``spec`` names (word attention: the
     mean of the words', one vector per text)."""
     if spec["kind"] == "hashed":
-        from pipelines.text_runtime import encoder_from_spec
+        from latentforge.runtime.text import encoder_from_spec
 
         return encoder_from_spec(spec).encode(texts)
     if spec.get("pooling", "sentence") in ("words", "attention"):
-        from pipelines.text_runtime import pool_words
+        from latentforge.runtime.text import pool_words
 
         encode = functools.partial(_minilm_sentences, batch_size=batch_size)
         return pool_words(texts, encode, _vocabulary_weights(spec))
@@ -228,7 +228,7 @@ def resolve_text_job(params: dict[str, Any], model: str, overrides: list[str] | 
                      num_workers: int | None = None, run_name: str | None = None) -> TextJob:
     """Check params, the decoder and the data before Ray starts. ``overrides``: ``key=value`` of the
     ``text`` section (``epochs=5``) or dotted params (``text.epochs=5``)."""
-    from models import MODELS, ConfigError, PretrainedModel
+    from latentforge.models import MODELS, ConfigError, PretrainedModel
 
     dotted = [o if "." in o.partition("=")[0] else f"text.{o}" for o in overrides or []]
     params = apply_overrides(params, dotted)
@@ -288,7 +288,7 @@ def resolve_text_job(params: dict[str, Any], model: str, overrides: list[str] | 
     digest_key.update(decoder=ref.get("sha256"), data=manifest["data_hash"])
     digest = hashlib.sha256(json.dumps(digest_key, sort_keys=True, default=str).encode()).hexdigest()[:8]
     mlflow_params = section(params, "mlflow")
-    from pipelines.train import _absolute_uri
+    from latentforge.pipelines.train import _absolute_uri
 
     return TextJob(
         family=family, decoder_dir=str(decoder_dir), decoder_ref=ref, text=text, data_dir=str(data_dir.resolve()),
@@ -312,7 +312,7 @@ def resolve_decoder(params: dict[str, Any], model: str) -> tuple[str, dict[str, 
     A directory with ``config.json``; a family name (``<train.output_dir>/<family>/model``); or a
     registered model ``name``, ``name@alias`` or ``name/version`` (its export's ``model/`` is downloaded).
     """
-    from models import MODELS
+    from latentforge.models import MODELS
 
     path = Path(model)
     if model in MODELS and not path.exists():
@@ -335,7 +335,7 @@ def resolve_decoder(params: dict[str, Any], model: str) -> tuple[str, dict[str, 
 def _download_registered(params: dict[str, Any], model: str) -> tuple[str, dict[str, Any]]:
     from mlflow.exceptions import MlflowException
 
-    from pipelines.registry import RegistryError, connect, tracking_uri_from_params
+    from latentforge.pipelines.registry import RegistryError, connect, tracking_uri_from_params
 
     uri = tracking_uri_from_params(params)
     client = connect(uri)
@@ -360,7 +360,7 @@ def _download_registered(params: dict[str, Any], model: str) -> tuple[str, dict[
     if not (cache / "config.json").is_file():
         import mlflow.artifacts
 
-        from pipelines.registry import _tracking
+        from latentforge.pipelines.registry import _tracking
 
         # _tracking: the models:/ URI resolves against this store's registry, not MLflow's default one.
         with tempfile.TemporaryDirectory() as tmp, _tracking(uri):
@@ -392,8 +392,8 @@ def prepare_arrays(job: TextJob, echo: Callable[[str], None] = print) -> tuple[d
     (the unlabelled ones, held-out combinations included) under ``pseudo_``-prefixed keys, without
     embeddings: the workers caption them (:class:`models.text.ImageCaptioner`).
     """
-    from models import PretrainedModel
-    from pipelines.prepare import load_split
+    from latentforge.models import PretrainedModel
+    from latentforge.pipelines.prepare import load_split
 
     text = job.text
     train = load_split(job.data_dir, "train")
@@ -402,7 +402,7 @@ def prepare_arrays(job: TextJob, echo: Callable[[str], None] = print) -> tuple[d
     captions = [str(c) for c in train["captions"][rows]]
     spec = encoder_spec(text)
     if spec.get("pooling") == "words" and text["vocab_floor"] is not None:
-        from pipelines.text_runtime import words_of
+        from latentforge.runtime.text import words_of
 
         # The aligned captions' words: at serving a word unlike all of them counts less (VocabularyWeights).
         spec.update(vocabulary=sorted({w for c in captions for w in words_of(c)}), vocab_floor=float(text["vocab_floor"]))
@@ -436,7 +436,7 @@ def prepare_arrays(job: TextJob, echo: Callable[[str], None] = print) -> tuple[d
 def decoder_targets(decoder, images: np.ndarray) -> dict[str, np.ndarray]:
     """What f_tau is trained towards for (N, H, W, C) uint8 ``images``: the codes (VQ-VAE-2: ``top``,
     ``bottom``), the encoder's mean (``target_latent``), or nothing (no encoder: the pixel loss only)."""
-    from pipelines.imaging import batch_to_tensor
+    from latentforge.pipelines.imaging import batch_to_tensor
 
     targets: dict[str, list] = {}
     with torch.no_grad():
@@ -460,9 +460,9 @@ def run_text_training(job: TextJob, echo: Callable[[str], None] = print) -> dict
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from models.text import text_map_for
-    from models import PretrainedModel
-    from pipelines.train import _experiment_id, _root_cause, connect_ray, git_commit, mlflow_client
+    from latentforge.models.text import text_map_for
+    from latentforge.models import PretrainedModel
+    from latentforge.pipelines.train import _experiment_id, _root_cause, connect_ray, git_commit, mlflow_client
 
     client = mlflow_client(job.tracking_uri)
     arrays, info = prepare_arrays(job, echo)
@@ -539,7 +539,7 @@ def run_text_training(job: TextJob, echo: Callable[[str], None] = print) -> dict
 
 def _write_outputs(job: TextJob, ckpt: Path, info: dict, state: dict, run_id: str, seconds: float) -> dict[str, Any]:
     """``<output_dir>/<family>/`` from the final checkpoint, written to a temp sibling and renamed."""
-    from pipelines.prepare import _replace_dir
+    from latentforge.pipelines.prepare import _replace_dir
 
     out = job.output_dir
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -549,7 +549,7 @@ def _write_outputs(job: TextJob, ckpt: Path, info: dict, state: dict, run_id: st
         shutil.copytree(ckpt / "decoder", tmp / "decoder")
         bank = None
         if (ckpt / "bank.npz").is_file():
-            from models.text import CodeBank
+            from latentforge.models.text import CodeBank
 
             shutil.copy2(ckpt / "bank.npz", tmp / "bank.npz")
             bank = CodeBank.load(tmp / "bank.npz")
@@ -585,8 +585,8 @@ def _write_outputs(job: TextJob, ckpt: Path, info: dict, state: dict, run_id: st
 
 def load_text_model(directory: str | Path):
     """(text_map, frozen decoder, text.json) of a train-text output directory."""
-    from models import PretrainedModel
-    from models.text import TextMap, freeze
+    from latentforge.models import PretrainedModel
+    from latentforge.models.text import TextMap, freeze
 
     directory = Path(directory)
     if not (directory / "text.json").is_file():
@@ -594,7 +594,7 @@ def load_text_model(directory: str | Path):
     record = json.loads((directory / "text.json").read_text())
     text_map = TextMap.from_pretrained(directory / "text_map").eval()
     if (record.get("bank") or {}).get("file"):
-        from models.text import CodeBank
+        from latentforge.models.text import CodeBank
 
         text_map.bank = CodeBank.load(directory / record["bank"]["file"])
     decoder = freeze(PretrainedModel.from_pretrained(directory / "decoder"))
@@ -604,7 +604,7 @@ def load_text_model(directory: str | Path):
 def grid_prompts(manifest: dict[str, Any], info: dict[str, Any], count: int = 8) -> list[str]:
     """Prompts for the MLflow grid: on ``shapes``, one per colour with varied shapes (held-out combinations
     first); elsewhere one caption per class."""
-    from pipelines.data import SHAPE_FACTORS
+    from latentforge.pipelines.data import SHAPE_FACTORS
 
     if manifest.get("factor_names") == list(SHAPE_FACTORS):
         pairs = [tuple(p) for p in info["holdout"][:2]]
@@ -619,7 +619,7 @@ def prompt_grid(out_dir: Path, manifest: dict[str, Any], info: dict[str, Any], n
     """``prompts.png`` (one row per prompt: the mode, then ``n - 1`` samples) and ``prompts.json``."""
     import torch
 
-    from pipelines.imaging import make_grid, save_png, tensor_to_uint8
+    from latentforge.pipelines.imaging import make_grid, save_png, tensor_to_uint8
 
     text_map, decoder, record = load_text_model(out_dir)
     prompts = grid_prompts(manifest, info)
@@ -643,9 +643,9 @@ def text_loop_per_worker(cfg: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from models import PretrainedModel
-    from models.text import TextMap, TextMapConfig, freeze, state_digest
-    from pipelines.imaging import batch_to_tensor
+    from latentforge.models import PretrainedModel
+    from latentforge.models.text import TextMap, TextMapConfig, freeze, state_digest
+    from latentforge.pipelines.imaging import batch_to_tensor
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -759,8 +759,8 @@ def _fit_captioner(images: np.ndarray, embedding: np.ndarray, epochs: int, batch
     epoch's mean cosine to the captions."""
     import ray.train.torch
 
-    from models.text import CAPTIONER_LR, CAPTIONER_WEIGHT_DECAY, ImageCaptioner
-    from pipelines.imaging import batch_to_tensor
+    from latentforge.models.text import CAPTIONER_LR, CAPTIONER_WEIGHT_DECAY, ImageCaptioner
+    from latentforge.pipelines.imaging import batch_to_tensor
 
     captioner = ImageCaptioner(images.shape[-1], embedding.shape[1])
     wrapped = ray.train.torch.prepare_model(captioner)
@@ -789,7 +789,7 @@ def _code_bank(arrays: dict[str, np.ndarray], captioner, text_weight: float, whi
     code maps and, when a captioner was trained, its embeddings of them (else the bank scores by f_tau's
     likelihood alone) and (``whitening`` not None) the retrieval space of the aligned pairs: their
     captions' residuals from the captioner (``space`` residuals) or the captions themselves (captions)."""
-    from models.text import CodeBank, retrieval_space
+    from latentforge.models.text import CodeBank, retrieval_space
 
     def both(key):
         return np.concatenate([arrays[key], arrays[f"pseudo_{key}"]]) if f"pseudo_{key}" in arrays else arrays[key]
@@ -811,7 +811,7 @@ def _code_bank(arrays: dict[str, np.ndarray], captioner, text_weight: float, whi
 
 def _caption(captioner, images: np.ndarray) -> np.ndarray:
     """(N, H, W, C) uint8 -> (N, E) float32 pseudo-caption embeddings."""
-    from pipelines.imaging import batch_to_tensor
+    from latentforge.pipelines.imaging import batch_to_tensor
 
     with torch.no_grad():
         return np.concatenate([captioner(batch_to_tensor(images[i:i + 512])).numpy() for i in range(0, len(images), 512)]).astype(np.float32)

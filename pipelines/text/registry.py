@@ -3,7 +3,7 @@
 ``register_text(export_dir, tracking_uri)`` logs a pyfunc (:class:`TextDecodeModel`, ONNX Runtime only)
 to the text model's training run and registers it as ``<family>-<data>-text``, tagged with the decoder
 it was trained against (``decoder_name``, ``decoder_version``, ``decoder_sha256``). Serving loads it with
-:func:`pipelines.text_runtime.TextDecoder.load` (``decoder_name``/``decoder_version`` of the decoder it
+:func:`runtime.text.TextDecoder.load` (``decoder_name``/``decoder_version`` of the decoder it
 serves), which refuses a mismatch. Neither module imports torch.
 """
 
@@ -26,11 +26,11 @@ class TextDecodeModel(mlflow.pyfunc.PythonModel):
 
     ``texts``: a list of strings or a DataFrame with a ``text`` column. Returns ``{"images": (T, n, C,
     H, W) float32 in [0, 1]}``; the same seed gives the same images. Bad input raises
-    :class:`pipelines.text_runtime.TextRequestError` (a ValueError naming the field).
+    :class:`runtime.text.TextRequestError` (a ValueError naming the field).
     """
 
     def load_context(self, context) -> None:
-        from pipelines.text_runtime import TextDecoder
+        from latentforge.runtime.text import TextDecoder
 
         self.decoder = TextDecoder.load(context.artifacts[ARTIFACT_KEY])
 
@@ -48,8 +48,8 @@ def register_text(export_dir: str | Path, tracking_uri: str, name: str | None = 
     import pandas as pd
     from mlflow.models import infer_signature
 
-    from pipelines.registry import RegistryError, _code_snapshot, _requirements, _tracking, connect
-    from pipelines.text_runtime import TextDecoder
+    from latentforge.pipelines.registry import RegistryError, _code_snapshot, _requirements, _tracking, connect
+    from latentforge.runtime.text import TextDecoder
 
     export_dir = Path(export_dir)
     try:

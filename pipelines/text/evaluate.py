@@ -5,7 +5,7 @@ the factors of the generated images (the mode: latent f_tau(y), or argmax codes)
 ``text.eval_prompts`` each:
 
 * ``seen``: captions of the aligned set (the training prompts);
-* ``paraphrase``: the same images' factors in the words of :mod:`pipelines.paraphrases` (a style the
+* ``paraphrase``: the same images' factors in the words of :mod:`pipelines.text.paraphrases` (a style the
   training templates never use);
 * ``heldout``: training-style captions of the held-out (shape, colour) combinations (composition).
 
@@ -37,8 +37,8 @@ TARGETS = {"seen_per_factor": 0.90, "heldout_all_factors": 0.75, "paraphrase_dro
 
 def prompt_sets(record: dict[str, Any], manifest: dict[str, Any], train: dict[str, np.ndarray], count: int, seed: int) -> dict[str, tuple[list[str], np.ndarray]]:
     """{set name: (prompts, targets (N, F) factor indices, or (N, 1) labels for data without factors)}."""
-    from pipelines.data import SHAPE_FACTORS, shape_caption
-    from pipelines.paraphrases import paraphrase
+    from latentforge.pipelines.data import SHAPE_FACTORS, shape_caption
+    from latentforge.pipelines.text.paraphrases import paraphrase
 
     rng = np.random.default_rng(seed)
     rows = np.asarray(record["aligned"]["aligned_rows"])
@@ -64,16 +64,16 @@ def prompt_sets(record: dict[str, Any], manifest: dict[str, Any], train: dict[st
 def evaluate_text(text_dir: str | Path, classifier_dir: str | Path, prepared_dir: str | Path, count: int = 300,
                   seed: int = 0, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """The figures above for the train-text output in ``text_dir`` (see the module docstring)."""
-    from pipelines.classifier import LABEL_HEAD, load_classifier
-    from pipelines.prepare import load_split
-    from pipelines.text import load_text_model, text_tensors
+    from latentforge.pipelines.classifier import LABEL_HEAD, load_classifier
+    from latentforge.pipelines.prepare import load_split
+    from latentforge.pipelines.text.train import load_text_model, text_tensors
 
     text_map, decoder, record = load_text_model(text_dir)
     classifier, meta = load_classifier(classifier_dir)
     prepared_dir = Path(prepared_dir)
     manifest = json.loads((prepared_dir / "manifest.json").read_text())
     if meta.get("data_hash") != record["data"]["data_hash"]:
-        from pipelines.evaluate import EvaluationError
+        from latentforge.pipelines.evaluate import EvaluationError
 
         raise EvaluationError(f"the classifier in {classifier_dir} was trained on other data than the text model; "
                               "re-run `latentforge classifier`")
@@ -147,7 +147,7 @@ def _reconstructions(decoder, train: dict[str, np.ndarray], rows: np.ndarray, se
     ``decode(encode(x))`` (``"encode"``), or, for a decoder without an encoder, of a latent fitted to
     each image (``"latent_fit"``); (None, None) for a decoder with neither (a code-map decoder without
     an encoder)."""
-    from pipelines.imaging import batch_to_tensor
+    from latentforge.pipelines.imaging import batch_to_tensor
 
     generator = torch.Generator().manual_seed(seed)
     if type(decoder).__name__ == "GLO":  # its encode fits codes by optimisation
@@ -169,7 +169,7 @@ def fit_latents(decoder, x: torch.Tensor, steps: int = LATENT_FIT_STEPS, restart
     """Latents z (B, *latent_shape) whose ``decoder.decode(z)`` comes closest (pixel MSE) to images x
     (B, C, H, W): the best of ``restarts`` draws from N(0, I) per image, then ``steps`` Adam steps.
     Only z gets gradients: the decoder's weights and their ``.grad`` are left as they are."""
-    from models.text import latent_shape_of
+    from latentforge.models.text import latent_shape_of
 
     shape = latent_shape_of(decoder)
     b = x.shape[0]
@@ -190,8 +190,8 @@ def fit_latents(decoder, x: torch.Tensor, steps: int = LATENT_FIT_STEPS, restart
 def evaluate_text_from_params(params: dict[str, Any], family: str, echo: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]]:
     """``latentforge evaluate-text --model <family>``: write ``<evaluate.output_dir>/<family>-text/metrics.json``
     atomically and log the numbers to the text model's MLflow run."""
-    from pipelines.params import section
-    from pipelines.prepare import _replace_dir
+    from latentforge.pipelines.common.params import section
+    from latentforge.pipelines.prepare import _replace_dir
 
     text = section(params, "text")
     data = section(params, "data")
@@ -212,7 +212,7 @@ def evaluate_text_from_params(params: dict[str, Any], family: str, echo: Callabl
     if run_id:
         from mlflow.entities import Metric
 
-        from pipelines.train import _absolute_uri, mlflow_client
+        from latentforge.pipelines.train import _absolute_uri, mlflow_client
         import os
         import time
 

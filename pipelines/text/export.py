@@ -11,7 +11,7 @@ Graphs (``B`` is the dynamic batch):
   The hashed encoder needs no file: its settings are in the manifest.
 
 No graph draws random numbers: the latent noise and the code sampling are drawn by numpy in
-:class:`pipelines.text_runtime.TextDecoder`. A text model with a code bank (``text.bank``) also gets
+:class:`runtime.text.TextDecoder`. A text model with a code bank (``text.bank``) also gets
 ``bank.npz`` (the train images' code maps and captioner embeddings), scored in numpy. Parity: each graph against PyTorch on the aligned captions
 (max abs difference <= ``atol``), then the whole torch-free path (:class:`TextDecoder`, mode) against
 :meth:`models.text.TextMap.generate`. Written to a temporary sibling and renamed on success only.
@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipelines.export import (
+from latentforge.pipelines.export import (
     OPSET, ExportError, _compare, _Decoder, _export_graph, _Graph, _IndexDecoder, _onnx_session, _reuse_onnx_registry,
 )
-from pipelines.text_runtime import FORMAT_VERSION, MAX_N, MAX_TEXT_CHARS, MAX_TEXTS, TextDecoder
+from latentforge.runtime.text import FORMAT_VERSION, MAX_N, MAX_TEXT_CHARS, MAX_TEXTS, TextDecoder
 
 PARITY_TEXTS = 16
 
@@ -70,8 +70,8 @@ class _MiniLMGraph(nn.Module):
 
 def export_text(text_dir: str | Path, out_dir: str | Path, metrics: dict | None = None, atol: float = 1e-4) -> dict[str, Any]:
     """Export the train-text output in ``text_dir`` to ``out_dir``; return the manifest (see the module doc)."""
-    from pipelines.text import load_text_model, text_tensors
-    from pipelines.prepare import _replace_dir
+    from latentforge.pipelines.text.train import load_text_model, text_tensors
+    from latentforge.pipelines.prepare import _replace_dir
 
     text_dir, out_dir = Path(text_dir), Path(out_dir)
     text_map, decoder, record = load_text_model(text_dir)
@@ -197,8 +197,8 @@ def _parity_prompts(record: dict[str, Any]) -> list[str]:
 
 def export_minilm(out: Path, texts: list[str], atol: float) -> float:
     """Write ``text_encoder.onnx`` + ``tokenizer.json`` for all-MiniLM-L6-v2; return the max |ONNX - ST|."""
-    from pipelines.text import load_minilm, minilm_dir
-    from pipelines.text_runtime import OnnxMiniLMEncoder
+    from latentforge.pipelines.text.train import load_minilm, minilm_dir
+    from latentforge.runtime.text import OnnxMiniLMEncoder
 
     st = load_minilm()
     bert = st[0].auto_model.eval()
@@ -230,7 +230,7 @@ def export_minilm(out: Path, texts: list[str], atol: float) -> float:
 def export_text_from_params(params: dict, family: str, out: str | Path | None = None) -> tuple[Path, dict]:
     """``latentforge export-text --model <family>``: ``<text.output_dir>/<family>`` ->
     ``<export.output_dir or artifacts/export-text>/<family>``, with evaluate-text's metrics when present."""
-    from pipelines.params import section
+    from latentforge.pipelines.common.params import section
 
     text_dir = Path(section(params, "text")["output_dir"]) / family
     if not (text_dir / "text.json").is_file():

@@ -1,0 +1,1 @@
+"""Plumbing several stages share: params, errors, files (atomic writes, hashes), MLflow tracking, Ray."""
