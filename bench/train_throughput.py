@@ -567,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import ray
 
-        from latentforge.pipelines.train import mlflow_client
+        from latentforge.pipelines.common.tracking import mlflow_client
 
         params = make_project(root, args.num_images, families)
         manifest = json.loads((Path(params["data"]["output_dir"]) / "shapes" / "manifest.json").read_text())

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from latentforge.pipelines.common.errors import UserError
 from latentforge.pipelines.common.params import DEFAULT_PARAMS, ParamsError, apply_overrides, load_params
 
 
@@ -358,14 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
 # Errors a user can cause: one line on stderr and exit status 2, no traceback.
 def _user_errors() -> tuple[type[BaseException], ...]:
     from latentforge.models.base import ConfigError
-    from latentforge.pipelines.data import DataError
-    from latentforge.pipelines.evaluate import EvaluationError
     from latentforge.pipelines.export import ExportError
-    from latentforge.pipelines.registry import RegistryError
-    from latentforge.pipelines.train import TrainingError
     from latentforge.serving.launch import ServeError
 
-    return (ServeError, ParamsError, DataError, ConfigError, FileNotFoundError, TrainingError, RegistryError, ExportError, EvaluationError)
+    return (UserError, ServeError, ConfigError, FileNotFoundError, ExportError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,11 +25,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from latentforge.pipelines.common.errors import DataError
+from latentforge.pipelines.common.files import sha256_file
 from latentforge.pipelines.common.params import ParamsError, check_keys
-
-
-class DataError(ValueError):
-    """Bad or unreadable input data; the message names the file and the problem."""
 
 
 @dataclass
@@ -61,14 +59,6 @@ class ImageSet:
             )
         if n == 0:
             raise DataError("the data set is empty: no images were found")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -191,7 +191,8 @@ def export_model(
     from latentforge.models import MODELS, PretrainedModel
     from latentforge.pipelines.data import DataError
     from latentforge.pipelines.imaging import batch_to_tensor
-    from latentforge.pipelines.prepare import _replace_dir, load_split
+    from latentforge.pipelines.common.files import _replace_dir
+    from latentforge.pipelines.prepare import load_split
 
     model_dir, prepared_dir, out_dir = Path(model_dir), Path(prepared_dir), Path(out_dir)
     if not (model_dir / "config.json").is_file():
@@ -647,7 +648,7 @@ def export_from_params(
     from latentforge.models import MODELS, ConfigError
     from latentforge.pipelines.data import DataError
     from latentforge.pipelines.common.params import section
-    from latentforge.pipelines.train import git_commit
+    from latentforge.pipelines.common.tracking import git_commit
 
     if family not in MODELS:
         raise ConfigError(f"unknown model family {family!r}; choose one of: {', '.join(sorted(MODELS))}")

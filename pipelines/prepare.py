@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +18,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from latentforge.pipelines.data import SOURCES, DataError, ImageSet, load_source, sha256_file
-from latentforge.pipelines.common.params import ParamsError, check_keys
+from latentforge.pipelines.common.errors import DataError, ParamsError
+from latentforge.pipelines.common.files import atomic_directory, sha256_file
+from latentforge.pipelines.common.params import check_keys
+from latentforge.pipelines.data import SOURCES, ImageSet, load_source
 
 SPLITS = ("train", "val", "test")
 FORMAT_VERSION = 1
@@ -59,9 +59,7 @@ def split_table(data: ImageSet, rows: np.ndarray) -> pa.Table:
 def write_prepared(data: ImageSet, out_dir: Path, name: str, source: str, options: dict, seed: int, fractions: dict) -> dict:
     """Write splits and manifest to ``out_dir`` atomically (temp dir, then rename). Returns the manifest."""
     indices = split_indices(len(data.images), fractions, seed)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         splits = {}
         for split in SPLITS:
             path = tmp / f"{split}.parquet"
@@ -89,27 +87,7 @@ def write_prepared(data: ImageSet, out_dir: Path, name: str, source: str, option
             "data_hash": hashlib.sha256("".join(splits[s]["sha256"] for s in SPLITS).encode()).hexdigest(),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Put ``new`` at ``target``: the old content is moved aside first and removed only on success."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{new.name[-8:]}")
-        target.rename(old)
-    try:
-        new.rename(target)
-    except BaseException:
-        if old is not None:
-            old.rename(target)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 DATA_SCHEMA = {"name": str, "source": str, "seed": int, "splits": dict, "output_dir": str}
@@ -139,14 +117,19 @@ def prepare(params: dict) -> tuple[Path, dict]:
     return out_dir, manifest
 
 
+def read_manifest(prepared_dir: str | Path) -> dict[str, Any]:
+    """The ``manifest.json`` of a prepared data set, or a DataError that says which stage makes it."""
+    path = Path(prepared_dir) / "manifest.json"
+    if not path.is_file():
+        raise DataError(f"no prepared data at {prepared_dir}; run `latentforge prepare` (or `dvc repro prepare`) first")
+    return json.loads(path.read_text())
+
+
 def load_split(prepared_dir: str | Path, split: str) -> dict[str, np.ndarray]:
     """Read one prepared split into memory: ``images`` (N, H, W, C) uint8, ``labels``, ``captions``,
     ``index`` and ``factors`` (N, F). For plain loops and benchmarks; Ray jobs read the Parquet directly."""
     prepared_dir = Path(prepared_dir)
-    manifest_path = prepared_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise DataError(f"{prepared_dir}: no manifest.json; run `latentforge prepare` (or `dvc repro prepare`) first")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(prepared_dir)
     if split not in manifest["splits"]:
         raise DataError(f"{prepared_dir}: no split {split!r}; have {', '.join(manifest['splits'])}")
     table = pq.read_table(prepared_dir / manifest["splits"][split]["file"])

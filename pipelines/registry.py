@@ -46,6 +46,8 @@ from typing import Any, Iterator
 import mlflow.pyfunc
 import numpy as np
 
+from latentforge.pipelines.common.errors import RegistryError
+from latentforge.pipelines.common.tracking import fluent_tracking
 from latentforge.pipelines.common.params import ParamsError, check_keys, section
 
 CHAMPION = "champion"
@@ -53,10 +55,6 @@ CHALLENGER = "challenger"
 PROMOTION_TAG = "latentforge.promotion"
 METRIC_TAG_PREFIX = "metric."
 ARTIFACT_KEY = "export"  # the name of the export directory among the pyfunc model's artifacts
-
-
-class RegistryError(RuntimeError):
-    """A registry operation a user asked for cannot be done; the message names the model/version and why."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -273,7 +271,7 @@ def register(
     from mlflow.models import infer_signature
 
     from latentforge.pipelines.export import ExportError, load_sessions
-    from latentforge.pipelines.train import _experiment_id
+    from latentforge.pipelines.common.tracking import experiment_id as _experiment_id
 
     export_dir = Path(export_dir)
     try:
@@ -332,7 +330,7 @@ def register(
             client.log_metric(run_id, key, value)
     tags["mlflow_run_id"] = run_id
 
-    with _tracking(tracking_uri), tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+    with fluent_tracking(tracking_uri), tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name=name,
             python_model=OnnxAutoencoderModel(manifest["format_version"]),
@@ -390,28 +388,6 @@ def _requirements() -> list[str]:
     return out
 
 
-@contextlib.contextmanager
-def _tracking(uri: str) -> Iterator[None]:
-    """Point MLflow's fluent API (start_run, log_model, register_model) at ``uri`` for the block only.
-
-    ``mlflow.set_tracking_uri`` also writes ``MLFLOW_TRACKING_URI`` (and unsets it when given None), so the
-    caller's environment is put back as it was, not only MLflow's global.
-    """
-    from mlflow.tracking._tracking_service import utils
-
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    previous = getattr(utils, "_tracking_uri", None)
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)
-        if env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = env
-
-
 def _quote(name: str) -> str:
     return name.replace("'", "\\'")
 
@@ -422,7 +398,8 @@ def _quote(name: str) -> str:
 
 def connect(tracking_uri: str):
     """An MlflowClient for ``tracking_uri``, or one :class:`RegistryError` line when it is unreachable."""
-    from latentforge.pipelines.train import TrainingError, mlflow_client
+    from latentforge.pipelines.common.errors import TrainingError
+    from latentforge.pipelines.common.tracking import mlflow_client
 
     try:
         return mlflow_client(tracking_uri)
@@ -600,7 +577,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def tracking_uri_from_params(params: dict[str, Any]) -> str:
     """``MLFLOW_TRACKING_URI`` if set, else params ``mlflow.tracking_uri`` (local paths made absolute)."""
-    from latentforge.pipelines.train import _absolute_uri
+    from latentforge.runtime.store import absolute_uri as _absolute_uri
 
     uri = os.environ.get("MLFLOW_TRACKING_URI") or section(params, "mlflow").get("tracking_uri")
     if not uri:

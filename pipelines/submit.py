@@ -24,7 +24,7 @@ EXCLUDES = [".venv", ".git", "data", "dvc-storage", ".dvc/cache", "mlruns", "mla
 
 def local_path_overrides(params_path: Path, train_args: list[str]) -> tuple[list[str], dict[str, str]]:
     """``--set`` overrides and env vars that pin this machine's relative paths for the job."""
-    from latentforge.pipelines.train import _absolute_uri
+    from latentforge.runtime.store import absolute_uri as _absolute_uri
 
     params = load_params(params_path)
     overrides: list[str] = []
@@ -48,7 +48,7 @@ def submit_training(
     """Submit ``latentforge train <train_args>`` as a Ray job; return (job id, final or current status)."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from latentforge.pipelines.train import TrainingError
+    from latentforge.pipelines.common.errors import TrainingError
 
     try:
         client = JobSubmissionClient(address)

@@ -29,7 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from latentforge.pipelines.data import DataError
+from latentforge.pipelines.common.errors import DataError, TrainingError
+from latentforge.pipelines.common.cluster import cluster_resources, connect_ray, request_resources
+from latentforge.pipelines.common.tracking import experiment_id, git_commit, mlflow_client
+from latentforge.runtime.store import absolute_uri
 from latentforge.pipelines.common.params import ParamsError, apply_overrides, check_keys, section
 
 TRAIN_SCHEMA: dict[str, Any] = {
@@ -61,10 +64,6 @@ MLFLOW_SCHEMA: dict[str, Any] = {"tracking_uri": str, "experiment": str}
 DATA_FIELDS = ("image_size", "channels", "num_samples")
 
 
-class TrainingError(RuntimeError):
-    """The job could not run or finish; the message says why (resources, MLflow, a worker error)."""
-
-
 @dataclass
 class TrainJob:
     """Everything a training run needs, resolved and checked before Ray starts."""
@@ -80,7 +79,7 @@ class TrainJob:
 
     @property
     def storage_path(self) -> str:
-        return _absolute_uri(self.train["storage_path"])
+        return absolute_uri(self.train["storage_path"])
 
     @property
     def output_dir(self) -> Path:
@@ -187,7 +186,7 @@ def resolve_job(
         data_dir=str(data_dir.resolve()),
         manifest=manifest,
         run_name=run_name,
-        tracking_uri=_absolute_uri(tracking_uri),
+        tracking_uri=absolute_uri(tracking_uri),
         experiment=mlflow_params["experiment"],
     )
 
@@ -206,60 +205,19 @@ def config_digest(model_config: dict[str, Any], train: dict[str, Any], data_hash
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
 
 
-def _absolute_uri(uri: str) -> str:
-    """Make local paths absolute: Ray workers and MLflow must not depend on the driver's cwd."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
-    if "://" in uri:
-        return uri
-    return str(Path(uri).resolve())
 
 
-# ----------------------------------------------------------------------------------------------------
-# MLflow (driver side)
 
 
-def mlflow_client(tracking_uri: str):
-    """An MlflowClient for ``tracking_uri``, checked reachable within seconds (no endless retries)."""
-    from mlflow.tracking import MlflowClient
-
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    client = MlflowClient(tracking_uri)
-    try:
-        client.search_experiments(max_results=1)
-    except Exception as exc:  # the store's own exception types differ by backend
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TrainingError(f"MLflow tracking store {tracking_uri} is unreachable: {first}") from None
-    return client
 
 
-def _experiment_id(client, name: str, tracking_uri: str) -> str:
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    artifact_location = None
-    if tracking_uri.startswith("sqlite:///"):
-        # Keep artifacts beside the sqlite file, not in whatever the cwd happens to be.
-        artifact_location = (Path(tracking_uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
-    return client.create_experiment(name, artifact_location=artifact_location)
-
-
-def git_commit() -> str:
-    """The project's commit: $LATENTFORGE_GIT_COMMIT (set where there is no .git, e.g. in an image) or git."""
-    if os.environ.get("LATENTFORGE_GIT_COMMIT"):
-        return os.environ["LATENTFORGE_GIT_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def start_or_resume_run(client, job: TrainJob, cluster: dict[str, Any]) -> tuple[str, bool]:
     """The MLflow run of ``job.run_name``: found again by tag (resume) or created with params and tags."""
     from mlflow.entities import Param, RunTag
 
-    exp_id = _experiment_id(client, job.experiment, job.tracking_uri)
+    exp_id = experiment_id(client, job.experiment, job.tracking_uri)
     found = client.search_runs([exp_id], filter_string=f"tags.`latentforge.run_name` = '{job.run_name}'", max_results=1)
     if found:
         run_id = found[0].info.run_id
@@ -284,28 +242,8 @@ def start_or_resume_run(client, job: TrainJob, cluster: dict[str, Any]) -> tuple
     return run.info.run_id, False
 
 
-# ----------------------------------------------------------------------------------------------------
-# Ray (driver side)
 
 
-def connect_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster at RAY_ADDRESS, or start a local one (only on 127.0.0.1)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
-
-
-def cluster_resources() -> dict[str, Any]:
-    import ray
-
-    res = ray.cluster_resources()
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    return {"CPU": res.get("CPU", 0.0), "GPU": res.get("GPU", 0.0), "nodes": len(nodes)}
 
 
 def wait_for_resources(job: TrainJob, timeout_s: float) -> dict[str, Any]:
@@ -325,10 +263,10 @@ def wait_for_resources(job: TrainJob, timeout_s: float) -> dict[str, Any]:
             # Ask an autoscaling cluster for the nodes (a GPU worker group may start at zero pods);
             # run_training clears the request once the job is over.
             bundle = {"CPU": job.train["cpus_per_worker"], **({"GPU": 1} if need_gpu else {})}
-            _request_resources([bundle] * job.train["num_workers"])
+            request_resources([bundle] * job.train["num_workers"])
             requested = True
         if time.monotonic() >= deadline:
-            _request_resources([])
+            request_resources([])
             raise TrainingError(
                 f"the job needs {job.train['num_workers']} workers x {job.train['cpus_per_worker']} CPU"
                 + (f" + 1 GPU each" if need_gpu else "")
@@ -338,13 +276,6 @@ def wait_for_resources(job: TrainJob, timeout_s: float) -> dict[str, Any]:
         time.sleep(1.0)
 
 
-def _request_resources(bundles: list[dict[str, float]]) -> None:
-    try:
-        from ray.autoscaler.sdk import request_resources
-
-        request_resources(bundles=bundles)
-    except Exception:  # no autoscaler (a local or fixed-size cluster): nothing to ask
-        pass
 
 
 def run_training(job: TrainJob, echo: Callable[[str], None] = print) -> dict[str, Any]:
@@ -353,7 +284,7 @@ def run_training(job: TrainJob, echo: Callable[[str], None] = print) -> dict[str
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    client = mlflow_client(job.tracking_uri)
+    client = mlflow_client(job.tracking_uri, TrainingError)
     connect_ray()
     cluster = wait_for_resources(job, job.train["resource_timeout_s"])
     run_id, resumed = start_or_resume_run(client, job, cluster)
@@ -407,7 +338,7 @@ def run_training(job: TrainJob, echo: Callable[[str], None] = print) -> dict[str
         client.set_terminated(run_id, status="FAILED")
         raise TrainingError(f"training {job.run_name} failed: {_root_cause(exc)}") from exc
     finally:
-        _request_resources([])
+        request_resources([])
     if result.error is not None:
         client.set_terminated(run_id, status="FAILED")
         raise TrainingError(f"training {job.run_name} failed: {_root_cause(result.error)}")

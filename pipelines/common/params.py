@@ -12,11 +12,9 @@ from typing import Any
 
 import yaml
 
+from latentforge.pipelines.common.errors import ParamsError
+
 DEFAULT_PARAMS = Path("params.yaml")
-
-
-class ParamsError(ValueError):
-    """A params file or override that cannot be used; the message names the key and the reason."""
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:

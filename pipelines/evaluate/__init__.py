@@ -61,9 +61,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from latentforge.pipelines.data import DataError
+from latentforge.pipelines.common.errors import DataError, EvaluationError
 from latentforge.pipelines.common.params import ParamsError, check_keys, section
-from latentforge.pipelines.prepare import _replace_dir
+from latentforge.pipelines.common.files import _replace_dir
 
 EVALUATE_SCHEMA: dict[str, Any] = {
     "iwae_k": int,
@@ -96,11 +96,6 @@ PRIMARY_METRICS: dict[str, tuple[str, str]] = {
 BATCH = 256
 PR_K = 3
 MIG_BINS = 20
-
-
-class EvaluationError(RuntimeError):
-    """The evaluation cannot run: a missing input (model, classifier, MLflow run), mismatched shapes,
-    an unreachable tracking store. The message names the cause and, where there is one, the command to run."""
 
 
 @dataclass
@@ -136,7 +131,7 @@ def resolve_evaluation(params: dict[str, Any], family: str) -> EvalJob:
     data, the trained model (and that it takes this data's image shape), its training metrics (MLflow
     run id) and the domain classifier (trained on this data)."""
     from latentforge.models import MODELS, ConfigError
-    from latentforge.pipelines.train import _absolute_uri
+    from latentforge.runtime.store import absolute_uri as _absolute_uri
 
     if family not in MODELS:
         raise ConfigError(f"unknown model family {family!r}; choose one of: {', '.join(sorted(MODELS))}")
@@ -225,7 +220,8 @@ def _shape(hwc: tuple[int, int, int]) -> str:
 
 def _mlflow(job: EvalJob):
     """A client for the job's store, checked reachable, with the training run checked present."""
-    from latentforge.pipelines.train import TrainingError, mlflow_client
+    from latentforge.pipelines.common.errors import TrainingError
+    from latentforge.pipelines.common.tracking import mlflow_client
 
     try:
         client = mlflow_client(job.tracking_uri)

@@ -191,7 +191,7 @@ def evaluate_text_from_params(params: dict[str, Any], family: str, echo: Callabl
     """``latentforge evaluate-text --model <family>``: write ``<evaluate.output_dir>/<family>-text/metrics.json``
     atomically and log the numbers to the text model's MLflow run."""
     from latentforge.pipelines.common.params import section
-    from latentforge.pipelines.prepare import _replace_dir
+    from latentforge.pipelines.common.files import _replace_dir
 
     text = section(params, "text")
     data = section(params, "data")
@@ -212,7 +212,8 @@ def evaluate_text_from_params(params: dict[str, Any], family: str, echo: Callabl
     if run_id:
         from mlflow.entities import Metric
 
-        from latentforge.pipelines.train import _absolute_uri, mlflow_client
+        from latentforge.pipelines.common.tracking import mlflow_client
+        from latentforge.runtime.store import absolute_uri as _absolute_uri
         import os
         import time
 

@@ -71,7 +71,7 @@ class _MiniLMGraph(nn.Module):
 def export_text(text_dir: str | Path, out_dir: str | Path, metrics: dict | None = None, atol: float = 1e-4) -> dict[str, Any]:
     """Export the train-text output in ``text_dir`` to ``out_dir``; return the manifest (see the module doc)."""
     from latentforge.pipelines.text.train import load_text_model, text_tensors
-    from latentforge.pipelines.prepare import _replace_dir
+    from latentforge.pipelines.common.files import _replace_dir
 
     text_dir, out_dir = Path(text_dir), Path(out_dir)
     text_map, decoder, record = load_text_model(text_dir)

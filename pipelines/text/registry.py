@@ -48,7 +48,8 @@ def register_text(export_dir: str | Path, tracking_uri: str, name: str | None = 
     import pandas as pd
     from mlflow.models import infer_signature
 
-    from latentforge.pipelines.registry import RegistryError, _code_snapshot, _requirements, _tracking, connect
+    from latentforge.pipelines.common.tracking import fluent_tracking as _tracking
+    from latentforge.pipelines.registry import RegistryError, _code_snapshot, _requirements, connect
     from latentforge.runtime.text import TextDecoder
 
     export_dir = Path(export_dir)

@@ -34,7 +34,7 @@ import torch
 
 from latentforge.pipelines.data import DataError
 from latentforge.pipelines.common.params import ParamsError, apply_overrides, check_keys, section
-from latentforge.pipelines.train import TrainingError
+from latentforge.pipelines.common.errors import TrainingError
 
 TEXT_SCHEMA: dict[str, Any] = {
     "encoder": str,
@@ -288,7 +288,7 @@ def resolve_text_job(params: dict[str, Any], model: str, overrides: list[str] | 
     digest_key.update(decoder=ref.get("sha256"), data=manifest["data_hash"])
     digest = hashlib.sha256(json.dumps(digest_key, sort_keys=True, default=str).encode()).hexdigest()[:8]
     mlflow_params = section(params, "mlflow")
-    from latentforge.pipelines.train import _absolute_uri
+    from latentforge.runtime.store import absolute_uri as _absolute_uri
 
     return TextJob(
         family=family, decoder_dir=str(decoder_dir), decoder_ref=ref, text=text, data_dir=str(data_dir.resolve()),
@@ -360,7 +360,7 @@ def _download_registered(params: dict[str, Any], model: str) -> tuple[str, dict[
     if not (cache / "config.json").is_file():
         import mlflow.artifacts
 
-        from latentforge.pipelines.registry import _tracking
+        from latentforge.pipelines.common.tracking import fluent_tracking as _tracking
 
         # _tracking: the models:/ URI resolves against this store's registry, not MLflow's default one.
         with tempfile.TemporaryDirectory() as tmp, _tracking(uri):
@@ -462,7 +462,9 @@ def run_text_training(job: TextJob, echo: Callable[[str], None] = print) -> dict
 
     from latentforge.models.text import text_map_for
     from latentforge.models import PretrainedModel
-    from latentforge.pipelines.train import _experiment_id, _root_cause, connect_ray, git_commit, mlflow_client
+    from latentforge.pipelines.common.cluster import connect_ray
+    from latentforge.pipelines.common.tracking import experiment_id as _experiment_id, git_commit, mlflow_client
+    from latentforge.pipelines.train import _root_cause
 
     client = mlflow_client(job.tracking_uri)
     arrays, info = prepare_arrays(job, echo)
@@ -539,7 +541,7 @@ def run_text_training(job: TextJob, echo: Callable[[str], None] = print) -> dict
 
 def _write_outputs(job: TextJob, ckpt: Path, info: dict, state: dict, run_id: str, seconds: float) -> dict[str, Any]:
     """``<output_dir>/<family>/`` from the final checkpoint, written to a temp sibling and renamed."""
-    from latentforge.pipelines.prepare import _replace_dir
+    from latentforge.pipelines.common.files import _replace_dir
 
     out = job.output_dir
     out.parent.mkdir(parents=True, exist_ok=True)

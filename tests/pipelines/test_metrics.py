@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from latentforge.pipelines import metrics as M
+from latentforge.pipelines.evaluate import metrics as M
 
 
 def _images(n=6, c=3, h=16, w=16, seed=0):

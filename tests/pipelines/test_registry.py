@@ -46,7 +46,7 @@ def _tiny_model(family: str, prepared: Path, out: Path) -> Path:
 @pytest.fixture(scope="module")
 def store(project):
     """A sqlite tracking store (and its artifacts beside it), with one finished "training" run."""
-    from latentforge.pipelines.train import _experiment_id, mlflow_client
+    from latentforge.pipelines.common.tracking import experiment_id as _experiment_id, mlflow_client
 
     root, _ = project
     uri = f"sqlite:///{root / 'registry' / 'mlflow.db'}"

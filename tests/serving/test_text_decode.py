@@ -25,7 +25,7 @@ def text_model(registry):
     from latentforge.pipelines.text.train import _write_outputs, prepare_arrays, resolve_text_job
     from latentforge.pipelines.text.export import export_text
     from latentforge.pipelines.text.registry import register_text
-    from latentforge.pipelines.train import _experiment_id
+    from latentforge.pipelines.common.tracking import experiment_id as _experiment_id
 
     root, uri = registry["root"], registry["uri"]
     params = load_params(REPO / "params.yaml")

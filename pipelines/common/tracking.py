@@ -1,0 +1,85 @@
+"""MLflow plumbing every stage shares: where the tracking store is, a checked client, the experiment,
+the git commit runs are tagged with, and a scope for MLflow's fluent API."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+from latentforge.pipelines.common.errors import UserError
+from latentforge.pipelines.common.params import ParamsError, section
+from latentforge.runtime.store import absolute_uri
+
+
+def tracking_uri(params: dict[str, Any]) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else params ``mlflow.tracking_uri``; local paths made absolute."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or section(params, "mlflow").get("tracking_uri")
+    if not uri:
+        raise ParamsError("params mlflow.tracking_uri is missing (or set MLFLOW_TRACKING_URI)")
+    return absolute_uri(uri)
+
+
+def mlflow_client(uri: str, error: type[Exception] = UserError):
+    """An MlflowClient for ``uri``, checked reachable within seconds (no endless retries); ``error`` is
+    raised, naming the store, when it is not."""
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    client = MlflowClient(uri)
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as exc:  # the store's own exception types differ by backend
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise error(f"MLflow tracking store {uri} is unreachable: {first}") from None
+    return client
+
+
+def experiment_id(client, name: str, uri: str) -> str:
+    """The id of experiment ``name``, created when missing (a sqlite store keeps artifacts beside its file)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifact_location = None
+    if uri.startswith("sqlite:///"):
+        # Keep artifacts beside the sqlite file, not in whatever the cwd happens to be.
+        artifact_location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def git_commit() -> str:
+    """The project's commit: $LATENTFORGE_GIT_COMMIT (set where there is no .git, e.g. in an image) or git."""
+    if os.environ.get("LATENTFORGE_GIT_COMMIT"):
+        return os.environ["LATENTFORGE_GIT_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@contextlib.contextmanager
+def fluent_tracking(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (start_run, log_model, register_model) at ``uri`` for the block only.
+
+    ``mlflow.set_tracking_uri`` also writes ``MLFLOW_TRACKING_URI`` (and unsets it when given None), so the
+    caller's environment is put back as it was, not only MLflow's global.
+    """
+    import mlflow
+    # No public getter tells whether a tracking URI was set explicitly (mlflow.get_tracking_uri() returns
+    # the default when none was); the private module variable does, so the previous state is restored exactly.
+    from mlflow.tracking._tracking_service import utils
+
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    previous = getattr(utils, "_tracking_uri", None)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env

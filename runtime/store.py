@@ -1,0 +1,16 @@
+"""Where exported models are stored: the MLflow tracking URI as every process must see it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def absolute_uri(uri: str) -> str:
+    """Make a local store absolute (``sqlite:///relative.db``, a plain path): Ray workers, Serve replicas
+    and MLflow must not depend on the caller's working directory. Remote URIs are returned unchanged."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    if "://" in uri:
+        return uri
+    return str(Path(uri).resolve())
