@@ -1,0 +1,77 @@
+"""The shared plumbing of the stages: the atomic directory write, hashes, the tracking URI, the errors."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from latentforge.pipelines.common.errors import DataError, ParamsError, TrainingError, UserError
+from latentforge.pipelines.common.files import atomic_directory, sha256_file
+from latentforge.pipelines.common.tracking import mlflow_client, tracking_uri
+from latentforge.runtime.store import absolute_uri
+
+
+def test_atomic_directory_replaces_the_target_whole(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with atomic_directory(target) as tmp:
+        assert tmp.parent == tmp_path and tmp != target
+        (tmp / "new.txt").write_text("new")
+        assert (target / "old.txt").is_file()  # the old output stays until the new one is complete
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp or old directory left
+
+
+def test_atomic_directory_keeps_the_old_output_when_the_write_fails(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic_directory(target) as tmp:
+            (tmp / "half.txt").write_text("half")
+            raise RuntimeError("disk full")
+    assert (target / "old.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_atomic_directory_creates_missing_parents(tmp_path: Path) -> None:
+    with atomic_directory(tmp_path / "a" / "b") as tmp:
+        (tmp / "x").write_text("x")
+    assert (tmp_path / "a" / "b" / "x").read_text() == "x"
+
+
+def test_sha256_file(tmp_path: Path) -> None:
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"latentforge" * 200_000)  # more than one 1 MiB chunk
+    assert sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_tracking_uri_env_wins_and_local_paths_become_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking_uri({"mlflow": {"tracking_uri": "sqlite:///mlflow.db"}}) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking_uri({"mlflow": {"tracking_uri": "sqlite:///mlflow.db"}}) == "http://127.0.0.1:5000"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with pytest.raises(ParamsError, match="mlflow.tracking_uri is missing"):
+        tracking_uri({"mlflow": {}})
+
+
+def test_absolute_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert absolute_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
+    assert absolute_uri("http://host:5000") == "http://host:5000"
+    assert absolute_uri("mlruns") == str(tmp_path.resolve() / "mlruns")
+
+
+def test_unreachable_store_raises_the_callers_error() -> None:
+    with pytest.raises(TrainingError, match="MLflow tracking store http://127.0.0.1:9 is unreachable"):
+        mlflow_client("http://127.0.0.1:9", TrainingError)
+
+
+def test_user_errors_keep_their_builtin_bases() -> None:
+    assert issubclass(DataError, ValueError) and issubclass(DataError, UserError)
+    assert issubclass(TrainingError, RuntimeError) and issubclass(TrainingError, UserError)
