@@ -16,7 +16,7 @@ from latentforge.models.base import (
     train_step,
 )
 
-# --- autoencoders.py (helper A) ---
+# Classic autoencoders: a flat code and no prior.
 from latentforge.models.autoencoders import (
     AutoEncoder,
     ConvAutoEncoder,
@@ -27,16 +27,16 @@ from latentforge.models.autoencoders import (
     SparseAutoEncoder,
     TiedAutoEncoder,
 )
-# --- vae.py, gan.py, aae.py, glo.py (helper B) ---
+# Generative families with a flat (B, latent_dim) latent and a prior to sample from.
 from latentforge.models.aae import AAE, AAEConfig
 from latentforge.models.gan import GAN, GANConfig
 from latentforge.models.glo import GLO, GLOConfig
 from latentforge.models.vae import VAE, VAEConfig
-# --- vqvae2.py, priors.py (helper C) ---
+# Hierarchical vector-quantised autoencoder (the autoregressive priors over its codes are in priors.py).
 from latentforge.models.vqvae2 import VQVAE2, VQVAE2Config
 
 MODELS: dict[str, type[PretrainedModel]] = {
-    # --- autoencoders (helper A) ---
+    # classic autoencoders
     "ae": AutoEncoder,
     "mlp_ae": MLPAutoEncoder,
     "conv_ae": ConvAutoEncoder,
@@ -45,12 +45,12 @@ MODELS: dict[str, type[PretrainedModel]] = {
     "tied_ae": TiedAutoEncoder,
     "lstm_ae": LSTMAutoEncoder,
     "linear_ae": LinearAutoEncoder,
-    # --- vae / gan / aae / glo (helper B) ---
+    # flat-latent generative families
     "vae": VAE,
     "gan": GAN,
     "aae": AAE,
     "glo": GLO,
-    # --- vqvae2 (helper C) ---
+    # vector-quantised
     "vqvae2": VQVAE2,
 }
 

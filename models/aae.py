@@ -29,8 +29,15 @@ from latentforge.models.base import (
     require_choice,
     require_positive,
 )
-from latentforge.models.blocks import check_images, check_latent
-from latentforge.models.vae import ConvDecoder, ConvEncoder, check_phase, spatial_plan, standard_normal
+from latentforge.models.blocks import (
+    ConvDecoder,
+    ConvEncoder,
+    check_images,
+    check_latent,
+    check_phase,
+    spatial_plan,
+    standard_normal,
+)
 
 RECON_LOSSES = ("bce", "mse")
 

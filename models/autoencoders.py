@@ -1,9 +1,9 @@
 """The classic autoencoder family: vanilla, multilayer, convolutional, sparse, denoising, tied-weight,
 LSTM sequence and linear (= PCA) autoencoders.
 
-Each variant is a short, self-contained class with its own config dataclass. They repeat a few lines
-(encode / decode / sample / forward) on purpose: every file reads top to bottom without chasing a base
-class, and changing one variant cannot break another.
+Each variant is a short class with its own config dataclass. :class:`CodeAutoEncoder` holds what they
+share (``encode`` / ``decode`` / ``sample`` / ``forward``); a variant builds its networks and overrides
+only the steps that differ.
 
 Shared behaviour, stated once here:
 
@@ -44,6 +44,7 @@ from latentforge.models.blocks import (
     activation,
     check_images,
     check_latent,
+    check_phase,
     conv_down,
     conv_up,
     flat_dim,
@@ -67,11 +68,6 @@ def _clip_codes(codes: Tensor, act: str) -> Tensor:
     return codes if low is None and high is None else codes.clamp(low, high)
 
 
-def _check_phase(model: PretrainedModel, phase: str) -> None:
-    if phase not in model.phases:
-        raise ValueError(f"{type(model).__name__} has phases {model.phases}, got {phase!r}")
-
-
 def _check_dims(config: ModelConfig, name: str) -> None:
     """Every entry of the tuple field ``name`` is a positive layer size."""
     for i, size in enumerate(getattr(config, name)):
@@ -85,6 +81,70 @@ def _validate_fc(config: ModelConfig) -> None:
     require_choice(config, "activation", ACTIVATIONS)
     if hasattr(config, "loss"):
         require_choice(config, "loss", LOSSES)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The shared surface
+
+
+class CodeAutoEncoder(PretrainedModel):
+    """What every autoencoder here shares: a flat code, a sigmoid output and sampling from ``self.codes``.
+
+    A subclass builds its networks and ``self.codes`` (a :class:`~models.blocks.RunningGaussian` over
+    (latent_dim,)), and overrides only what differs: :meth:`codes_of` (default: ``self.encoder``),
+    :meth:`logits_of` (default: ``self.decoder``), :meth:`images_of` (default: the sigmoid) and
+    :meth:`training_loss` (default: ``config.loss`` between the logits and the images).
+
+    encode: (B, C, H, W) -> latent (B, latent_dim); decode: (B, latent_dim) -> images (B, C, H, W).
+    """
+
+    def codes_of(self, images: Tensor) -> Tensor:
+        """Unchecked (B, C, H, W) images -> (B, latent_dim) codes."""
+        return self.encoder(images)
+
+    def logits_of(self, codes: Tensor) -> Tensor:
+        """Unchecked (B, latent_dim) codes -> (B, C, H, W) decoder output (logits)."""
+        return self.decoder(codes)
+
+    def images_of(self, logits: Tensor) -> Tensor:
+        """(B, C, H, W) decoder output -> images in [0, 1]."""
+        return torch.sigmoid(logits)
+
+    def encode(self, images: Tensor) -> EncoderOutput:
+        """(B, C, H, W) images in [0, 1] -> latent (B, latent_dim)."""
+        check_images(images, self.config, "encode")
+        return EncoderOutput(latent=self.codes_of(images))
+
+    def decode(self, latent: Tensor) -> DecoderOutput:
+        """(B, latent_dim) latent -> images (B, C, H, W) in [0, 1]."""
+        check_latent(latent, (self.config.latent_dim,), "decode")
+        return DecoderOutput(images=self.images_of(self.logits_of(latent)))
+
+    def sample(self, n: int, generator: torch.Generator | None = None, noise: Tensor | None = None) -> DecoderOutput:
+        """n images decoded from codes drawn from the running Gaussian of training codes (module doc);
+        ``noise``: (n, latent_dim) standard normal, else drawn from ``generator``."""
+        codes = self.codes.sample(n, generator, noise)
+        # Variants without a code activation (conv, LSTM, linear) have unbounded codes: nothing to clip.
+        return self.decode(_clip_codes(codes, getattr(self.config, "activation", "identity")))
+
+    def forward(self, batch: dict[str, Tensor], phase: str = "main", step: int = 0) -> LossOutput:
+        """The training loss of ``batch["image"]`` (B, C, H, W): :meth:`training_loss` after the checks."""
+        check_phase(self, phase)
+        images = batch["image"]
+        check_images(images, self.config, "forward")
+        return self.training_loss(images)
+
+    def observe(self, codes: Tensor) -> Tensor:
+        """Fold (B, latent_dim) codes into ``self.codes`` while training; returns ``codes``."""
+        if self.training:
+            self.codes.update(codes)
+        return codes
+
+    def training_loss(self, images: Tensor) -> LossOutput:
+        """Reconstruction loss (``config.loss``) of checked (B, C, H, W) images, logged as ``recon``."""
+        codes = self.observe(self.codes_of(images))
+        recon = reconstruction_loss(self.logits_of(codes), images, self.config.loss)
+        return LossOutput(recon, {"recon": recon.detach()})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -109,7 +169,7 @@ class AEConfig(ModelConfig):
         return super().tiny(**{"latent_dim": 8, **overrides})
 
 
-class AutoEncoder(PretrainedModel):
+class AutoEncoder(CodeAutoEncoder):
     """The vanilla autoencoder: a single fully-connected hidden layer is the code.
 
     encode: (B, C, H, W) -> latent (B, latent_dim); decode: (B, latent_dim) -> images (B, C, H, W).
@@ -123,29 +183,6 @@ class AutoEncoder(PretrainedModel):
         self.encoder = nn.Sequential(nn.Flatten(), mlp([d, config.latent_dim], config.activation, config.activation))
         self.decoder = nn.Sequential(mlp([config.latent_dim, d]), nn.Unflatten(1, image_shape(config)))
         self.codes = RunningGaussian((config.latent_dim,))
-
-    def encode(self, images: Tensor) -> EncoderOutput:
-        check_images(images, self.config, "encode")
-        return EncoderOutput(latent=self.encoder(images))
-
-    def decode(self, latent: Tensor) -> DecoderOutput:
-        check_latent(latent, (self.config.latent_dim,), "decode")
-        return DecoderOutput(images=torch.sigmoid(self.decoder(latent)))
-
-    def sample(self, n: int, generator: torch.Generator | None = None, noise: Tensor | None = None) -> DecoderOutput:
-        """n images decoded from codes drawn from the running Gaussian of training codes (module doc);
-        ``noise``: (n, latent_dim) standard normal, else drawn from ``generator``."""
-        return self.decode(_clip_codes(self.codes.sample(n, generator, noise), self.config.activation))
-
-    def forward(self, batch: dict[str, Tensor], phase: str = "main", step: int = 0) -> LossOutput:
-        _check_phase(self, phase)
-        images = batch["image"]
-        check_images(images, self.config, "forward")
-        codes = self.encoder(images)
-        if self.training:
-            self.codes.update(codes)
-        recon = reconstruction_loss(self.decoder(codes), images, self.config.loss)
-        return LossOutput(recon, {"recon": recon.detach()})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -176,7 +213,7 @@ class MLPAEConfig(ModelConfig):
         return super().tiny(**{"hidden_dims": (32, 16), "latent_dim": 8, **overrides})
 
 
-class MLPAutoEncoder(PretrainedModel):
+class MLPAutoEncoder(CodeAutoEncoder):
     """Multilayer (deep) autoencoder: D -> hidden_dims -> latent_dim -> reversed(hidden_dims) -> D.
 
     encode: (B, C, H, W) -> latent (B, latent_dim); decode: (B, latent_dim) -> images (B, C, H, W).
@@ -190,28 +227,6 @@ class MLPAutoEncoder(PretrainedModel):
         self.encoder = nn.Sequential(nn.Flatten(), mlp(sizes, config.activation, config.activation))
         self.decoder = nn.Sequential(mlp(sizes[::-1], config.activation), nn.Unflatten(1, image_shape(config)))
         self.codes = RunningGaussian((config.latent_dim,))
-
-    def encode(self, images: Tensor) -> EncoderOutput:
-        check_images(images, self.config, "encode")
-        return EncoderOutput(latent=self.encoder(images))
-
-    def decode(self, latent: Tensor) -> DecoderOutput:
-        check_latent(latent, (self.config.latent_dim,), "decode")
-        return DecoderOutput(images=torch.sigmoid(self.decoder(latent)))
-
-    def sample(self, n: int, generator: torch.Generator | None = None, noise: Tensor | None = None) -> DecoderOutput:
-        """n images from the running Gaussian of training codes (module doc); ``noise``: (n, latent_dim)."""
-        return self.decode(_clip_codes(self.codes.sample(n, generator, noise), self.config.activation))
-
-    def forward(self, batch: dict[str, Tensor], phase: str = "main", step: int = 0) -> LossOutput:
-        _check_phase(self, phase)
-        images = batch["image"]
-        check_images(images, self.config, "forward")
-        codes = self.encoder(images)
-        if self.training:
-            self.codes.update(codes)
-        recon = reconstruction_loss(self.decoder(codes), images, self.config.loss)
-        return LossOutput(recon, {"recon": recon.detach()})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -245,7 +260,7 @@ class ConvAEConfig(ModelConfig):
         return super().tiny(**{"widths": (8, 16), "res_blocks": 1, "latent_dim": 8, **overrides})
 
 
-class ConvAutoEncoder(PretrainedModel):
+class ConvAutoEncoder(CodeAutoEncoder):
     """Convolutional autoencoder with a flat, linear code (so codes can be sampled and interpolated).
 
     encode: (B, C, H, W) -> latent (B, latent_dim); decode: (B, latent_dim) -> images (B, C, H, W).
@@ -270,28 +285,6 @@ class ConvAutoEncoder(PretrainedModel):
             conv_up(config.widths, config.channels, config.res_blocks),
         )
         self.codes = RunningGaussian((config.latent_dim,))
-
-    def encode(self, images: Tensor) -> EncoderOutput:
-        check_images(images, self.config, "encode")
-        return EncoderOutput(latent=self.encoder(images))
-
-    def decode(self, latent: Tensor) -> DecoderOutput:
-        check_latent(latent, (self.config.latent_dim,), "decode")
-        return DecoderOutput(images=torch.sigmoid(self.decoder(latent)))
-
-    def sample(self, n: int, generator: torch.Generator | None = None, noise: Tensor | None = None) -> DecoderOutput:
-        """n images from the running Gaussian of training codes (module doc); ``noise``: (n, latent_dim)."""
-        return self.decode(self.codes.sample(n, generator, noise))
-
-    def forward(self, batch: dict[str, Tensor], phase: str = "main", step: int = 0) -> LossOutput:
-        _check_phase(self, phase)
-        images = batch["image"]
-        check_images(images, self.config, "forward")
-        codes = self.encoder(images)
-        if self.training:
-            self.codes.update(codes)
-        recon = reconstruction_loss(self.decoder(codes), images, self.config.loss)
-        return LossOutput(recon, {"recon": recon.detach()})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -323,41 +316,20 @@ class SparseAEConfig(ModelConfig):
         return super().tiny(**{"latent_dim": 64, "sparsity_weight": 1e-3, **overrides})
 
 
-class SparseAutoEncoder(PretrainedModel):
-    """Sparse autoencoder (L1 activity penalty on the code; ReLU codes make the zeros exact).
+class SparseAutoEncoder(AutoEncoder):
+    """Sparse autoencoder (L1 activity penalty on the code; ReLU codes make the zeros exact): the vanilla
+    architecture, built by :class:`AutoEncoder`, with another loss.
+
+    ``sample`` draws from a Gaussian, which ignores the sparsity pattern, so samples are poor by construction.
 
     encode: (B, C, H, W) -> latent (B, latent_dim); decode: (B, latent_dim) -> images (B, C, H, W).
     """
 
     config_class = SparseAEConfig
 
-    def __init__(self, config: SparseAEConfig):
-        super().__init__(config)
-        d = flat_dim(config)
-        self.encoder = nn.Sequential(nn.Flatten(), mlp([d, config.latent_dim], config.activation, config.activation))
-        self.decoder = nn.Sequential(mlp([config.latent_dim, d]), nn.Unflatten(1, image_shape(config)))
-        self.codes = RunningGaussian((config.latent_dim,))
-
-    def encode(self, images: Tensor) -> EncoderOutput:
-        check_images(images, self.config, "encode")
-        return EncoderOutput(latent=self.encoder(images))
-
-    def decode(self, latent: Tensor) -> DecoderOutput:
-        check_latent(latent, (self.config.latent_dim,), "decode")
-        return DecoderOutput(images=torch.sigmoid(self.decoder(latent)))
-
-    def sample(self, n: int, generator: torch.Generator | None = None, noise: Tensor | None = None) -> DecoderOutput:
-        """n images from the running Gaussian of training codes (module doc); ``noise``: (n, latent_dim).
-        A Gaussian ignores the sparsity pattern, so these samples are poor by construction."""
-        return self.decode(_clip_codes(self.codes.sample(n, generator, noise), self.config.activation))
-
-    def forward(self, batch: dict[str, Tensor], phase: str = "main", step: int = 0) -> LossOutput:
-        _check_phase(self, phase)
-        images = batch["image"]
-        check_images(images, self.config, "forward")
-        codes = self.encoder(images)
-        if self.training:
-            self.codes.update(codes)
+    def training_loss(self, images: Tensor) -> LossOutput:
+        """Reconstruction loss plus ``sparsity_weight`` times the batch-mean L1 norm of the codes."""
+        codes = self.observe(self.encoder(images))
         recon = reconstruction_loss(self.decoder(codes), images, self.config.loss)
         l1 = codes.float().abs().sum(dim=1).mean()
         loss = recon + self.config.sparsity_weight * l1
@@ -403,21 +375,15 @@ class DenoisingAEConfig(ModelConfig):
         return super().tiny(**{"hidden_dims": (32,), "latent_dim": 8, **overrides})
 
 
-class DenoisingAutoEncoder(PretrainedModel):
+class DenoisingAutoEncoder(MLPAutoEncoder):
     """Denoising autoencoder: in training, ``forward`` encodes ``corrupt(x)`` and is scored against the
-    clean ``x``. ``encode``, ``decode`` and ``forward`` in eval mode never corrupt.
+    clean ``x``. ``encode``, ``decode`` and ``forward`` in eval mode never corrupt. The networks are
+    those of :class:`MLPAutoEncoder`.
 
     encode: (B, C, H, W) -> latent (B, latent_dim); decode: (B, latent_dim) -> images (B, C, H, W).
     """
 
     config_class = DenoisingAEConfig
-
-    def __init__(self, config: DenoisingAEConfig):
-        super().__init__(config)
-        sizes = [flat_dim(config), *config.hidden_dims, config.latent_dim]
-        self.encoder = nn.Sequential(nn.Flatten(), mlp(sizes, config.activation, config.activation))
-        self.decoder = nn.Sequential(mlp(sizes[::-1], config.activation), nn.Unflatten(1, image_shape(config)))
-        self.codes = RunningGaussian((config.latent_dim,))
 
     def corrupt(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """A corrupted copy of (B, C, H, W) ``images`` per the config, still in [0, 1]."""
@@ -428,26 +394,10 @@ class DenoisingAutoEncoder(PretrainedModel):
         keep = torch.rand(images.shape, generator=generator, device=images.device) >= level
         return images * keep
 
-    def encode(self, images: Tensor) -> EncoderOutput:
-        check_images(images, self.config, "encode")
-        return EncoderOutput(latent=self.encoder(images))
-
-    def decode(self, latent: Tensor) -> DecoderOutput:
-        check_latent(latent, (self.config.latent_dim,), "decode")
-        return DecoderOutput(images=torch.sigmoid(self.decoder(latent)))
-
-    def sample(self, n: int, generator: torch.Generator | None = None, noise: Tensor | None = None) -> DecoderOutput:
-        """n images from the running Gaussian of training codes (module doc); ``noise``: (n, latent_dim)."""
-        return self.decode(_clip_codes(self.codes.sample(n, generator, noise), self.config.activation))
-
-    def forward(self, batch: dict[str, Tensor], phase: str = "main", step: int = 0) -> LossOutput:
-        _check_phase(self, phase)
-        images = batch["image"]
-        check_images(images, self.config, "forward")
+    def training_loss(self, images: Tensor) -> LossOutput:
+        """Reconstruction loss of the clean images from the codes of their corrupted copies (in training)."""
         inputs = self.corrupt(images) if self.training else images
-        codes = self.encoder(inputs)
-        if self.training:
-            self.codes.update(codes)
+        codes = self.observe(self.encoder(inputs))
         recon = reconstruction_loss(self.decoder(codes), images, self.config.loss)  # the clean target
         return LossOutput(recon, {"recon": recon.detach()})
 
@@ -477,7 +427,7 @@ class TiedAEConfig(ModelConfig):
         return super().tiny(**{"hidden_dims": (32,), "latent_dim": 8, **overrides})
 
 
-class TiedAutoEncoder(PretrainedModel):
+class TiedAutoEncoder(CodeAutoEncoder):
     """Tied-weight autoencoder: decoder layer i computes ``W_i^T h + c_i`` with the encoder's ``W_i``.
 
     Halves the parameters and acts as a regulariser. The only decoder parameters are the biases
@@ -496,13 +446,15 @@ class TiedAutoEncoder(PretrainedModel):
         self.act = activation(config.activation)
         self.codes = RunningGaussian((config.latent_dim,))
 
-    def _encode(self, images: Tensor) -> Tensor:
+    def codes_of(self, images: Tensor) -> Tensor:
+        """Unchecked (B, C, H, W) images -> (B, latent_dim) codes through the encoder layers."""
         h = images.flatten(1)
         for layer in self.encoder:
             h = self.act(layer(h))
         return h
 
-    def _decode_logits(self, codes: Tensor) -> Tensor:
+    def logits_of(self, codes: Tensor) -> Tensor:
+        """Unchecked (B, latent_dim) codes -> (B, C, H, W) logits through the transposed encoder weights."""
         h = codes
         last = len(self.encoder) - 1
         for i, (layer, bias) in enumerate(zip(reversed(self.encoder), self.decoder_biases)):
@@ -510,28 +462,6 @@ class TiedAutoEncoder(PretrainedModel):
             if i < last:
                 h = self.act(h)
         return h.unflatten(1, image_shape(self.config))
-
-    def encode(self, images: Tensor) -> EncoderOutput:
-        check_images(images, self.config, "encode")
-        return EncoderOutput(latent=self._encode(images))
-
-    def decode(self, latent: Tensor) -> DecoderOutput:
-        check_latent(latent, (self.config.latent_dim,), "decode")
-        return DecoderOutput(images=torch.sigmoid(self._decode_logits(latent)))
-
-    def sample(self, n: int, generator: torch.Generator | None = None, noise: Tensor | None = None) -> DecoderOutput:
-        """n images from the running Gaussian of training codes (module doc); ``noise``: (n, latent_dim)."""
-        return self.decode(_clip_codes(self.codes.sample(n, generator, noise), self.config.activation))
-
-    def forward(self, batch: dict[str, Tensor], phase: str = "main", step: int = 0) -> LossOutput:
-        _check_phase(self, phase)
-        images = batch["image"]
-        check_images(images, self.config, "forward")
-        codes = self._encode(images)
-        if self.training:
-            self.codes.update(codes)
-        recon = reconstruction_loss(self._decode_logits(codes), images, self.config.loss)
-        return LossOutput(recon, {"recon": recon.detach()})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -559,7 +489,7 @@ class LSTMAEConfig(ModelConfig):
         return super().tiny(**{"hidden_dim": 16, "latent_dim": 8, **overrides})
 
 
-class LSTMAutoEncoder(PretrainedModel):
+class LSTMAutoEncoder(CodeAutoEncoder):
     """Sequence-to-sequence autoencoder (the "RepeatVector" design).
 
     Encoder LSTM over the T steps -> its last hidden state -> linear -> one code vector; the code is
@@ -612,26 +542,18 @@ class LSTMAutoEncoder(PretrainedModel):
             raise ValueError(f"decode_sequence: steps must be >= 1, got {steps}")
         return torch.sigmoid(self._decode_rows(latent, steps))
 
-    def encode(self, images: Tensor) -> EncoderOutput:
-        check_images(images, self.config, "encode")
-        return EncoderOutput(latent=self._encode_rows(self._to_rows(images)))
+    def codes_of(self, images: Tensor) -> Tensor:
+        """Unchecked (B, C, H, W) images -> (B, latent_dim) codes, reading the rows as a sequence."""
+        return self._encode_rows(self._to_rows(images))
 
-    def decode(self, latent: Tensor) -> DecoderOutput:
-        check_latent(latent, (self.config.latent_dim,), "decode")
-        return DecoderOutput(images=torch.sigmoid(self._from_rows(self._decode_rows(latent, self.config.image_size))))
+    def logits_of(self, codes: Tensor) -> Tensor:
+        """Unchecked (B, latent_dim) codes -> (B, C, H, W) logits, one row per decoder step."""
+        return self._from_rows(self._decode_rows(codes, self.config.image_size))
 
-    def sample(self, n: int, generator: torch.Generator | None = None, noise: Tensor | None = None) -> DecoderOutput:
-        """n images from the running Gaussian of training codes (module doc); ``noise``: (n, latent_dim)."""
-        return self.decode(self.codes.sample(n, generator, noise))
-
-    def forward(self, batch: dict[str, Tensor], phase: str = "main", step: int = 0) -> LossOutput:
-        _check_phase(self, phase)
-        images = batch["image"]
-        check_images(images, self.config, "forward")
+    def training_loss(self, images: Tensor) -> LossOutput:
+        """Reconstruction loss (``config.loss``) of the rows of the images, logged as ``recon``."""
         rows = self._to_rows(images)
-        codes = self._encode_rows(rows)
-        if self.training:
-            self.codes.update(codes)
+        codes = self.observe(self._encode_rows(rows))
         recon = reconstruction_loss(self._decode_rows(codes, rows.shape[1]), rows, self.config.loss)
         return LossOutput(recon, {"recon": recon.detach()})
 
@@ -658,7 +580,7 @@ class LinearAEConfig(ModelConfig):
         return super().tiny(**{"latent_dim": 8, **overrides})
 
 
-class LinearAutoEncoder(PretrainedModel):
+class LinearAutoEncoder(CodeAutoEncoder):
     """Linear autoencoder: learns the span of the top ``latent_dim`` principal components.
 
     It does not learn the components themselves (any invertible mix of them is as good), only their
@@ -671,7 +593,8 @@ class LinearAutoEncoder(PretrainedModel):
     subspace converges. Biases start at zero for the same reason.
 
     ``decode`` clips to [0, 1] for the image contract; the loss uses the unclipped, fully linear
-    reconstruction. encode: (B, C, H, W) -> latent (B, latent_dim); decode: (B, latent_dim) -> images.
+    reconstruction. ``sample`` draws a Gaussian confined to the learned subspace, like probabilistic PCA.
+    encode: (B, C, H, W) -> latent (B, latent_dim); decode: (B, latent_dim) -> images.
     """
 
     config_class = LinearAEConfig
@@ -692,33 +615,22 @@ class LinearAutoEncoder(PretrainedModel):
         q, _ = torch.linalg.qr(self.decoder[0].weight.float())
         return q
 
-    def _encode(self, images: Tensor) -> Tensor:
+    def codes_of(self, images: Tensor) -> Tensor:
+        """Unchecked (B, C, H, W) images -> (B, latent_dim) codes of the centred images."""
         return self.encoder(images - self.inputs.mean)
 
-    def _decode(self, codes: Tensor) -> Tensor:
+    def logits_of(self, codes: Tensor) -> Tensor:
+        """Unchecked (B, latent_dim) codes -> the (B, C, H, W) linear reconstruction (no logits here)."""
         return self.decoder(codes) + self.inputs.mean
 
-    def encode(self, images: Tensor) -> EncoderOutput:
-        check_images(images, self.config, "encode")
-        return EncoderOutput(latent=self._encode(images))
+    def images_of(self, logits: Tensor) -> Tensor:
+        """The linear reconstruction clipped to [0, 1]."""
+        return logits.clamp(0.0, 1.0)
 
-    def decode(self, latent: Tensor) -> DecoderOutput:
-        check_latent(latent, (self.config.latent_dim,), "decode")
-        return DecoderOutput(images=self._decode(latent).clamp(0.0, 1.0))
-
-    def sample(self, n: int, generator: torch.Generator | None = None, noise: Tensor | None = None) -> DecoderOutput:
-        """n images from the running Gaussian of training codes (module doc); ``noise``: (n, latent_dim).
-        For a linear AE this samples a Gaussian confined to the learned subspace, like probabilistic PCA."""
-        return self.decode(self.codes.sample(n, generator, noise))
-
-    def forward(self, batch: dict[str, Tensor], phase: str = "main", step: int = 0) -> LossOutput:
-        _check_phase(self, phase)
-        images = batch["image"]
-        check_images(images, self.config, "forward")
+    def training_loss(self, images: Tensor) -> LossOutput:
+        """Mean squared error of the unclipped linear reconstruction, logged as ``recon``."""
         if self.training:
             self.inputs.update(images)
-        codes = self._encode(images)
-        if self.training:
-            self.codes.update(codes)
-        recon = F.mse_loss(self._decode(codes).float(), images.float())
+        codes = self.observe(self.codes_of(images))
+        recon = F.mse_loss(self.logits_of(codes).float(), images.float())
         return LossOutput(recon, {"recon": recon.detach()})

@@ -238,21 +238,27 @@ class PretrainedModel(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write ``config.json`` (with the class name) and ``model.safetensors`` to ``directory``.
 
-        Written to a temporary sibling first and renamed, so a crash never leaves half a model.
+        Written to a temporary sibling first and renamed; an existing ``directory`` is moved aside and
+        removed only once the rename has succeeded, so a crash leaves the old model or the new one, never
+        half of one or neither.
         """
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        old = tmp.with_name(f"{tmp.name}.old")
         try:
             meta = {"class": type(self).__name__, "config": self.config.to_dict()}
             (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
             save_model(self, str(tmp / WEIGHTS_NAME))
             if directory.exists():
-                shutil.rmtree(directory)
+                directory.rename(old)
             tmp.rename(directory)
         except BaseException:
+            if old.exists() and not directory.exists():
+                old.rename(directory)  # the new model did not land: put the old one back
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        shutil.rmtree(old, ignore_errors=True)
         return directory
 
     @classmethod

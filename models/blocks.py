@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from latentforge.models.base import ConfigError, ModelConfig, PretrainedModel
+
 # ----------------------------------------------------------------------------------------------------
 # Activations and shapes
 
@@ -81,6 +83,115 @@ def mlp(sizes: Sequence[int], act: str = "relu", last_act: str | None = None) ->
         if name is not None:
             layers.append(activation(name))
     return nn.Sequential(*layers)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Small conv stacks with an MLP head (VAE, AAE, GLO; the GAN uses the same spatial plan and widths)
+
+
+def spatial_plan(config: ModelConfig) -> tuple[int, int]:
+    """How an ``image_size`` x ``image_size`` image is downsampled: ``(stages, base)``.
+
+    Each stage halves the side with a stride-2 convolution (kernel 4, padding 1, which maps 2s -> s
+    exactly) until the side is at most 7 or odd, so 16 -> 4, 28 -> 7, 32 -> 4, 64 -> 4, 48 -> 6.
+    A size that ends on a base side above 7 (a large odd factor) or that cannot be halved at all is a
+    :class:`ConfigError`: the decoder could not produce it with the mirrored transposed convolutions.
+    """
+    size = config.image_size
+    stages, base = 0, size
+    while base % 2 == 0 and base > 7:
+        base //= 2
+        stages += 1
+    if stages == 0 or base < 3 or base > 7:
+        raise ConfigError(
+            f"{type(config).__name__}.image_size={size} is not supported: it must be b * 2**n with n >= 1 "
+            f"and b in 3..7 (for example 16, 28, 32, 64)"
+        )
+    return stages, base
+
+
+def stage_widths(hidden_channels: int, stages: int) -> list[int]:
+    """Channels of each downsampling stage, input side first: doubled per stage, capped at 8x
+    ``hidden_channels`` (the usual DCGAN-like progression)."""
+    return [hidden_channels * min(2**i, 8) for i in range(stages)]
+
+
+class ConvEncoder(nn.Module):
+    """(B, C, H, W) in [0, 1] -> (B, out_dim): stride-2 convs, then a two-layer MLP head."""
+
+    def __init__(self, config: ModelConfig, hidden_channels: int, hidden_dim: int, out_dim: int):
+        super().__init__()
+        stages, base = spatial_plan(config)
+        widths = stage_widths(hidden_channels, stages)
+        layers: list[nn.Module] = []
+        in_ch = config.channels
+        for w in widths:
+            layers += [nn.Conv2d(in_ch, w, 4, stride=2, padding=1), nn.SiLU()]
+            in_ch = w
+        self.convs = nn.Sequential(*layers)
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(in_ch * base * base, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, out_dim)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Centre the input: [0, 1] -> [-1, 1] conditions the first layer better than raw pixels.
+        return self.head(self.convs(x * 2.0 - 1.0))
+
+
+class ConvDecoder(nn.Module):
+    """(B, in_dim) -> (B, C, H, W) logits: an MLP to a small feature map, then stride-2 transposed convs."""
+
+    def __init__(self, config: ModelConfig, hidden_channels: int, hidden_dim: int, in_dim: int):
+        super().__init__()
+        stages, base = spatial_plan(config)
+        widths = stage_widths(hidden_channels, stages)[::-1]
+        self.base = base
+        self.top = widths[0]
+        self.head = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, widths[0] * base * base), nn.SiLU()
+        )
+        layers: list[nn.Module] = []
+        for w_in, w_out in zip(widths, widths[1:]):
+            layers += [nn.ConvTranspose2d(w_in, w_out, 4, stride=2, padding=1), nn.SiLU()]
+        layers.append(nn.ConvTranspose2d(widths[-1], config.channels, 4, stride=2, padding=1))
+        self.convs = nn.Sequential(*layers)
+
+    def forward(self, z: Tensor) -> Tensor:
+        h = self.head(z).view(z.shape[0], self.top, self.base, self.base)
+        return self.convs(h)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Noise draws and phase checks
+
+
+def standard_normal(
+    n: int, dim: int, like: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None
+) -> Tensor:
+    """(n, dim) standard normal noise on ``like``'s device and dtype.
+
+    ``noise`` (B, dim), when given, is used instead (after a shape check) and ``n`` is ignored. Otherwise
+    the draw is made where ``generator`` lives and then moved, so a CPU generator gives the same noise
+    whatever the model's device.
+    """
+    if noise is not None:
+        check_latent(noise, (dim,), "sample(noise=...)")
+        return noise.to(device=like.device, dtype=like.dtype)
+    if n <= 0:
+        raise ValueError(f"sample: n must be > 0, got {n}")
+    return randn((n, dim), like, generator)
+
+
+def randn(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Standard normal of ``shape`` drawn on ``generator``'s device (or ``like``'s), moved to ``like``'s."""
+    device = generator.device if generator is not None else like.device
+    return torch.randn(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+
+
+def check_phase(model: PretrainedModel, phase: str) -> None:
+    """Raise a ``ValueError`` unless ``phase`` is one of ``model.phases``."""
+    if phase not in model.phases:
+        raise ValueError(f"{type(model).__name__} has phases {model.phases}, got phase={phase!r}")
 
 
 # ----------------------------------------------------------------------------------------------------

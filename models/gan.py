@@ -37,8 +37,14 @@ from latentforge.models.base import (
     require_choice,
     require_positive,
 )
-from latentforge.models.blocks import check_images, check_latent
-from latentforge.models.vae import check_phase, spatial_plan, standard_normal
+from latentforge.models.blocks import (
+    check_images,
+    check_latent,
+    check_phase,
+    spatial_plan,
+    stage_widths,
+    standard_normal,
+)
 
 LOSSES = ("nonsaturating", "hinge", "wgan-gp")
 
@@ -87,17 +93,13 @@ class GANConfig(ModelConfig):
         )
 
 
-def _widths(base_channels: int, stages: int) -> list[int]:
-    return [base_channels * min(2**i, 8) for i in range(stages)]
-
-
 class Generator(nn.Module):
     """(B, latent_dim) -> (B, C, H, W) in [0, 1]."""
 
     def __init__(self, config: GANConfig):
         super().__init__()
         stages, base = spatial_plan(config)
-        widths = _widths(config.gen_channels, stages)[::-1]
+        widths = stage_widths(config.gen_channels, stages)[::-1]
         self.base, self.top = base, widths[0]
         self.project = nn.Sequential(
             nn.Linear(config.latent_dim, widths[0] * base * base, bias=False),
@@ -122,7 +124,7 @@ class Discriminator(nn.Module):
     def __init__(self, config: GANConfig):
         super().__init__()
         stages, base = spatial_plan(config)
-        widths = _widths(config.disc_channels, stages)
+        widths = stage_widths(config.disc_channels, stages)
         sn = _spectral_norm if config.spectral_norm else (lambda m: m)
         layers: list[nn.Module] = []
         in_ch = config.channels

@@ -29,8 +29,15 @@ from latentforge.models.base import (
     require_choice,
     require_positive,
 )
-from latentforge.models.blocks import check_images, check_latent
-from latentforge.models.vae import ConvDecoder, check_phase, randn, spatial_plan, standard_normal
+from latentforge.models.blocks import (
+    ConvDecoder,
+    check_images,
+    check_latent,
+    check_phase,
+    randn,
+    spatial_plan,
+    standard_normal,
+)
 
 LOSSES = ("laplacian", "mse", "bce")
 

@@ -13,8 +13,8 @@ The training loss is ``recon + beta * w(step) * KL`` with a linear warm-up ``w``
 and optional free bits (Kingma et al. 2016): each latent dimension's batch-mean KL is floored at
 ``free_bits`` nats, so the optimiser gains nothing by pushing a dimension's KL below the floor.
 
-The conv stacks at the top of this file are also used by the AAE and GLO families (``models/aae.py``,
-``models/glo.py``); they are small on purpose.
+The conv encoder and decoder are :class:`~models.blocks.ConvEncoder` / :class:`~models.blocks.ConvDecoder`,
+shared with the AAE and GLO families.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from latentforge.models.base import (
     ConfigError,
@@ -37,112 +37,18 @@ from latentforge.models.base import (
     require_choice,
     require_positive,
 )
-from latentforge.models.blocks import check_images, check_latent
+from latentforge.models.blocks import (
+    ConvDecoder,
+    ConvEncoder,
+    check_images,
+    check_latent,
+    check_phase,
+    randn,
+    spatial_plan,
+    standard_normal,
+)
 
 LOG_2PI = math.log(2.0 * math.pi)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Shared small conv stacks (VAE, AAE, GLO)
-
-
-def spatial_plan(config: ModelConfig) -> tuple[int, int]:
-    """How an ``image_size`` x ``image_size`` image is downsampled: ``(stages, base)``.
-
-    Each stage halves the side with a stride-2 convolution (kernel 4, padding 1, which maps 2s -> s
-    exactly) until the side is at most 7 or odd, so 16 -> 4, 28 -> 7, 32 -> 4, 64 -> 4, 48 -> 6.
-    A size that ends on a base side above 7 (a large odd factor) or that cannot be halved at all is a
-    :class:`ConfigError`: the decoder could not produce it with the mirrored transposed convolutions.
-    """
-    size = config.image_size
-    stages, base = 0, size
-    while base % 2 == 0 and base > 7:
-        base //= 2
-        stages += 1
-    if stages == 0 or base < 3 or base > 7:
-        raise ConfigError(
-            f"{type(config).__name__}.image_size={size} is not supported: it must be b * 2**n with n >= 1 "
-            f"and b in 3..7 (for example 16, 28, 32, 64)"
-        )
-    return stages, base
-
-
-def _widths(hidden_channels: int, stages: int) -> list[int]:
-    # Double the width at each downsampling, capped at 8x: the usual DCGAN-like progression.
-    return [hidden_channels * min(2**i, 8) for i in range(stages)]
-
-
-class ConvEncoder(nn.Module):
-    """(B, C, H, W) in [0, 1] -> (B, out_dim): stride-2 convs, then a two-layer MLP head."""
-
-    def __init__(self, config: ModelConfig, hidden_channels: int, hidden_dim: int, out_dim: int):
-        super().__init__()
-        stages, base = spatial_plan(config)
-        widths = _widths(hidden_channels, stages)
-        layers: list[nn.Module] = []
-        in_ch = config.channels
-        for w in widths:
-            layers += [nn.Conv2d(in_ch, w, 4, stride=2, padding=1), nn.SiLU()]
-            in_ch = w
-        self.convs = nn.Sequential(*layers)
-        self.head = nn.Sequential(
-            nn.Flatten(), nn.Linear(in_ch * base * base, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, out_dim)
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        # Centre the input: [0, 1] -> [-1, 1] conditions the first layer better than raw pixels.
-        return self.head(self.convs(x * 2.0 - 1.0))
-
-
-class ConvDecoder(nn.Module):
-    """(B, in_dim) -> (B, C, H, W) logits: an MLP to a small feature map, then stride-2 transposed convs."""
-
-    def __init__(self, config: ModelConfig, hidden_channels: int, hidden_dim: int, in_dim: int):
-        super().__init__()
-        stages, base = spatial_plan(config)
-        widths = _widths(hidden_channels, stages)[::-1]
-        self.base = base
-        self.top = widths[0]
-        self.head = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, widths[0] * base * base), nn.SiLU()
-        )
-        layers: list[nn.Module] = []
-        for w_in, w_out in zip(widths, widths[1:]):
-            layers += [nn.ConvTranspose2d(w_in, w_out, 4, stride=2, padding=1), nn.SiLU()]
-        layers.append(nn.ConvTranspose2d(widths[-1], config.channels, 4, stride=2, padding=1))
-        self.convs = nn.Sequential(*layers)
-
-    def forward(self, z: Tensor) -> Tensor:
-        h = self.head(z).view(z.shape[0], self.top, self.base, self.base)
-        return self.convs(h)
-
-
-def standard_normal(
-    n: int, dim: int, like: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None
-) -> Tensor:
-    """(n, dim) standard normal noise on ``like``'s device and dtype.
-
-    ``noise`` (B, dim), when given, is used instead (after a shape check) and ``n`` is ignored. Otherwise
-    the draw is made where ``generator`` lives and then moved, so a CPU generator gives the same noise
-    whatever the model's device.
-    """
-    if noise is not None:
-        check_latent(noise, (dim,), "sample(noise=...)")
-        return noise.to(device=like.device, dtype=like.dtype)
-    if n <= 0:
-        raise ValueError(f"sample: n must be > 0, got {n}")
-    return randn((n, dim), like, generator)
-
-
-def randn(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Standard normal of ``shape`` drawn on ``generator``'s device (or ``like``'s), moved to ``like``'s."""
-    device = generator.device if generator is not None else like.device
-    return torch.randn(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
-
-
-def check_phase(model: PretrainedModel, phase: str) -> None:
-    if phase not in model.phases:
-        raise ValueError(f"{type(model).__name__} has phases {model.phases}, got phase={phase!r}")
 
 
 # ----------------------------------------------------------------------------------------------------

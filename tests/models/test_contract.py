@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import pathlib
 import types
 import typing
 
@@ -206,6 +207,29 @@ def test_from_pretrained_refuses_other_class(family, tiny_model, tmp_path):
         pytest.skip("only one family registered")
     with pytest.raises(ConfigError):
         other.from_pretrained(path)
+
+
+def test_save_pretrained_replaces_a_model_only_when_the_new_one_is_written(tmp_path, monkeypatch):
+    tiny = {"image_size": 16, "channels": 1, "latent_dim": 4}
+    first, second = build_model("ae", **tiny), build_model("ae", **tiny, activation="tanh")
+    path = first.save_pretrained(tmp_path / "model")
+    second.save_pretrained(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert PretrainedModel.from_pretrained(path).config == second.config
+
+    rename = pathlib.Path.rename
+
+    def failing_final_rename(self, target):
+        if pathlib.Path(target) == path and self.name.startswith(".model.") and not self.name.endswith(".old"):
+            raise OSError("disk gone")
+        return rename(self, target)
+
+    monkeypatch.setattr(pathlib.Path, "rename", failing_final_rename)
+    with pytest.raises(OSError, match="disk gone"):
+        first.save_pretrained(path)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert PretrainedModel.from_pretrained(path).config == second.config
 
 
 # ----------------------------------------------------------------------------------------------------
