@@ -24,7 +24,7 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _exporting() -> bool:
+def is_exporting() -> bool:
     """True while torch.export / the ONNX exporters trace us: keep the graph free of Python-side state."""
     return torch.jit.is_tracing() or torch.compiler.is_exporting()
 
@@ -126,7 +126,7 @@ class VectorQuantizerEMA(nn.Module):
             quantized = F.embedding(indices, self.embed).view(b, h, w, self.dim).permute(0, 3, 1, 2)
             if update:
                 self._update(flat, indices)
-            elif not _exporting():
+            elif not is_exporting():
                 self.last_restarted = torch.zeros((), dtype=torch.long, device=z.device)
                 self._record(self._counts(indices))
             zf = z.float()

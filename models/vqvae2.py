@@ -43,7 +43,7 @@ from latentforge.models.base import (
     require_positive,
 )
 from latentforge.models.priors import CodePrior
-from latentforge.models.quantize import VectorQuantizerEMA, _exporting
+from latentforge.models.quantize import VectorQuantizerEMA, is_exporting
 
 
 @dataclass
@@ -322,7 +322,7 @@ class VQVAE2(PretrainedModel):
             if idx.dtype.is_floating_point or idx.dtype == torch.bool:
                 raise ValueError(f"{name} indices must be integers, got {idx.dtype}")
             # A data-dependent check: skipped while an exporter traces us (the graph stays static).
-            if not _exporting() and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.config.num_codes):
+            if not is_exporting() and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.config.num_codes):
                 raise ValueError(f"{name} indices must lie in [0, {self.config.num_codes}), got [{int(idx.min())}, {int(idx.max())}]")
         if top.shape[0] != bottom.shape[0]:
             raise ValueError(f"top and bottom indices disagree on the batch size: {top.shape[0]} vs {bottom.shape[0]}")
