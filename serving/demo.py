@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import requests
 
+from latentforge.serving.codec import encode_png
+
 
 def _grid(pngs: list[str], columns: int = 8) -> "Image.Image":
     """base64 PNGs of one size -> one image, ``columns`` per row, 2 px apart."""
@@ -40,8 +42,6 @@ def run_demo(url: str, images: np.ndarray, out_dir: str | Path, timeout: float =
     """Call every endpoint of every model served at ``url``; ``images``: test images (N >= 2, H, W, C)
     uint8 for the operations that take images. Writes PNG grids to ``out_dir``; returns a report line
     per call. Raises ``RuntimeError`` naming the call when one does not answer 200."""
-    from latentforge.serving.codec import encode_png
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pngs = [encode_png(img.transpose(2, 0, 1) / 255.0) for img in images[:8]]

@@ -17,7 +17,11 @@ from typing import Any
 
 import yaml
 
-from latentforge.serving.schemas import absolute_uri
+from latentforge.runtime.store import absolute_uri
+
+# ray is imported inside deploy and serve_forever: the CLI imports this module (ServeError is one of
+# the errors it prints as one line) for every command, `latentforge --help` included, and importing
+# ray takes seconds.
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
 

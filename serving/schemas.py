@@ -12,6 +12,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from latentforge.runtime.store import absolute_uri
+
 # An image in a request: a base64 PNG string (a data: URL is accepted too) or a (C, H, W) array in [0, 1].
 Image = Union[str, list[list[list[float]]]]
 Format = Literal["png", "array"]
@@ -73,14 +75,6 @@ class AppConfig(BaseModel):
         if not uri:
             raise ValueError("no MLflow tracking URI: set args.tracking_uri in the serve config or MLFLOW_TRACKING_URI")
         return absolute_uri(uri)
-
-
-def absolute_uri(uri: str) -> str:
-    """``sqlite:///relative.db`` -> an absolute path: replicas may not share the caller's working directory."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        return prefix + os.path.abspath(uri[len(prefix):])
-    return uri
 
 
 # ----------------------------------------------------------------------------------------------------

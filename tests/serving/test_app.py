@@ -77,8 +77,8 @@ def test_models_health_and_openapi(server):
 
 
 def test_serving_code_does_not_import_torch():
-    code = ("import sys, serving.app, runtime.images, serving.codec, serving.schemas, serving.launch; "
-            "sys.exit('torch' in sys.modules)")
+    code = ("import sys, latentforge.serving.app, latentforge.runtime.images, latentforge.serving.codec, "
+            "latentforge.serving.schemas, latentforge.serving.launch; sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 
 

@@ -1,11 +1,11 @@
-"""latentforge.serving.app._Coalescer: the batches that wait behind a running call go together into the next one."""
+"""latentforge.serving.batching.Coalescer: the batches that wait behind a running call go together into the next one."""
 
 import asyncio
 import threading
 
 import pytest
 
-from latentforge.serving.app import _Coalescer
+from latentforge.serving.batching import Coalescer
 
 
 def test_items_waiting_behind_a_running_call_are_merged_up_to_max_items():
@@ -19,7 +19,7 @@ def test_items_waiting_behind_a_running_call_are_merged_up_to_max_items():
         return [i * 10 for i in items]
 
     async def main():
-        c = _Coalescer(fn, max_items=4)
+        c = Coalescer(fn, max_items=4)
         first = c.submit([1])
         await asyncio.sleep(0.05)  # the first call is running now
         later = [c.submit([i]) for i in range(2, 8)]  # six single-item batches, as serve.batch forms them
@@ -39,7 +39,7 @@ def test_an_error_reaches_every_caller_of_that_call_and_the_next_call_still_runs
         return [s.upper() for s in items]
 
     async def main():
-        c = _Coalescer(fn, max_items=8)
+        c = Coalescer(fn, max_items=8)
         failing = c.submit(["ok", "bad"])
         with pytest.raises(ValueError, match="bad input"):
             await failing[0]
@@ -58,7 +58,7 @@ def test_max_items_one_runs_items_one_at_a_time():
         return items
 
     async def main():
-        c = _Coalescer(fn, max_items=1)
+        c = Coalescer(fn, max_items=1)
         return await asyncio.gather(*c.submit([1, 2, 3]))
 
     assert asyncio.run(main()) == [1, 2, 3]
@@ -73,7 +73,7 @@ def test_a_cancelled_caller_does_not_break_the_others():
         return items
 
     async def main():
-        c = _Coalescer(fn, max_items=4)
+        c = Coalescer(fn, max_items=4)
         a, b = c.submit(["a", "b"])
         a.cancel()
         release.set()
@@ -90,7 +90,7 @@ def test_under_load_a_call_lingers_for_more_items_but_an_idle_one_runs_at_once()
         return items
 
     async def main():
-        c = _Coalescer(fn, max_items=8, linger_s=0.2)
+        c = Coalescer(fn, max_items=8, linger_s=0.2)
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         assert await c.submit([1])[0] == 1  # idle: no linger

@@ -117,7 +117,7 @@ def test_text_decode_only_on_text_models_and_listed(text_server):
 
 def test_another_decoder_version_is_refused_at_load(registry, text_model):
     from latentforge.runtime.text import DecoderMismatchError
-    from latentforge.serving.app import load_text_runtime
+    from latentforge.serving.model_store import load_text_runtime
 
     rt = load_text_runtime(text_model, "vae-shapes@champion", registry["uri"], TEXT, "1", "champion")
     assert rt.describe()["decoder"]["version"] == 1
