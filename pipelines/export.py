@@ -2,12 +2,13 @@
 
 ``export_model(model_dir, prepared_dir, out_dir)`` loads a ``save_pretrained`` directory, exports every
 graph its family needs with ``torch.onnx.export`` (the torch.export-based exporter, a dynamic batch
-axis, opset :data:`OPSET`), checks each graph (``onnx.checker`` with ``full_check``, no random op) and
-compares ONNX Runtime against PyTorch on real test images and on random latents, noise and codes. Only
-when every graph passes is the export directory written (a temporary sibling, then renamed), so an
-existing export is replaced on success only. Serving and the registry read nothing but the manifest
-and the graphs (:func:`load_sessions`); VQ-VAE-2 sampling runs the prior-step graphs in a loop outside
-ONNX (:func:`sample_vqvae2_onnx`), with the randomness drawn by numpy and fed in.
+axis, opset :data:`OPSET`; :mod:`pipelines.onnx_graphs`), checks each graph (``onnx.checker`` with
+``full_check``, no random op) and compares ONNX Runtime against PyTorch on real test images and on
+random latents, noise and codes. Only when every graph passes is the export directory written (a
+temporary sibling, then renamed), so an existing export is replaced on success only. Serving and the
+registry read nothing but the manifest and the graphs (:func:`load_sessions`); VQ-VAE-2 sampling runs
+the prior-step graphs in a loop outside ONNX (:func:`sample_vqvae2_onnx`), with the randomness drawn by
+numpy and fed in.
 
 Graphs (inputs -> outputs; ``B`` is the dynamic batch):
 
@@ -26,33 +27,36 @@ Graphs (inputs -> outputs; ``B`` is the dynamic batch):
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
-import logging
 import shutil
-import tempfile
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-# The torch-free half (reading an export, VQ-VAE-2 sampling) lives with serving, which must not import
-# torch; it is imported here so that the exporter checks exports with the code that serves them.
+from latentforge.models import MODELS, ConfigError, PretrainedModel
+from latentforge.models.glo import GLO
+from latentforge.models.text import latent_shape_of
+from latentforge.models.vqvae2 import VQVAE2
+from latentforge.pipelines.common.errors import DataError
+from latentforge.pipelines.common.files import atomic_directory
+from latentforge.pipelines.common.params import section
+from latentforge.pipelines.common.tracking import git_commit
+from latentforge.pipelines.imaging import batch_to_tensor
+from latentforge.pipelines.onnx_graphs import OPSET, Decoder, Graph, IndexDecoder, compare, export_graphs, torch_threads
+from latentforge.pipelines.prepare import load_split, read_manifest
+
+# The torch-free half (reading an export, VQ-VAE-2 sampling) lives in runtime, which serving uses and which
+# must not import torch; it is re-exported here so that the exporter checks exports with the code that serves them.
 from latentforge.runtime.images import FORMAT_VERSION, ExportError, load_sessions, pick_tokens_np, sample_vqvae2_onnx
-from latentforge.runtime.images import onnx_session as _onnx_session
 
 __all__ = ["FORMAT_VERSION", "ExportError", "export_model", "export_from_params", "load_sessions",
-           "pick_tokens_np", "sample_vqvae2_onnx", "graph_op_types"]
+           "pick_tokens_np", "sample_vqvae2_onnx"]
 
-OPSET = 18
 MAX_PARITY_IMAGES = 16
-# Ops that draw random numbers inside a graph: none may appear (DESIGN.md, "Exported graphs").
-RANDOM_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"})
 PREPROCESSING = "uint8 HWC -> float32 NCHW / 255"
 # Above this many bytes of weights a graph keeps them in a side file (<graph>.onnx.data): protobuf
 # cannot hold more than 2 GiB in one message.
@@ -60,7 +64,7 @@ EXTERNAL_DATA_BYTES = 1 << 30
 
 
 # ----------------------------------------------------------------------------------------------------
-# What gets exported: thin modules around the models' public surface
+# What gets exported: thin modules around the models' public surface (the decoders are in onnx_graphs)
 
 
 class _Encoder(nn.Module):
@@ -77,24 +81,6 @@ class _Encoder(nn.Module):
         if self.kind == "gaussian":
             return out.mean, out.logvar
         return out.latent
-
-
-class _Decoder(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, latent: Tensor) -> Tensor:
-        return self.model.decode(latent).images
-
-
-class _IndexDecoder(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, top_indices: Tensor, bottom_indices: Tensor) -> Tensor:
-        return self.model.decode_indices(top_indices, bottom_indices).images
 
 
 class _Generator(nn.Module):
@@ -149,24 +135,6 @@ class _PriorCondition(nn.Module):
         return self.prior.embed_condition(top_indices)
 
 
-@dataclass
-class _Graph:
-    """One graph to export. ``inputs``/``outputs``: name -> (shape with None for the batch, dtype);
-    ``batch_axes``: input name -> its batch axis (absent: static). ``check`` compares ONNX Runtime with
-    PyTorch and returns ``(max_abs_diff, index_ties)``."""
-
-    name: str
-    module: nn.Module
-    inputs: dict[str, tuple[list[int | None], str]]
-    outputs: dict[str, tuple[list[int | None], str]]
-    example: tuple[Tensor, ...]
-    batch_axes: dict[str, int]
-    check: Callable[[Any, float], tuple[float, dict[str, int]]]
-    file: str = ""
-    parity: float = 0.0
-    ties: dict[str, int] = field(default_factory=dict)
-
-
 # ----------------------------------------------------------------------------------------------------
 # The stage
 
@@ -188,20 +156,48 @@ def export_model(
     match exactly (but for exact ties between two codes, see :func:`_check_codes`). Raises
     :class:`ExportError` on any failure, having written nothing.
     """
-    from latentforge.models import MODELS, PretrainedModel
-    from latentforge.pipelines.data import DataError
-    from latentforge.pipelines.imaging import batch_to_tensor
-    from latentforge.pipelines.common.files import _replace_dir
-    from latentforge.pipelines.prepare import load_split
-
     model_dir, prepared_dir, out_dir = Path(model_dir), Path(prepared_dir), Path(out_dir)
+    model, family, data_manifest = _load_model(model_dir, prepared_dir)
+    images = _parity_images(prepared_dir)
+    with torch.no_grad():
+        graphs, latent, sampling = _plan(model, images)
+
+    with atomic_directory(out_dir) as tmp:
+        export_graphs(graphs, tmp, atol, external=_weight_bytes(model) > EXTERNAL_DATA_BYTES)
+        shutil.copytree(model_dir, tmp / "model")
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "family": family,
+            "model_class": type(model).__name__,
+            "model_config": model.config.to_dict(),
+            "data": {
+                "name": data_manifest.get("name"),
+                "data_hash": data_manifest.get("data_hash"),
+                "image_shape": [int(v) for v in data_manifest["image_shape"]],
+            },
+            "pixel_range": [0, 1],
+            "layout": "NCHW",
+            "preprocessing": PREPROCESSING,
+            "latent": latent,
+            "sampling": sampling,
+            "graphs": {g.name: _graph_entry(g) for g in graphs},
+            "parity": {g.name: g.parity for g in graphs},
+            "parity_index_ties": {g.name: g.ties for g in graphs if g.ties},
+            "parity_atol": atol,
+            "metrics": dict(metrics or {}),
+            "source": dict(source or {}),
+            "opset": OPSET,
+        }
+        # Not key-sorted: a graph's inputs and outputs are listed in the graph's own order.
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _load_model(model_dir: Path, prepared_dir: Path) -> tuple[PretrainedModel, str, dict[str, Any]]:
+    """The model in eval mode, its family and the prepared data's manifest, checked to fit each other."""
     if not (model_dir / "config.json").is_file():
         raise ExportError(f"no model at {model_dir} (no config.json); give a save_pretrained directory")
-    data_manifest_path = prepared_dir / "manifest.json"
-    if not data_manifest_path.is_file():
-        raise DataError(f"no prepared data at {prepared_dir}; run `latentforge prepare` (or `dvc repro prepare`) first")
-    data_manifest = json.loads(data_manifest_path.read_text())
-
+    data_manifest = read_manifest(prepared_dir)
     model = PretrainedModel.from_pretrained(model_dir)
     model.eval()  # a GAN decodes with its EMA generator in eval mode only
     family = next((name for name, cls in MODELS.items() if cls is type(model)), None)
@@ -215,83 +211,40 @@ def export_model(
             f"the data {data_manifest.get('name')!r} at {prepared_dir} has {_hwc(image_shape)} images but the model "
             f"in {model_dir} takes {_hwc(expected)}; export with the data the model was trained on"
         )
+    return model, family, data_manifest
 
+
+def _parity_images(prepared_dir: Path) -> Tensor:
+    """Up to :data:`MAX_PARITY_IMAGES` test images (N >= 2, C, H, W) float32 in [0, 1]: the parity data."""
     test = load_split(prepared_dir, "test")["images"][:MAX_PARITY_IMAGES]
     if len(test) == 0:
         raise DataError(f"{prepared_dir}: the test split is empty; parity needs real images (give data.splits.test > 0)")
     images = batch_to_tensor(np.array(test))  # a writable copy (the split is a read-only buffer)
     if len(images) < 2:  # the export traces a batch of 2 (a batch of 1 would be specialised as static)
         images = images.repeat(2, 1, 1, 1)
+    return images
 
-    with torch.no_grad():
-        graphs, latent, sampling = _plan(model, images)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        external = _weight_bytes(model) > EXTERNAL_DATA_BYTES
-        with _reuse_onnx_registry():
-            for graph in graphs:  # each graph checked as soon as it exists: a failure stops early
-                graph.file = f"{graph.name}.onnx"
-                _export_graph(graph, tmp / graph.file, external)
-                session = _onnx_session(tmp / graph.file, spin=False)
-                with torch.no_grad():
-                    graph.parity, graph.ties = graph.check(session, atol)
-        shutil.copytree(model_dir, tmp / "model")
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "family": family,
-            "model_class": type(model).__name__,
-            "model_config": config.to_dict(),
-            "data": {
-                "name": data_manifest.get("name"),
-                "data_hash": data_manifest.get("data_hash"),
-                "image_shape": image_shape,
-            },
-            "pixel_range": [0, 1],
-            "layout": "NCHW",
-            "preprocessing": PREPROCESSING,
-            "latent": latent,
-            "sampling": sampling,
-            "graphs": {
-                g.name: {
-                    "file": g.file,
-                    "inputs": {k: shape for k, (shape, _) in g.inputs.items()},
-                    "outputs": {k: shape for k, (shape, _) in g.outputs.items()},
-                    "dtypes": {k: dtype for k, (_, dtype) in {**g.inputs, **g.outputs}.items()},
-                }
-                for g in graphs
-            },
-            "parity": {g.name: g.parity for g in graphs},
-            "parity_index_ties": {g.name: g.ties for g in graphs if g.ties},
-            "parity_atol": atol,
-            "metrics": dict(metrics or {}),
-            "source": dict(source or {}),
-            "opset": OPSET,
-        }
-        # Not key-sorted: a graph's inputs and outputs are listed in the graph's own order.
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
+def _graph_entry(graph: Graph) -> dict[str, Any]:
+    """The manifest's entry of one exported graph: its file, input and output shapes, dtypes."""
+    return {
+        "file": graph.file,
+        "inputs": {k: shape for k, (shape, _) in graph.inputs.items()},
+        "outputs": {k: shape for k, (shape, _) in graph.outputs.items()},
+        "dtypes": {k: dtype for k, (_, dtype) in {**graph.inputs, **graph.outputs}.items()},
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
 # Planning the graphs of a family
 
 
-def _plan(model: nn.Module, images: Tensor) -> tuple[list[_Graph], dict, dict]:
+def _plan(model: nn.Module, images: Tensor) -> tuple[list[Graph], dict, dict]:
     """The graphs ``model`` needs, with their parity checks, plus the manifest's latent and sampling."""
-    from latentforge.models.glo import GLO
-    from latentforge.models.vqvae2 import VQVAE2
-    from latentforge.models.text import latent_shape_of
-
     gen = torch.Generator().manual_seed(0)
     c = model.config
     img = [None, c.channels, c.image_size, c.image_size]
-    graphs: list[_Graph] = []
+    graphs: list[Graph] = []
 
     if isinstance(model, VQVAE2):
         return _plan_vqvae2(model, images, gen, img)
@@ -309,10 +262,10 @@ def _plan(model: nn.Module, images: Tensor) -> tuple[list[_Graph], dict, dict]:
         def check_encoder(session, atol, kind=kind):
             out = model.encode(images)
             ref = {"mean": out.mean, "logvar": out.logvar} if kind == "gaussian" else {"latent": out.latent}
-            return _compare("encoder", session, {"images": images}, ref, atol, "the test images"), {}
+            return compare("encoder", session, {"images": images}, ref, atol, "the test images"), {}
 
-        graphs.append(_Graph("encoder", _Encoder(model, kind), {"images": (img, "float32")}, outputs,
-                             (images[:2],), {"images": 0}, check_encoder))
+        graphs.append(Graph("encoder", _Encoder(model, kind), {"images": (img, "float32")}, outputs,
+                            (images[:2],), {"images": 0}, check_encoder))
     elif isinstance(model, GLO):
         real_latents = model.codes.weight[:MAX_PARITY_IMAGES].detach()  # the codes of training images
 
@@ -324,11 +277,11 @@ def _plan(model: nn.Module, images: Tensor) -> tuple[list[_Graph], dict, dict]:
             cases.insert(0, ("latents of the test images" if not isinstance(model, GLO) else "learned codes", real_latents))
         worst = 0.0
         for label, z in cases:
-            worst = max(worst, _compare("decoder", session, {"latent": z}, {"images": model.decode(z).images}, atol, label))
+            worst = max(worst, compare("decoder", session, {"latent": z}, {"images": model.decode(z).images}, atol, label))
         return worst, {}
 
-    graphs.append(_Graph("decoder", _Decoder(model), {"latent": (lat, "float32")}, {"images": (img, "float32")},
-                         (random_latents[:2],), {"latent": 0}, check_decoder))
+    graphs.append(Graph("decoder", Decoder(model), {"latent": (lat, "float32")}, {"images": (img, "float32")},
+                        (random_latents[:2],), {"latent": 0}, check_decoder))
 
     sampling: dict[str, Any] = {"kind": "none"}
     if "noise" in inspect.signature(model.sample).parameters:
@@ -337,15 +290,15 @@ def _plan(model: nn.Module, images: Tensor) -> tuple[list[_Graph], dict, dict]:
 
         def check_generator(session, atol):
             ref = model.sample(noise.shape[0], noise=noise).images
-            return _compare("generator", session, {"noise": noise}, {"images": ref}, atol, "random noise"), {}
+            return compare("generator", session, {"noise": noise}, {"images": ref}, atol, "random noise"), {}
 
-        graphs.append(_Graph("generator", module, {"noise": (lat, "float32")}, {"images": (img, "float32")},
-                             (noise[:2],), {"noise": 0}, check_generator))
+        graphs.append(Graph("generator", module, {"noise": (lat, "float32")}, {"images": (img, "float32")},
+                            (noise[:2],), {"noise": 0}, check_generator))
         sampling = {"kind": "noise", "graph": "generator", "noise_shape": latent_shape, "distribution": "standard_normal"}
     return graphs, {"kind": kind, "shape": latent_shape}, sampling
 
 
-def _plan_vqvae2(model, images: Tensor, gen: torch.Generator, img: list) -> tuple[list[_Graph], dict, dict]:
+def _plan_vqvae2(model, images: Tensor, gen: torch.Generator, img: list) -> tuple[list[Graph], dict, dict]:
     c = model.config
     k = c.num_codes
     ht, wt = model.top_shape
@@ -362,60 +315,20 @@ def _plan_vqvae2(model, images: Tensor, gen: torch.Generator, img: list) -> tupl
         worst = 0.0
         for label, top, bottom in (("codes of the test images", top_real, bottom_real), ("random codes", top_rand, bottom_rand)):
             ref = {"images": model.decode_indices(top, bottom).images}
-            worst = max(worst, _compare("decoder", session, {"top_indices": top, "bottom_indices": bottom}, ref, atol, label))
+            worst = max(worst, compare("decoder", session, {"top_indices": top, "bottom_indices": bottom}, ref, atol, label))
         return worst, {}
 
     graphs = [
-        _Graph("encoder", _Encoder(model, "codes"), {"images": (img, "float32")},
-               {"top_indices": top_spec, "bottom_indices": bottom_spec}, (images[:2],), {"images": 0}, check_encoder),
-        _Graph("decoder", _IndexDecoder(model), {"top_indices": top_spec, "bottom_indices": bottom_spec},
-               {"images": (img, "float32")}, (top_rand[:2], bottom_rand[:2]), {"top_indices": 0, "bottom_indices": 0},
-               check_decoder),
+        Graph("encoder", _Encoder(model, "codes"), {"images": (img, "float32")},
+              {"top_indices": top_spec, "bottom_indices": bottom_spec}, (images[:2],), {"images": 0}, check_encoder),
+        Graph("decoder", IndexDecoder(model), {"top_indices": top_spec, "bottom_indices": bottom_spec},
+              {"images": (img, "float32")}, (top_rand[:2], bottom_rand[:2]), {"top_indices": 0, "bottom_indices": 0},
+              check_decoder),
     ]
-    levels = {}
-    for level, prior, real, rand, cond_real, cond_rand in (
-        ("top", model.prior_top, top_real, top_rand, None, None),
-        ("bottom", model.prior_bottom, bottom_real, bottom_rand, top_real, top_rand),
-    ):
-        cache = list(prior.new_cache(1).shape)
-        cache[2] = None
-        name = f"prior_{level}_step"
-        inputs = {"prev_token": ([None], "int64"), "position": ([], "int64"), "cache": (cache, "float32")}
-        batch_axes = {"prev_token": 0, "cache": 2}
-        example: tuple[Tensor, ...] = (rand[:2, 0, 0].clone(), torch.tensor(1), prior.new_cache(2))
-        if cond_real is not None:
-            inputs["cond_emb"] = ([None, prior.length, prior.dim], "float32")
-            batch_axes["cond_emb"] = 0
-            example += (prior.embed_condition(cond_rand[:2]),)
-
-        def check_step(session, atol, prior=prior, real=real, rand=rand, cond_real=cond_real, cond_rand=cond_rand, name=name):
-            worst = 0.0
-            for label, codes, cond in (("codes of the test images", real, cond_real), ("random codes", rand, cond_rand)):
-                worst = max(worst, _check_prior_steps(name, prior, session, codes, cond, atol, label))
-            return worst, {}
-
-        kv = [*cache[:4], 1, cache[5]]
-        graphs.append(_Graph(name, _PriorStep(prior), inputs,
-                             {"logits": ([None, k], "float32"), "new_kv": (kv, "float32")},
-                             example, batch_axes, check_step))
-        levels[level] = {
-            "graph": name, "shape": [prior.height, prior.width], "length": prior.length, "cache_shape": cache,
-            "step_output": "new_kv",
-        }
-        if cond_real is not None:
-            cond_graph = f"prior_{level}_condition"
-            levels[level]["condition_graph"] = cond_graph
-
-            def check_condition(session, atol, prior=prior, cond_real=cond_real, cond_rand=cond_rand, cond_graph=cond_graph):
-                worst = 0.0
-                for label, cond in (("codes of the test images", cond_real), ("random codes", cond_rand)):
-                    ref = {"cond_emb": prior.embed_condition(cond)}
-                    worst = max(worst, _compare(cond_graph, session, {"top_indices": cond}, ref, atol, label))
-                return worst, {}
-
-            graphs.append(_Graph(cond_graph, _PriorCondition(prior), {"top_indices": top_spec},
-                                 {"cond_emb": ([None, prior.length, prior.dim], "float32")},
-                                 (top_rand[:2],), {"top_indices": 0}, check_condition))
+    levels = {
+        "top": _plan_prior(graphs, "top", model.prior_top, (top_real, top_rand), None, k),
+        "bottom": _plan_prior(graphs, "bottom", model.prior_bottom, (bottom_real, bottom_rand), (top_real, top_rand), k),
+    }
     latent = {
         "kind": "codes",
         "shape": list(model.latent_shape),  # encode(x).latent in PyTorch; the graphs exchange indices
@@ -433,127 +346,66 @@ def _plan_vqvae2(model, images: Tensor, gen: torch.Generator, img: list) -> tupl
     return graphs, latent, sampling
 
 
-# ----------------------------------------------------------------------------------------------------
-# Exporting and checking one graph
+def _plan_prior(graphs: list[Graph], level: str, prior, codes: tuple[Tensor, Tensor], cond: tuple[Tensor, Tensor] | None,
+                num_codes: int) -> dict[str, Any]:
+    """Append the graphs of one VQ-VAE-2 prior level to ``graphs``; return the level's sampling entry.
 
-
-def _export_graph(graph: _Graph, path: Path, external: bool) -> None:
-    import onnx
-
-    batch = torch.export.Dim("batch", min=1)
-    names = list(graph.inputs)
-    dynamic = tuple({graph.batch_axes[n]: batch} if n in graph.batch_axes else None for n in names)
-    graph.module.eval()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                graph.module, graph.example, str(path), input_names=names, output_names=list(graph.outputs),
-                opset_version=OPSET, dynamo=True, dynamic_shapes=dynamic, external_data=external, verbose=False,
-            )
-    except Exception as exc:  # the exporter's errors are long; the first line says what failed
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"graph {graph.name!r}: torch.onnx.export failed: {first}") from exc
-    _cast_like_to_cast(path)
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except Exception as exc:
-        raise ExportError(f"graph {graph.name!r}: onnx.checker rejected it: {exc}") from exc
-    found = sorted(graph_op_types(path) & RANDOM_OPS)
-    if found:
-        raise ExportError(f"graph {graph.name!r} contains random ops ({', '.join(found)}); noise must be an input")
-    _check_signature(graph, onnx.load(str(path), load_external_data=False))
-
-
-def _cast_like_to_cast(path: Path) -> None:
-    """Rewrite ``CastLike(x, like)`` as ``Cast(x, to=<element type of like>)``, its definition.
-
-    The exporter leaves CastLike nodes on constants; ONNX Runtime has no kernel to fold them and warns
-    about each one whenever a session is created (every serving replica). Types come from ONNX shape
-    inference; a node whose target type is unknown is left as it is. Parity is checked afterwards.
+    ``codes``: (codes of the test images, random codes) of this level, (N, h, w) int64; ``cond``: the
+    same of the top level for the bottom prior (conditioned on it), None for the top prior. The step
+    graph's parity is teacher-forced over every position; a conditioned level also gets its
+    ``prior_<level>_condition`` graph (``top_indices`` -> ``cond_emb``).
     """
-    import onnx
+    real, rand = codes
+    cond_real, cond_rand = cond if cond is not None else (None, None)
+    cache = list(prior.new_cache(1).shape)
+    cache[2] = None
+    name = f"prior_{level}_step"
+    inputs = {"prev_token": ([None], "int64"), "position": ([], "int64"), "cache": (cache, "float32")}
+    batch_axes = {"prev_token": 0, "cache": 2}
+    example: tuple[Tensor, ...] = (rand[:2, 0, 0].clone(), torch.tensor(1), prior.new_cache(2))
+    if cond_real is not None:
+        inputs["cond_emb"] = ([None, prior.length, prior.dim], "float32")
+        batch_axes["cond_emb"] = 0
+        example += (prior.embed_condition(cond_rand[:2]),)
 
-    proto = onnx.load(str(path), load_external_data=False)  # initializers keep their external references
-    if not any(n.op_type == "CastLike" for n in proto.graph.node):
-        return
-    inferred = onnx.shape_inference.infer_shapes(proto).graph
-    types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.value_info, *inferred.input, *inferred.output]}
-    types.update({t.name: t.data_type for t in inferred.initializer})
-    for node in proto.graph.node:
-        if node.op_type == "CastLike" and types.get(node.input[1]):
-            cast = onnx.helper.make_node("Cast", [node.input[0]], list(node.output), name=node.name, to=types[node.input[1]])
-            node.CopyFrom(cast)
-    onnx.save(proto, str(path))
+    def check_step(session, atol):
+        worst = 0.0
+        for label, codes, cond in (("codes of the test images", real, cond_real), ("random codes", rand, cond_rand)):
+            worst = max(worst, _check_prior_steps(name, prior, session, codes, cond, atol, label))
+        return worst, {}
 
+    kv = [*cache[:4], 1, cache[5]]
+    graphs.append(Graph(name, _PriorStep(prior), inputs,
+                        {"logits": ([None, num_codes], "float32"), "new_kv": (kv, "float32")},
+                        example, batch_axes, check_step))
+    entry = {"graph": name, "shape": [prior.height, prior.width], "length": prior.length, "cache_shape": cache,
+             "step_output": "new_kv"}
+    if cond_real is not None:
+        cond_graph = f"prior_{level}_condition"
+        entry["condition_graph"] = cond_graph
 
-def _op_types(g) -> set[str]:
-    """Every node op type of an ONNX graph, its subgraphs (If/Loop bodies) included."""
-    ops = set()
-    for node in g.node:
-        ops.add(node.op_type)
-        for attr in node.attribute:
-            if attr.g.node:
-                ops |= _op_types(attr.g)
-            for sub in attr.graphs:
-                ops |= _op_types(sub)
-    return ops
+        def check_condition(session, atol):
+            worst = 0.0
+            for label, cond in (("codes of the test images", cond_real), ("random codes", cond_rand)):
+                ref = {"cond_emb": prior.embed_condition(cond)}
+                worst = max(worst, compare(cond_graph, session, {"top_indices": cond}, ref, atol, label))
+            return worst, {}
 
-
-def graph_op_types(path: str | Path) -> set[str]:
-    """All op types in the ONNX file at ``path`` (nodes of the graph, its subgraphs and its functions)."""
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    ops = _op_types(proto.graph)
-    for fn in proto.functions:
-        ops |= {n.op_type for n in fn.node}
-    return ops
-
-
-def _check_signature(graph: _Graph, proto) -> None:
-    """The exported graph's declared inputs/outputs are the names, dtypes and shapes the manifest states."""
-    import onnx
-
-    declared = {v.name: v for v in [*proto.graph.input, *proto.graph.output]}
-    for name, (shape, dtype) in {**graph.inputs, **graph.outputs}.items():
-        if name not in declared:
-            raise ExportError(f"graph {graph.name!r}: no input/output named {name!r} (has {', '.join(declared)})")
-        t = declared[name].type.tensor_type
-        got_dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).name
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
-        if got_dtype != dtype or len(dims) != len(shape) or any(s is not None and s != d for s, d in zip(shape, dims)):
-            raise ExportError(f"graph {graph.name!r}: {name!r} is {got_dtype} {dims}, expected {dtype} {shape}")
-        if any(s is None and d is not None for s, d in zip(shape, dims)):
-            raise ExportError(f"graph {graph.name!r}: {name!r} has a fixed batch size {dims}; the batch axis must be dynamic")
+        graphs.append(Graph(cond_graph, _PriorCondition(prior), {"top_indices": ([None, *cond_real.shape[1:]], "int64")},
+                            {"cond_emb": ([None, prior.length, prior.dim], "float32")},
+                            (cond_rand[:2],), {"top_indices": 0}, check_condition))
+    return entry
 
 
-def _run(session, feed: dict[str, Tensor], outputs: list[str]) -> list[np.ndarray]:
-    return session.run(outputs, {k: v.detach().cpu().numpy() for k, v in feed.items()})
-
-
-def _compare(graph: str, session, feed: dict[str, Tensor], ref: dict[str, Tensor], atol: float, label: str) -> float:
-    """Max |ONNX - PyTorch| over ``ref``'s outputs; raises :class:`ExportError` above ``atol``."""
-    got = _run(session, feed, list(ref))
-    worst = 0.0
-    for (name, expected), actual in zip(ref.items(), got):
-        expected = expected.detach().cpu().numpy()
-        if actual.shape != expected.shape:
-            raise ExportError(f"parity: graph {graph!r}, output {name!r}: shape {actual.shape} != PyTorch {expected.shape} on {label}")
-        diff = float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64)))) if actual.size else 0.0
-        if not np.isfinite(diff) or diff > atol:
-            raise ExportError(
-                f"parity: graph {graph!r}, output {name!r}: max |onnx - torch| = {diff:.3g} > atol {atol:g} on {label}"
-            )
-        worst = max(worst, diff)
-    return worst
+# ----------------------------------------------------------------------------------------------------
+# Parity checks beyond onnx_graphs.compare
 
 
 def _check_prior_steps(graph: str, prior, session, codes: Tensor, cond: Tensor | None, atol: float, label: str) -> float:
     """Teacher-force ``codes`` through every position with PyTorch's and ONNX's step, each on its own
     cache (as sampling does: ONNX's ``new_kv`` written into its cache in place); compare the logits and
     the caches at every step."""
-    with _torch_threads(1):
+    with torch_threads(1):
         return _teacher_force(graph, prior, session, codes, cond, atol, label)
 
 
@@ -645,11 +497,6 @@ def export_from_params(
     ``metrics_path`` or, when present, ``artifacts/evaluate/<family>/metrics.json``; source: the
     training run recorded in ``<train.output_dir>/<family>/metrics.json``. Returns ``(out_dir, manifest)``.
     """
-    from latentforge.models import MODELS, ConfigError
-    from latentforge.pipelines.data import DataError
-    from latentforge.pipelines.common.params import section
-    from latentforge.pipelines.common.tracking import git_commit
-
     if family not in MODELS:
         raise ConfigError(f"unknown model family {family!r}; choose one of: {', '.join(sorted(MODELS))}")
     train_dir = Path(section(params, "train")["output_dir"]) / family
@@ -658,9 +505,7 @@ def export_from_params(
         raise ExportError(f"no trained model at {model_dir}; run `latentforge train --model {family}` (or `dvc repro`) first")
     data = section(params, "data")
     prepared_dir = Path(data["output_dir"]) / data["name"]
-    if not (prepared_dir / "manifest.json").is_file():
-        raise DataError(f"no prepared data at {prepared_dir}; run `latentforge prepare` (or `dvc repro prepare`) first")
-    data_hash = json.loads((prepared_dir / "manifest.json").read_text()).get("data_hash")
+    data_hash = read_manifest(prepared_dir).get("data_hash")
 
     source: dict[str, Any] = {"model_dir": str(model_dir), "git_commit": git_commit()}
     train_metrics_path = train_dir / "metrics.json"
@@ -707,56 +552,3 @@ def _hwc(shape: list[int]) -> str:
 
 def _weight_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int):
-    """Run PyTorch on ``n`` intra-op threads inside the block. One decoding step works on (B, 1, D)
-    tensors, far too small to split: with a thread pool each op pays a barrier, which makes the
-    step loop 10-100x slower on a busy machine than on one thread."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-_REGISTRIES: dict[Any, Any] = {}
-
-
-@contextlib.contextmanager
-def _reuse_onnx_registry():
-    """Build the exporter's aten -> ONNX function registry once per process, not once per graph.
-
-    ``torch.onnx.export`` (dynamo) rebuilds it from the onnxscript torchlib sources on every call, about
-    3 s of ``inspect.getsource`` that dwarfs the export of a small graph. The registry depends only on
-    the opset and we register no custom op into it, so reusing it changes nothing in the graphs. It is a
-    private torch API: where it is missing this does nothing and every export pays the full price.
-    """
-    try:
-        from torch.onnx._internal.exporter import _registration
-
-        registry_cls = _registration.ONNXRegistry
-        original = registry_cls.__dict__["from_torchlib"]
-        build = original.__func__
-    except (ImportError, AttributeError, KeyError):
-        yield
-        return
-
-    def from_torchlib(cls, *args, **kwargs):
-        key = (cls, args, tuple(sorted(kwargs.items())))
-        if key not in _REGISTRIES:
-            _REGISTRIES[key] = build(cls, *args, **kwargs)
-        return _REGISTRIES[key]
-
-    # Building it logs a warning per torchvision op ("torchvision is not installed"), irrelevant here.
-    logger = logging.getLogger(_registration.__name__)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    registry_cls.from_torchlib = classmethod(from_torchlib)
-    try:
-        yield
-    finally:
-        registry_cls.from_torchlib = original
-        logger.setLevel(level)

@@ -32,7 +32,6 @@ alias change is written to the version's ``latentforge.promotion`` tag.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -40,15 +39,21 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version as package_version
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
 
-from latentforge.pipelines.common.errors import RegistryError
-from latentforge.pipelines.common.tracking import fluent_tracking
+import latentforge.runtime
+from latentforge.pipelines.common.errors import RegistryError, TrainingError
 from latentforge.pipelines.common.params import ParamsError, check_keys, section
+from latentforge.pipelines.common.tracking import experiment_id, fluent_tracking, mlflow_client
+from latentforge.pipelines.common.tracking import tracking_uri as resolve_tracking_uri
+from latentforge.runtime.images import ExportError, load_sessions
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -90,6 +95,7 @@ class Policy:
 
     @property
     def metric_names(self) -> list[str]:
+        """The metrics of :meth:`candidates`, in order."""
         return [p.metric for p in self.candidates()]
 
     def beats(self, new: float, champion: float) -> bool:
@@ -100,6 +106,8 @@ class Policy:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str) -> "Policy":
+        """A policy from params (``metric``, ``mode``, ``margin``, optional ``fallback``); ``where`` names
+        the params section in errors."""
         if not isinstance(values, dict):
             raise ParamsError(f"params {where}: expected a mapping with metric, mode, margin; got {values!r}")
         schema = {"metric": str, "mode": str, "margin": float, "fallback": (dict, type(None))}
@@ -108,6 +116,7 @@ class Policy:
         return cls(values["metric"], values["mode"], float(values["margin"]), fallback)
 
     def to_dict(self) -> dict[str, Any]:
+        """The params form :meth:`from_dict` reads."""
         out: dict[str, Any] = {"metric": self.metric, "mode": self.mode, "margin": self.margin}
         if self.fallback:
             out["fallback"] = self.fallback.to_dict()
@@ -267,12 +276,6 @@ def register(
     which must be in this tracking store, or to a new run in ``experiment`` when the export names no
     run. No alias is set: that is :func:`promote`'s job.
     """
-    from mlflow.exceptions import MlflowException
-    from mlflow.models import infer_signature
-
-    from latentforge.pipelines.export import ExportError, load_sessions
-    from latentforge.pipelines.common.tracking import experiment_id as _experiment_id
-
     export_dir = Path(export_dir)
     try:
         manifest, sessions = load_sessions(export_dir)
@@ -285,21 +288,9 @@ def register(
     policy = policy or policy_for(None, family)
     example = input_example(manifest)
     signature = infer_signature(example, probe.predict(None, example))
-
     metrics = _numeric_metrics(manifest.get("metrics") or {})
     primary = next((m for m in policy.metric_names if m in metrics), None)
-    source = manifest.get("source") or {}
-    tags = {
-        "family": family,
-        "data_name": str(data.get("name")),
-        "data_hash": str(data.get("data_hash")),
-        "git_commit": str(source.get("git_commit") or "unknown"),
-        "primary_metric": primary or policy.metric,
-        **({"primary_metric_value": repr(metrics[primary])} if primary else {}),
-        **{f"{METRIC_TAG_PREFIX}{k}": repr(v) for k, v in metrics.items()},
-        "export_format_version": str(manifest.get("format_version")),
-        "opset": str(manifest.get("opset")),
-    }
+    tags = _version_tags(manifest, metrics, primary or policy.metric)
 
     client = connect(tracking_uri)
     try:
@@ -309,25 +300,7 @@ def register(
     registered_family = (existing.tags or {}).get("family") if existing else None
     if registered_family not in (None, family):
         raise RegistryError(f"registered model {name!r} holds {registered_family} versions; this export is a {family}")
-    run_id = source.get("mlflow_run_id")
-    if run_id:
-        try:
-            client.get_run(run_id)
-        except MlflowException:
-            raise RegistryError(
-                f"the export's training run {run_id} is not in the tracking store {tracking_uri}; "
-                "set MLFLOW_TRACKING_URI (or params mlflow.tracking_uri) to the store the model was trained with"
-            ) from None
-    else:
-        run = client.create_run(
-            _experiment_id(client, experiment, tracking_uri),
-            run_name=f"register-{name}",
-            tags={"latentforge.family": family, "latentforge.data_name": str(data.get("name")),
-                  "latentforge.data_hash": str(data.get("data_hash")), "mlflow.source.git.commit": tags["git_commit"]},
-        )
-        run_id = run.info.run_id
-        for key, value in metrics.items():
-            client.log_metric(run_id, key, value)
+    run_id = _training_run(client, tracking_uri, experiment, name, manifest, tags["git_commit"], metrics)
     tags["mlflow_run_id"] = run_id
 
     with fluent_tracking(tracking_uri), tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
@@ -335,10 +308,10 @@ def register(
             name=name,
             python_model=OnnxAutoencoderModel(manifest["format_version"]),
             artifacts={ARTIFACT_KEY: str(export_dir.resolve())},
-            code_paths=[str(_code_snapshot(Path(tmp)))],
+            code_paths=[str(code_snapshot(Path(tmp)))],
             signature=signature,
             input_example=example,
-            pip_requirements=_requirements(),
+            pip_requirements=pyfunc_requirements(),
             metadata={"latentforge": {"family": family, "task": probe.task, "data": data}},
         )
         if existing is None:
@@ -355,6 +328,50 @@ def register(
     return client.get_model_version(name, version.version)
 
 
+def _version_tags(manifest: dict[str, Any], metrics: dict[str, float], primary: str) -> dict[str, str]:
+    """The tags of a new version: family, data, git commit, the primary metric (and its value when
+    recorded), every metric as ``metric.<name>``, the export format and opset."""
+    data = manifest.get("data") or {}
+    source = manifest.get("source") or {}
+    return {
+        "family": manifest["family"],
+        "data_name": str(data.get("name")),
+        "data_hash": str(data.get("data_hash")),
+        "git_commit": str(source.get("git_commit") or "unknown"),
+        "primary_metric": primary,
+        **({"primary_metric_value": repr(metrics[primary])} if primary in metrics else {}),
+        **{f"{METRIC_TAG_PREFIX}{k}": repr(v) for k, v in metrics.items()},
+        "export_format_version": str(manifest.get("format_version")),
+        "opset": str(manifest.get("opset")),
+    }
+
+
+def _training_run(client, tracking_uri: str, experiment: str, name: str, manifest: dict[str, Any], git_commit: str,
+                  metrics: dict[str, float]) -> str:
+    """The run the version is logged to: the export's training run (which must be in this store), else a
+    new ``register-<name>`` run in ``experiment`` holding the export's metrics."""
+    run_id = (manifest.get("source") or {}).get("mlflow_run_id")
+    if run_id:
+        try:
+            client.get_run(run_id)
+        except MlflowException:
+            raise RegistryError(
+                f"the export's training run {run_id} is not in the tracking store {tracking_uri}; "
+                "set MLFLOW_TRACKING_URI (or params mlflow.tracking_uri) to the store the model was trained with"
+            ) from None
+        return run_id
+    data = manifest.get("data") or {}
+    run = client.create_run(
+        experiment_id(client, experiment, tracking_uri),
+        run_name=f"register-{name}",
+        tags={"latentforge.family": manifest["family"], "latentforge.data_name": str(data.get("name")),
+              "latentforge.data_hash": str(data.get("data_hash")), "mlflow.source.git.commit": git_commit},
+    )
+    for key, value in metrics.items():
+        client.log_metric(run.info.run_id, key, value)
+    return run.info.run_id
+
+
 def _numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """The finite numbers of a manifest's metrics (nested or non-numeric figures are not ranked)."""
     out = {}
@@ -364,25 +381,31 @@ def _numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _code_snapshot(tmp: Path) -> Path:
-    """A copy of the ``pipelines`` package's sources for ``code_paths``: the registered version unpickles
-    :class:`OnnxAutoencoderModel` and reads its export with the code it was registered with."""
-    here = Path(__file__).resolve().parent
-    dest = tmp / "pipelines"
-    dest.mkdir()
-    for src in here.glob("*.py"):
-        shutil.copy2(src, dest / src.name)
+def code_snapshot(tmp: Path) -> Path:
+    """A copy of the sources a registered pyfunc unpickles with, for MLflow's ``code_paths``: returns
+    ``tmp/latentforge``, holding ``pipelines/`` (every module, subpackages included) and ``runtime/``.
+
+    The pickled classes are ``latentforge.pipelines.registry.OnnxAutoencoderModel`` and
+    ``latentforge.pipelines.text.registry.TextDecodeModel``; MLflow puts the model's ``code/`` folder
+    first on ``sys.path`` when it loads a version, so these import from the copy, which reads the export
+    with the code it was registered with. ``latentforge`` has no ``__init__.py`` (a namespace package, as
+    installed), so the installed project still provides what the copy lacks (``models``, ``serving``).
+    """
+    dest = tmp / "latentforge"
+    for package in (Path(__file__).resolve().parent, Path(latentforge.runtime.__file__).resolve().parent):
+        for src in package.rglob("*.py"):
+            target = dest / package.name / src.relative_to(package)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, target)
     return dest
 
 
-def _requirements() -> list[str]:
-    """Pinned requirements of the pyfunc (the project itself must be installed where it is loaded)."""
-    from importlib.metadata import PackageNotFoundError, version
-
+def pyfunc_requirements() -> list[str]:
+    """Pinned requirements of a registered pyfunc (the project itself must be installed where it is loaded)."""
     out = []
     for package in ("mlflow", "onnxruntime", "numpy", "pyyaml"):
         try:
-            out.append(f"{package}=={version(package).split('+')[0]}")
+            out.append(f"{package}=={package_version(package).split('+')[0]}")
         except PackageNotFoundError:
             out.append(package)
     return out
@@ -398,9 +421,6 @@ def _quote(name: str) -> str:
 
 def connect(tracking_uri: str):
     """An MlflowClient for ``tracking_uri``, or one :class:`RegistryError` line when it is unreachable."""
-    from latentforge.pipelines.common.errors import TrainingError
-    from latentforge.pipelines.common.tracking import mlflow_client
-
     try:
         return mlflow_client(tracking_uri)
     except TrainingError as exc:
@@ -408,8 +428,6 @@ def connect(tracking_uri: str):
 
 
 def _registered_model(client, name: str, tracking_uri: str):
-    from mlflow.exceptions import MlflowException
-
     try:
         return client.get_registered_model(name)
     except MlflowException:
@@ -576,13 +594,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def tracking_uri_from_params(params: dict[str, Any]) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else params ``mlflow.tracking_uri`` (local paths made absolute)."""
-    from latentforge.runtime.store import absolute_uri as _absolute_uri
-
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or section(params, "mlflow").get("tracking_uri")
-    if not uri:
-        raise ParamsError("params mlflow.tracking_uri is missing (or set MLFLOW_TRACKING_URI)")
-    return _absolute_uri(uri)
+    """``MLFLOW_TRACKING_URI`` if set, else params ``mlflow.tracking_uri`` (local paths made absolute):
+    :func:`pipelines.common.tracking.tracking_uri`, kept under this name for the CLI and train-text."""
+    return resolve_tracking_uri(params)
 
 
 def model_name(params: dict[str, Any], family: str) -> str:
@@ -601,6 +615,8 @@ def register_from_params(
 ) -> tuple[Any, dict[str, Any] | None]:
     """``latentforge register --model <family> [--promote]``: register the family's export (and apply the
     policy). Returns ``(ModelVersion, promote result or None)``."""
+    # Here, not at the top: models imports torch, and this module is unpickled (OnnxAutoencoderModel)
+    # where a registered version is loaded, which needs onnxruntime only.
     from latentforge.models import MODELS, ConfigError
 
     if family not in MODELS:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from latentforge.pipelines.export import (
-    OPSET, ExportError, _compare, _Decoder, _export_graph, _Graph, _IndexDecoder, _onnx_session, _reuse_onnx_registry,
-)
-from latentforge.runtime.text import FORMAT_VERSION, MAX_N, MAX_TEXT_CHARS, MAX_TEXTS, TextDecoder
+from latentforge.pipelines.common.files import atomic_directory
+from latentforge.pipelines.common.params import section
+from latentforge.pipelines.onnx_graphs import OPSET, Decoder, Graph, IndexDecoder, compare, export_graphs
+from latentforge.pipelines.text.train import load_minilm, load_text_model, minilm_dir, text_tensors
+from latentforge.runtime.images import ExportError
+from latentforge.runtime.text import FORMAT_VERSION, MAX_N, MAX_TEXT_CHARS, MAX_TEXTS, OnnxMiniLMEncoder, TextDecoder
 
 PARITY_TEXTS = 16
 
@@ -70,83 +72,30 @@ class _MiniLMGraph(nn.Module):
 
 def export_text(text_dir: str | Path, out_dir: str | Path, metrics: dict | None = None, atol: float = 1e-4) -> dict[str, Any]:
     """Export the train-text output in ``text_dir`` to ``out_dir``; return the manifest (see the module doc)."""
-    from latentforge.pipelines.text.train import load_text_model, text_tensors
-    from latentforge.pipelines.common.files import _replace_dir
-
     text_dir, out_dir = Path(text_dir), Path(out_dir)
     text_map, decoder, record = load_text_model(text_dir)
     c = text_map.config
     prompts = _parity_prompts(record)
     inputs = text_tensors(record["text_encoder"], prompts)
-    emb, mask = inputs["embedding"], inputs.get("mask")
-    h, w, ch = record["data"]["image_shape"]
-    img = [None, ch, h, w]
-    graphs: list[_Graph] = []
+    graphs = [_text_map_graph(text_map, inputs), _decoder_graph(text_map, decoder, inputs, record["data"]["image_shape"])]
 
-    def check_text_map(session, atol):
-        out = text_map(emb, mask)
-        ref = {"latent": out} if c.kind == "latent" else {"top_logits": out[0], "bottom_logits": out[1]}
-        return _compare("text_map", session, inputs, ref, atol, "the aligned captions"), {}
-
-    if c.kind == "latent":
-        outputs = {"latent": ([None, *c.latent_shape], "float32")}
-    else:
-        outputs = {"top_logits": ([None, *c.top_shape, c.num_codes], "float32"),
-                   "bottom_logits": ([None, *c.bottom_shape, c.num_codes], "float32")}
-    if mask is None:
-        graphs.append(_Graph("text_map", _TextMapGraph(text_map), {"embedding": ([None, c.embed_dim], "float32")}, outputs,
-                             (emb[:2],), {"embedding": 0}, check_text_map))
-    else:  # word attention: a fixed number of word slots (text_runtime.MAX_WORDS), so only the batch is dynamic
-        words = emb.shape[1]
-        graphs.append(_Graph("text_map", _WordTextMapGraph(text_map),
-                             {"embedding": ([None, words, c.embed_dim], "float32"), "mask": ([None, words], "float32")},
-                             outputs, (emb[:2], mask[:2]), {"embedding": 0, "mask": 0}, check_text_map))
-
-    with torch.no_grad():
-        mapped = text_map(emb, mask)
-    if c.kind == "latent":
-        z = torch.cat([mapped, torch.randn(mapped.shape, generator=torch.Generator().manual_seed(0))])
-
-        def check_decoder(session, atol):
-            return _compare("decoder", session, {"latent": z}, {"images": decoder.decode(z).images}, atol, "f_tau's latents"), {}
-
-        graphs.append(_Graph("decoder", _Decoder(decoder), {"latent": ([None, *c.latent_shape], "float32")},
-                             {"images": (img, "float32")}, (z[:2],), {"latent": 0}, check_decoder))
-    else:
-        top, bottom = mapped[0].argmax(-1), mapped[1].argmax(-1)
-
-        def check_decoder(session, atol):
-            ref = {"images": decoder.decode_indices(top, bottom).images}
-            return _compare("decoder", session, {"top_indices": top, "bottom_indices": bottom}, ref, atol, "f_tau's codes"), {}
-
-        graphs.append(_Graph("decoder", _IndexDecoder(decoder),
-                             {"top_indices": ([None, *c.top_shape], "int64"), "bottom_indices": ([None, *c.bottom_shape], "int64")},
-                             {"images": (img, "float32")}, (top[:2], bottom[:2]), {"top_indices": 0, "bottom_indices": 0},
-                             check_decoder))
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        parity: dict[str, float] = {}
-        with _reuse_onnx_registry():
-            for graph in graphs:
-                graph.file = f"{graph.name}.onnx"
-                _export_graph(graph, tmp / graph.file, external=False)
-                with torch.no_grad():
-                    parity[graph.name], _ = graph.check(_onnx_session(tmp / graph.file, spin=False), atol)
+    with atomic_directory(out_dir) as tmp:
+        export_graphs(graphs, tmp, atol)
+        parity = {g.name: g.parity for g in graphs}
         spec = dict(record["text_encoder"])
         if spec["kind"] == "minilm":
             spec.update(graph="text_encoder.onnx", tokenizer="tokenizer.json")
             parity["text_encoder"] = export_minilm(tmp, prompts, atol)
+        text_map_graph, decoder_graph = graphs
         manifest = {
             "format_version": FORMAT_VERSION,
             "kind": "text",
             "family": record["family"],
             "data": record["data"],
             "text_encoder": spec,
-            "text_map": {"file": "text_map.onnx", "kind": c.kind, "inputs": {k: v[0] for k, v in graphs[0].inputs.items()},
-                         "outputs": {k: v[0] for k, v in outputs.items()}},
-            "decoder_graph": {"file": "decoder.onnx", "inputs": {k: v[0] for k, v in graphs[1].inputs.items()}},
+            "text_map": {"file": "text_map.onnx", "kind": c.kind, "inputs": {k: v[0] for k, v in text_map_graph.inputs.items()},
+                         "outputs": {k: v[0] for k, v in text_map_graph.outputs.items()}},
+            "decoder_graph": {"file": "decoder.onnx", "inputs": {k: v[0] for k, v in decoder_graph.inputs.items()}},
             "sampling": _sampling(c, record, text_dir, tmp),
             "decoder": {k: record["decoder"].get(k) for k in ("source", "name", "version", "sha256", "state_sha256", "path")},
             "aligned": {k: record["aligned"][k] for k in ("aligned_size", "holdout")},
@@ -157,21 +106,77 @@ def export_text(text_dir: str | Path, out_dir: str | Path, metrics: dict | None 
             "source": {"mlflow_run_id": record.get("mlflow_run_id"), "run_name": record.get("run_name")},
             "opset": OPSET,
         }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")  # TextDecoder.load reads it
+        parity["text_decode"] = _check_text_decode(tmp, text_map, decoder, prompts, inputs, atol)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        # The whole torch-free path against PyTorch, at the mode (no randomness to line up).
-        runtime = TextDecoder.load(tmp)
-        got = runtime(prompts[:MAX_TEXTS], n=1, temperature=0.0)
-        with torch.no_grad():
-            ref = text_map.generate(decoder, emb[:MAX_TEXTS], 1, 0.0, mask=None if mask is None else mask[:MAX_TEXTS]).numpy()
-        parity["text_decode"] = float(np.abs(got - ref).max())
-        if parity["text_decode"] > atol:
-            raise ExportError(f"parity: text_decode (ONNX Runtime) differs from PyTorch by {parity['text_decode']:.3g} > {atol}")
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
+
+
+def _text_map_graph(text_map: nn.Module, inputs: dict[str, Tensor]) -> Graph:
+    """The ``text_map`` graph (f_tau): ``embedding`` (B, E) (and, with word attention, ``embedding``
+    (B, L, E) and ``mask`` (B, L)) -> ``latent`` or ``top_logits``/``bottom_logits``; parity on ``inputs``."""
+    c = text_map.config
+    emb, mask = inputs["embedding"], inputs.get("mask")
+
+    def check_text_map(session, atol):
+        out = text_map(emb, mask)
+        ref = {"latent": out} if c.kind == "latent" else {"top_logits": out[0], "bottom_logits": out[1]}
+        return compare("text_map", session, inputs, ref, atol, "the aligned captions"), {}
+
+    if c.kind == "latent":
+        outputs = {"latent": ([None, *c.latent_shape], "float32")}
+    else:
+        outputs = {"top_logits": ([None, *c.top_shape, c.num_codes], "float32"),
+                   "bottom_logits": ([None, *c.bottom_shape, c.num_codes], "float32")}
+    if mask is None:
+        return Graph("text_map", _TextMapGraph(text_map), {"embedding": ([None, c.embed_dim], "float32")}, outputs,
+                     (emb[:2],), {"embedding": 0}, check_text_map)
+    # Word attention: a fixed number of word slots (runtime.text.MAX_WORDS), so only the batch is dynamic.
+    words = emb.shape[1]
+    return Graph("text_map", _WordTextMapGraph(text_map),
+                 {"embedding": ([None, words, c.embed_dim], "float32"), "mask": ([None, words], "float32")},
+                 outputs, (emb[:2], mask[:2]), {"embedding": 0, "mask": 0}, check_text_map)
+
+
+def _decoder_graph(text_map: nn.Module, decoder: nn.Module, inputs: dict[str, Tensor], image_shape: list[int]) -> Graph:
+    """The frozen decoder's graph, its parity checked on what f_tau maps ``inputs`` to (plus random
+    latents for a flat latent); ``image_shape`` is (H, W, C)."""
+    c = text_map.config
+    h, w, ch = image_shape
+    img = [None, ch, h, w]
+    with torch.no_grad():
+        mapped = text_map(inputs["embedding"], inputs.get("mask"))
+    if c.kind == "latent":
+        z = torch.cat([mapped, torch.randn(mapped.shape, generator=torch.Generator().manual_seed(0))])
+
+        def check_decoder(session, atol):
+            return compare("decoder", session, {"latent": z}, {"images": decoder.decode(z).images}, atol, "f_tau's latents"), {}
+
+        return Graph("decoder", Decoder(decoder), {"latent": ([None, *c.latent_shape], "float32")},
+                     {"images": (img, "float32")}, (z[:2],), {"latent": 0}, check_decoder)
+    top, bottom = mapped[0].argmax(-1), mapped[1].argmax(-1)
+
+    def check_codes(session, atol):
+        ref = {"images": decoder.decode_indices(top, bottom).images}
+        return compare("decoder", session, {"top_indices": top, "bottom_indices": bottom}, ref, atol, "f_tau's codes"), {}
+
+    return Graph("decoder", IndexDecoder(decoder),
+                 {"top_indices": ([None, *c.top_shape], "int64"), "bottom_indices": ([None, *c.bottom_shape], "int64")},
+                 {"images": (img, "float32")}, (top[:2], bottom[:2]), {"top_indices": 0, "bottom_indices": 0},
+                 check_codes)
+
+
+def _check_text_decode(export_dir: Path, text_map, decoder, prompts: list[str], inputs: dict[str, Tensor], atol: float) -> float:
+    """The whole torch-free path (:class:`TextDecoder` over ``export_dir``) against PyTorch's
+    ``text_map.generate``, at the mode (no randomness to line up); the max abs difference, at most ``atol``."""
+    emb, mask = inputs["embedding"], inputs.get("mask")
+    got = TextDecoder.load(export_dir)(prompts[:MAX_TEXTS], n=1, temperature=0.0)
+    with torch.no_grad():
+        ref = text_map.generate(decoder, emb[:MAX_TEXTS], 1, 0.0, mask=None if mask is None else mask[:MAX_TEXTS]).numpy()
+    diff = float(np.abs(got - ref).max())
+    if diff > atol:
+        raise ExportError(f"parity: text_decode (ONNX Runtime) differs from PyTorch by {diff:.3g} > {atol}")
+    return diff
 
 
 def _sampling(c, record: dict[str, Any], text_dir: Path, out: Path) -> dict[str, Any]:
@@ -197,9 +202,6 @@ def _parity_prompts(record: dict[str, Any]) -> list[str]:
 
 def export_minilm(out: Path, texts: list[str], atol: float) -> float:
     """Write ``text_encoder.onnx`` + ``tokenizer.json`` for all-MiniLM-L6-v2; return the max |ONNX - ST|."""
-    from latentforge.pipelines.text.train import load_minilm, minilm_dir
-    from latentforge.runtime.text import OnnxMiniLMEncoder
-
     st = load_minilm()
     bert = st[0].auto_model.eval()
     graph = _MiniLMGraph(bert).eval()
@@ -207,8 +209,6 @@ def export_minilm(out: Path, texts: list[str], atol: float) -> float:
     mask = torch.ones((2, 8), dtype=torch.int64)
     batch = torch.export.Dim("batch", min=1)
     seq = torch.export.Dim("sequence", min=1, max=512)
-    import warnings
-
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
@@ -230,8 +230,6 @@ def export_minilm(out: Path, texts: list[str], atol: float) -> float:
 def export_text_from_params(params: dict, family: str, out: str | Path | None = None) -> tuple[Path, dict]:
     """``latentforge export-text --model <family>``: ``<text.output_dir>/<family>`` ->
     ``<export.output_dir or artifacts/export-text>/<family>``, with evaluate-text's metrics when present."""
-    from latentforge.pipelines.common.params import section
-
     text_dir = Path(section(params, "text")["output_dir"]) / family
     if not (text_dir / "text.json").is_file():
         raise ExportError(f"no text model at {text_dir}; run `latentforge train-text --model {family}` first")

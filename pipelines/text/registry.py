@@ -9,13 +9,19 @@ serves), which refuses a mismatch. Neither module imports torch.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
+import pandas as pd
+from mlflow.models import infer_signature
+
+from latentforge.pipelines.common.errors import RegistryError
+from latentforge.pipelines.common.tracking import fluent_tracking
+from latentforge.pipelines.registry import code_snapshot, connect, pyfunc_requirements
+from latentforge.runtime.text import TextDecoder
 
 ARTIFACT_KEY = "text_export"
 PRIMARY_METRIC = "seen_per_factor"  # evaluate-text's figure for prompts of the aligned set
@@ -30,8 +36,6 @@ class TextDecodeModel(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context) -> None:
-        from latentforge.runtime.text import TextDecoder
-
         self.decoder = TextDecoder.load(context.artifacts[ARTIFACT_KEY])
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
@@ -45,13 +49,6 @@ class TextDecodeModel(mlflow.pyfunc.PythonModel):
 
 def register_text(export_dir: str | Path, tracking_uri: str, name: str | None = None):
     """A new version of ``<family>-<data>-text`` (or ``name``) from the export-text directory; returns it."""
-    import pandas as pd
-    from mlflow.models import infer_signature
-
-    from latentforge.pipelines.common.tracking import fluent_tracking as _tracking
-    from latentforge.pipelines.registry import RegistryError, _code_snapshot, _requirements, connect
-    from latentforge.runtime.text import TextDecoder
-
     export_dir = Path(export_dir)
     try:
         probe = TextDecoder.load(export_dir)
@@ -83,11 +80,11 @@ def register_text(export_dir: str | Path, tracking_uri: str, name: str | None = 
         client.get_run(run_id)
     except Exception:
         raise RegistryError(f"the text model's run {run_id} is not in the tracking store {tracking_uri}") from None
-    with _tracking(tracking_uri), tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+    with fluent_tracking(tracking_uri), tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name=name, python_model=TextDecodeModel(), artifacts={ARTIFACT_KEY: str(export_dir.resolve())},
-            code_paths=[str(_code_snapshot(Path(tmp)))], signature=signature, input_example=(example, params),
-            pip_requirements=_requirements() + ["tokenizers", "pandas"],
+            code_paths=[str(code_snapshot(Path(tmp)))], signature=signature, input_example=(example, params),
+            pip_requirements=pyfunc_requirements() + ["tokenizers", "pandas"],
             metadata={"latentforge": {"kind": "text", "family": manifest["family"], "decoder": decoder}},
         )
         try:

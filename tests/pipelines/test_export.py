@@ -10,19 +10,12 @@ import pytest
 import torch
 
 from latentforge.models import MODELS, PretrainedModel, train_step
-from latentforge.pipelines import export
+from latentforge.pipelines import onnx_graphs
 from latentforge.pipelines.cli import main
 from latentforge.models.priors import pick_tokens
-from latentforge.pipelines.export import (
-    RANDOM_OPS,
-    ExportError,
-    export_model,
-    graph_op_types,
-    load_sessions,
-    pick_tokens_np,
-    sample_vqvae2_onnx,
-)
+from latentforge.pipelines.export import ExportError, export_model, load_sessions, pick_tokens_np, sample_vqvae2_onnx
 from latentforge.pipelines.imaging import batch_to_tensor
+from latentforge.pipelines.onnx_graphs import RANDOM_OPS, graph_op_types
 from latentforge.pipelines.prepare import load_split
 
 ATOL = 1e-4
@@ -45,7 +38,7 @@ def expected_graphs(family: str) -> set[str]:
 def one_torch_thread():
     """These tiny models are far too small to split across threads; on a busy 2-core machine every
     op would wait on a thread-pool barrier (behaviour is the same, only slower)."""
-    with export._torch_threads(1):
+    with onnx_graphs.torch_threads(1):
         yield
 
 
@@ -261,7 +254,7 @@ def test_numpy_token_pick_matches_the_models(temperature, top_k):
 
 def test_a_parity_failure_raises_and_writes_nothing(exported, data_dir, tmp_path, monkeypatch):
     _, _, model_dir = exported("vae")
-    real_session = export._onnx_session
+    real_session = onnx_graphs.onnx_session
 
     class Skewed:
         """A graph whose float outputs are off by 1e-3."""
@@ -272,7 +265,7 @@ def test_a_parity_failure_raises_and_writes_nothing(exported, data_dir, tmp_path
         def run(self, names, feed):
             return [o + np.float32(1e-3) if o.dtype == np.float32 else o for o in self.session.run(names, feed)]
 
-    monkeypatch.setattr(export, "_onnx_session", lambda *a, **k: Skewed(real_session(*a, **k)))
+    monkeypatch.setattr(onnx_graphs, "onnx_session", lambda *a, **k: Skewed(real_session(*a, **k)))
     out = tmp_path / "exports" / "vae"
     with pytest.raises(ExportError, match=r"graph 'encoder', output 'mean': max \|onnx - torch\| = 0\.001 > atol 0\.0001"):
         export_model(model_dir, data_dir, out)
