@@ -15,8 +15,6 @@ comparable: compare evaluation figures only under one classifier.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -24,10 +22,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
-from latentforge.pipelines.data import DataError
+from latentforge.pipelines.common.errors import DataError
+from latentforge.pipelines.common.files import atomic_directory
 from latentforge.pipelines.common.params import ParamsError, check_keys, section
+from latentforge.pipelines.imaging import batch_to_tensor
+from latentforge.pipelines.prepare import load_split, read_manifest
 
 CLASSIFIER_SCHEMA: dict[str, Any] = {
     "epochs": int,
@@ -90,8 +92,6 @@ def embed_images(classifier: DomainClassifier, images, batch_size: int = 256) ->
 
     images: (N, C, H, W) float tensor in [0, 1], or (N, H, W, C) uint8 numpy (the prepared layout).
     """
-    from latentforge.pipelines.imaging import batch_to_tensor
-
     classifier.eval()
     feats, probs = [], []
     for i in range(0, len(images), batch_size):
@@ -106,8 +106,6 @@ def embed_images(classifier: DomainClassifier, images, batch_size: int = 256) ->
 @torch.no_grad()
 def head_accuracies(classifier: DomainClassifier, images: np.ndarray, targets: dict[str, np.ndarray], batch_size: int = 256) -> dict[str, float]:
     """Accuracy of each head on (N, H, W, C) uint8 images; targets: head -> (N,) ints (-1 rows skipped)."""
-    from latentforge.pipelines.imaging import batch_to_tensor
-
     classifier.eval()
     preds: dict[str, list[np.ndarray]] = {k: [] for k in targets}
     for i in range(0, len(images), batch_size):
@@ -124,8 +122,6 @@ def head_accuracies(classifier: DomainClassifier, images: np.ndarray, targets: d
 
 def load_classifier(directory: str | Path) -> tuple[DomainClassifier, dict[str, Any]]:
     """Rebuild a saved classifier (eval mode) and return it with its ``config.json``."""
-    from safetensors.torch import load_model
-
     directory = Path(directory)
     if not (directory / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"no domain classifier at {directory}; run `latentforge classifier` (or `dvc repro classifier`) first")
@@ -165,8 +161,6 @@ def train_classifier(
     """Train a :class:`DomainClassifier` on (N, H, W, C) uint8 images; targets: head -> (N,) ints, -1
     where unknown (ignored by the loss). The loss is the sum of the heads' cross-entropies; Adam with a
     cosine-decayed learning rate. Deterministic given ``seed`` (on CPU)."""
-    from latentforge.pipelines.imaging import batch_to_tensor
-
     torch.manual_seed(seed)
     model = DomainClassifier(images.shape[-1], heads, tuple(widths), feature_dim)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -212,14 +206,8 @@ def run_classifier(params: dict[str, Any], echo: Callable[[str], None] = print) 
     Returns (output dir, metrics). Raises :class:`DataError` when the data is not prepared or has
     neither labels nor factors.
     """
-    from safetensors.torch import save_model
-
-    from latentforge.pipelines.prepare import load_split
-
     cfg, data_dir, out = resolve_classifier(params)
-    if not (data_dir / "manifest.json").is_file():
-        raise DataError(f"no prepared data at {data_dir}; run `latentforge prepare` (or `dvc repro prepare`) first")
-    manifest = json.loads((data_dir / "manifest.json").read_text())
+    manifest = read_manifest(data_dir)
     # Writable copies: load_split's arrays are read-only views of the Parquet buffers.
     train, test = ({k: np.array(v) for k, v in load_split(data_dir, split).items()} for split in ("train", "test"))
     names = manifest["factor_names"]
@@ -255,18 +243,10 @@ def run_classifier(params: dict[str, Any], echo: Callable[[str], None] = print) 
         "data_hash": manifest["data_hash"],
         "settings": {k: cfg[k] for k in ("epochs", "batch_size", "lr", "seed")},
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         save_model(model, str(tmp / WEIGHTS_NAME))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     accs_line = ", ".join(f"{k} {v:.3f}" for k, v in accs.items())
     echo(f"classifier for {manifest['name']}: test accuracy {accs_line} ({seconds:.1f}s) -> {out}")
     return out, metrics

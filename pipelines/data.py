@@ -16,7 +16,6 @@ parameter and the problem.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import zlib
 from dataclasses import dataclass, field

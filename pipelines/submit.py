@@ -1,7 +1,7 @@
 """Sending a training job to a running Ray cluster through the Ray Jobs API.
 
 ``latentforge submit --address http://<head>:8265 -- --model vae --set epochs=20`` is the same as
-``ray job submit --working-dir . -- python -m pipelines.cli train --model vae --set epochs=20``, plus:
+``ray job submit --working-dir . -- python -m latentforge.pipelines.cli train --model vae --set epochs=20``, plus:
 local paths in the params (prepared data, checkpoint storage, the sqlite MLflow store) are made
 absolute so that a job on a cluster of this machine finds them; on a real cluster point them at shared
 storage (``--set train.storage_path=s3://...``, ``MLFLOW_TRACKING_URI=http://mlflow:5000``).
@@ -9,13 +9,14 @@ storage (``--set train.storage_path=s3://...``, ``MLFLOW_TRACKING_URI=http://mlf
 
 from __future__ import annotations
 
-import os
 import shlex
 import time
 from pathlib import Path
 from typing import Callable
 
+from latentforge.pipelines.common.errors import TrainingError
 from latentforge.pipelines.common.params import load_params
+from latentforge.pipelines.common.tracking import tracking_uri
 
 # Never uploaded with the job: environments, caches and run outputs (the cluster has its own).
 EXCLUDES = [".venv", ".git", "data", "dvc-storage", ".dvc/cache", "mlruns", "mlartifacts", "mlflow.db",
@@ -24,16 +25,13 @@ EXCLUDES = [".venv", ".git", "data", "dvc-storage", ".dvc/cache", "mlruns", "mla
 
 def local_path_overrides(params_path: Path, train_args: list[str]) -> tuple[list[str], dict[str, str]]:
     """``--set`` overrides and env vars that pin this machine's relative paths for the job."""
-    from latentforge.runtime.store import absolute_uri as _absolute_uri
-
     params = load_params(params_path)
     overrides: list[str] = []
     given = " ".join(train_args)
     for key, value in (("data.output_dir", params["data"]["output_dir"]), ("train.storage_path", params["train"]["storage_path"])):
         if f"{key}=" not in given and "://" not in value:
             overrides += ["--set", f"{key}={Path(value).resolve()}"]
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or params["mlflow"]["tracking_uri"]
-    return overrides, {"MLFLOW_TRACKING_URI": _absolute_uri(uri)}
+    return overrides, {"MLFLOW_TRACKING_URI": tracking_uri(params)}
 
 
 def submit_training(
@@ -47,8 +45,6 @@ def submit_training(
 ) -> tuple[str, str]:
     """Submit ``latentforge train <train_args>`` as a Ray job; return (job id, final or current status)."""
     from ray.job_submission import JobStatus, JobSubmissionClient
-
-    from latentforge.pipelines.common.errors import TrainingError
 
     try:
         client = JobSubmissionClient(address)

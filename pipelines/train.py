@@ -18,22 +18,33 @@ Running the same run name again resumes from its latest checkpoint (Ray Train re
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
-import os
 import shutil
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from latentforge.pipelines.common.errors import DataError, TrainingError
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from latentforge.models import MODELS, ConfigError, train_step
 from latentforge.pipelines.common.cluster import cluster_resources, connect_ray, request_resources
-from latentforge.pipelines.common.tracking import experiment_id, git_commit, mlflow_client
-from latentforge.runtime.store import absolute_uri
+from latentforge.pipelines.common.errors import DataError, TrainingError
+from latentforge.pipelines.common.files import atomic_directory
 from latentforge.pipelines.common.params import ParamsError, apply_overrides, check_keys, section
+from latentforge.pipelines.common.tracking import experiment_id, git_commit, mlflow_client, tracking_uri
+from latentforge.pipelines.imaging import batch_to_tensor, make_grid, save_png, tensor_to_uint8
+from latentforge.pipelines.prepare import read_manifest
+from latentforge.runtime.store import absolute_uri
+
+# Ray and MLflow are imported where they are used: the training workers must never import MLflow
+# (see _MlflowSink), and reading this module's settings (TRAIN_SCHEMA, DATA_FIELDS) needs no Ray runtime.
 
 TRAIN_SCHEMA: dict[str, Any] = {
     "epochs": int,
@@ -103,21 +114,42 @@ def resolve_job(
     ``overrides``: ``key=value``; a dotted key sets that param (``train.epochs=3``), a bare key sets the
     family's config field (``beta=4``) or else a ``train`` setting (``epochs=3``).
     """
-    import yaml
-
-    from latentforge.models import MODELS, ConfigError
-
     if family not in MODELS:
         raise ConfigError(f"unknown model family {family!r}; choose one of: {', '.join(sorted(MODELS))}")
     cls = MODELS[family]
-    config_fields = {f.name for f in dataclasses.fields(cls.config_class)}
-
-    dotted = [o for o in overrides or [] if "." in o.partition("=")[0]]
-    params = apply_overrides(params, dotted)
+    overrides = overrides or []
+    params = apply_overrides(params, [o for o in overrides if "." in o.partition("=")[0]])
     train_params = section(params, "train")
     model_section = dict((train_params.get("models") or {}).get(family) or {})
+    train_extra = _bare_overrides(overrides, cls.config_class, model_section)
+    train = _train_settings(train_params, train_extra, family, num_workers, use_gpu)
+
+    data = section(params, "data")
+    data_dir = Path(data["output_dir"]) / data["name"]
+    manifest = read_manifest(data_dir)
+    model_config = _model_config(cls.config_class, model_section, manifest, data["name"], data_dir)
+
+    if run_name is None:
+        run_name = f"{family}-{data['name']}-{config_digest(model_config, train, manifest['data_hash'])}"
+    mlflow_params = check_keys(section(params, "mlflow"), MLFLOW_SCHEMA, "mlflow")
+    return TrainJob(
+        family=family,
+        model_config=model_config,
+        train=train,
+        data_dir=str(data_dir.resolve()),
+        manifest=manifest,
+        run_name=run_name,
+        tracking_uri=tracking_uri(params),
+        experiment=mlflow_params["experiment"],
+    )
+
+
+def _bare_overrides(overrides: list[str], config_class, model_section: dict[str, Any]) -> dict[str, Any]:
+    """Apply the bare ``key=value`` overrides: a config field goes into ``model_section`` (in place), a
+    ``train`` setting into the returned dict; anything else is a ParamsError naming both lists."""
+    config_fields = {f.name for f in dataclasses.fields(config_class)}
     train_extra: dict[str, Any] = {}
-    for item in overrides or []:
+    for item in overrides:
         key, sep, raw = item.partition("=")
         if "." in key:
             continue
@@ -130,9 +162,16 @@ def resolve_job(
             train_extra[key] = value
         else:
             raise ParamsError(
-                f"--set {key}: not a field of {cls.config_class.__name__} ({', '.join(sorted(config_fields))}) "
+                f"--set {key}: not a field of {config_class.__name__} ({', '.join(sorted(config_fields))}) "
                 f"nor a train setting ({', '.join(k for k in TRAIN_SCHEMA if k not in NOT_SET_KEYS)})"
             )
+    return train_extra
+
+
+def _train_settings(
+    train_params: dict[str, Any], train_extra: dict[str, Any], family: str, num_workers: int | None, use_gpu: bool | None
+) -> dict[str, Any]:
+    """The checked ``train`` section with the bare overrides, the family's epochs and the CLI flags applied."""
     train = check_keys({**train_params, **train_extra}, TRAIN_SCHEMA, "train")
     # A family that needs more (or fewer) epochs than train.epochs; an explicit --set epochs=N wins.
     family_epochs = train.pop("family_epochs") or {}  # check_keys: a dict or null
@@ -152,14 +191,15 @@ def resolve_job(
     for key in ("epochs", "batch_size", "num_workers", "checkpoint_every", "keep_checkpoints", "log_every_steps", "images_every"):
         if train[key] <= 0:
             raise ParamsError(f"params train.{key} must be > 0, got {train[key]}")
+    return train
 
-    data = section(params, "data")
-    data_dir = Path(data["output_dir"]) / data["name"]
-    manifest_path = data_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise DataError(f"no prepared data at {data_dir}; run `latentforge prepare` (or `dvc repro prepare`) first")
-    manifest = json.loads(manifest_path.read_text())
 
+def _model_config(
+    config_class, model_section: dict[str, Any], manifest: dict[str, Any], data_name: str, data_dir: Path
+) -> dict[str, Any]:
+    """The family's config (validated by ``from_dict``) with the fields that come from the data
+    (:data:`DATA_FIELDS`) filled in; a params value that contradicts the data is a ConfigError."""
+    config_fields = {f.name for f in dataclasses.fields(config_class)}
     height, width, channels = manifest["image_shape"]
     derived = {"image_size": height, "channels": channels, "num_samples": manifest["splits"]["train"]["count"]}
     for key, value in derived.items():
@@ -167,28 +207,13 @@ def resolve_job(
             continue
         if key in model_section and model_section[key] != value and key != "num_samples":
             raise ConfigError(
-                f"{cls.config_class.__name__}.{key}={model_section[key]} does not match the data "
-                f"{data['name']} ({key}={value})"
+                f"{config_class.__name__}.{key}={model_section[key]} does not match the data "
+                f"{data_name} ({key}={value})"
             )
         model_section[key] = value
     if height != width:
         raise DataError(f"{data_dir}: images are {height}x{width}; the models need square images")
-    model_config = cls.config_class.from_dict(model_section).to_dict()  # validates types and values
-
-    if run_name is None:
-        run_name = f"{family}-{data['name']}-{config_digest(model_config, train, manifest['data_hash'])}"
-    mlflow_params = check_keys(section(params, "mlflow"), MLFLOW_SCHEMA, "mlflow")
-    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or mlflow_params["tracking_uri"]
-    return TrainJob(
-        family=family,
-        model_config=model_config,
-        train=train,
-        data_dir=str(data_dir.resolve()),
-        manifest=manifest,
-        run_name=run_name,
-        tracking_uri=absolute_uri(tracking_uri),
-        experiment=mlflow_params["experiment"],
-    )
+    return config_class.from_dict(model_section).to_dict()  # validates types and values
 
 
 # Settings that change what is trained; the others (epochs, workers, logging ...) do not, so changing
@@ -199,23 +224,13 @@ DIGEST_TRAIN_KEYS = ("batch_size", "bf16", "seed")
 def config_digest(model_config: dict[str, Any], train: dict[str, Any], data_hash: str) -> str:
     """8 hex digits naming what a run trains: the model config, the training settings that change
     the result, and the data. The default run name ends with it."""
-    import hashlib
-
     key = {"model": model_config, "train": {k: train[k] for k in DIGEST_TRAIN_KEYS}, "data": data_hash}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
 
 
-
-
-
-
-
-
-
-
 def start_or_resume_run(client, job: TrainJob, cluster: dict[str, Any]) -> tuple[str, bool]:
     """The MLflow run of ``job.run_name``: found again by tag (resume) or created with params and tags."""
-    from mlflow.entities import Param, RunTag
+    from mlflow.entities import Param
 
     exp_id = experiment_id(client, job.experiment, job.tracking_uri)
     found = client.search_runs([exp_id], filter_string=f"tags.`latentforge.run_name` = '{job.run_name}'", max_results=1)
@@ -240,10 +255,6 @@ def start_or_resume_run(client, job: TrainJob, cluster: dict[str, Any]) -> tuple
     flat.update({"family": job.family, "data.name": job.manifest["name"], "data.count": job.manifest["count"]})
     client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in flat.items()])
     return run.info.run_id, False
-
-
-
-
 
 
 def wait_for_resources(job: TrainJob, timeout_s: float) -> dict[str, Any]:
@@ -276,8 +287,6 @@ def wait_for_resources(job: TrainJob, timeout_s: float) -> dict[str, Any]:
         time.sleep(1.0)
 
 
-
-
 def run_training(job: TrainJob, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run ``job`` on Ray Train; return the summary (run id, checkpoint path, metrics, output dir)."""
     import ray
@@ -290,8 +299,6 @@ def run_training(job: TrainJob, echo: Callable[[str], None] = print) -> dict[str
     run_id, resumed = start_or_resume_run(client, job, cluster)
     echo(f"{'resuming' if resumed else 'starting'} {job.run_name}: {job.family} on {job.manifest['name']}, "
          f"{job.train['num_workers']} worker(s), {'GPU' if job.train['use_gpu'] else 'CPU'}; MLflow run {run_id}")
-
-    from latentforge.models import MODELS
 
     val_metric = MODELS[job.family].val_metric
     ctx = ray.data.DataContext.get_current()
@@ -336,12 +343,12 @@ def run_training(job: TrainJob, echo: Callable[[str], None] = print) -> dict[str
         result = trainer.fit()
     except Exception as exc:
         client.set_terminated(run_id, status="FAILED")
-        raise TrainingError(f"training {job.run_name} failed: {_root_cause(exc)}") from exc
+        raise TrainingError(f"training {job.run_name} failed: {root_cause(exc)}") from exc
     finally:
         request_resources([])
     if result.error is not None:
         client.set_terminated(run_id, status="FAILED")
-        raise TrainingError(f"training {job.run_name} failed: {_root_cause(result.error)}")
+        raise TrainingError(f"training {job.run_name} failed: {root_cause(result.error)}")
     best = result.get_best_checkpoint(metric="val_score", mode="min") or result.checkpoint
     if best is None:
         raise TrainingError(f"training {job.run_name} reported no checkpoint")
@@ -354,7 +361,9 @@ def run_training(job: TrainJob, echo: Callable[[str], None] = print) -> dict[str
     return summary
 
 
-def _root_cause(exc: BaseException) -> str:
+def root_cause(exc: BaseException) -> str:
+    """``"<type>: <last line>"`` of the innermost ``__cause__`` of ``exc``: what a failed Ray run reports
+    as its reason, without the layers of wrapping exceptions."""
     while exc.__cause__ is not None:
         exc = exc.__cause__
     text = str(exc).strip().splitlines()
@@ -365,9 +374,7 @@ def _write_outputs(job: TrainJob, checkpoint, last_metrics: dict, run_id: str, s
     """Copy the chosen checkpoint's model to ``<output_dir>/<family>/model`` and write ``metrics.json``
     (both DVC stage outputs), atomically."""
     out = job.output_dir
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         with checkpoint.as_directory() as ckpt_dir:
             shutil.copytree(Path(ckpt_dir) / "model", tmp / "model")
             state = json.loads((Path(ckpt_dir) / "metrics.json").read_text())
@@ -386,12 +393,6 @@ def _write_outputs(job: TrainJob, checkpoint, last_metrics: dict, run_id: str, s
             "seconds": round(seconds, 2),
         }
         (tmp / "metrics.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     summary["model_dir"] = str(out / "model")
     return summary
 
@@ -401,12 +402,8 @@ def _write_outputs(job: TrainJob, checkpoint, last_metrics: dict, run_id: str, s
 
 
 def decode_batch(batch: dict[str, Any], image_shape: list[int]) -> dict[str, Any]:
-    """A Ray Data numpy batch (image as raw HWC bytes) -> the models' batch dict of tensors."""
-    import numpy as np
-    import torch
-
-    from latentforge.pipelines.imaging import batch_to_tensor
-
+    """A Ray Data numpy batch (image as raw HWC bytes) -> the models' batch dict of tensors:
+    ``image`` (B, C, H, W) float in [0, 1], ``label`` and ``index`` (B,) int64."""
     blob = b"".join(batch["image"])
     images = np.frombuffer(blob, dtype=np.uint8).reshape((len(batch["image"]), *image_shape))
     return {
@@ -416,15 +413,35 @@ def decode_batch(batch: dict[str, Any], image_shape: list[int]) -> dict[str, Any
     }
 
 
+@dataclass
+class _Worker:
+    """What one worker's epochs share: its place in the group, the model (DDP-wrapped and bare), its
+    optimisers with their base learning rates, and rank 0's logger (None elsewhere)."""
+
+    cfg: dict[str, Any]
+    rank: int
+    world: int
+    device: Any
+    amp: bool
+    wrapped: Any
+    core: Any
+    optimizers: dict[str, Any]
+    base_lrs: dict[str, list[float]]
+    logger: Any
+    total_steps: int
+
+    def forward(self, batch, phase, step):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            return self.wrapped(batch, phase=phase, step=step)
+
+    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     """Ray Train's per-worker function: the same for every family (no per-family branch)."""
-    import numpy as np
     import ray.train
     import ray.train.torch
-    import torch
-    import torch.distributed as dist
-
-    from latentforge.models import MODELS, train_step
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -434,16 +451,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     amp = train_cfg["use_gpu"] and train_cfg["bf16"] and device.type == "cuda"
 
-    cls = MODELS[cfg["family"]]
-    start_epoch, step, opt_state = 0, 0, None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            model = cls.from_pretrained(Path(ckpt_dir) / "model")
-            state = torch.load(Path(ckpt_dir) / "training_state.pt", map_location="cpu", weights_only=False)
-        start_epoch, step, opt_state = state["epoch"] + 1, state["step"], state["optimizers"]
-    else:
-        model = cls(cls.config_class.from_dict(cfg["model_config"]))
+    model, start_epoch, step, opt_state = _restore_or_build(cfg)
     model.train()
     wrapped = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     core = wrapped.module if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else wrapped
@@ -454,44 +462,19 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         for name, opt in optimizers.items():
             opt.load_state_dict(opt_state[name])
 
-    def forward(batch, phase, step):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            return wrapped(batch, phase=phase, step=step)
-
     logger = _RankZeroLogger(cfg, step) if rank == 0 else None
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     batch_size, epochs = train_cfg["batch_size"], train_cfg["epochs"]
     total_steps = epochs * max(1, cfg["train_count"] // (batch_size * world))
-    shape = cfg["image_shape"]
-    to_device = lambda b: {k: v.to(device, non_blocking=True) for k, v in b.items()}  # noqa: E731
+    worker = _Worker(cfg, rank, world, device, amp, wrapped, core, optimizers, base_lrs, logger, total_steps)
     run_start = time.time()
     for epoch in range(start_epoch, epochs):
         core.train()
-        epoch_start, window_start, window_samples = time.time(), time.time(), 0
-        sums: dict[str, float] = {}
-        n_steps = 0
-        for raw in train_shard.iter_batches(
-            batch_size=batch_size, batch_format="numpy", drop_last=True,
-            local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=train_cfg["seed"] + 1000 * epoch + rank,
-        ):
-            factor = lr_factor(train_cfg["lr_schedule"], step, total_steps)
-            for name, opt in optimizers.items():
-                for group, base in zip(opt.param_groups, base_lrs[name]):
-                    group["lr"] = base * factor
-            logs = train_step(core, optimizers, to_device(decode_batch(raw, shape)), step, forward=forward)
-            step += 1
-            n_steps += 1
-            window_samples += batch_size * world
-            for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v
-            if logger and step % train_cfg["log_every_steps"] == 0:
-                rate = window_samples / max(time.time() - window_start, 1e-9)
-                lrs = {f"lr/{name}": opt.param_groups[0]["lr"] for name, opt in optimizers.items()}
-                logger.log({**{f"train/{k}": v for k, v in logs.items()}, **lrs, "samples_per_sec": rate}, step)
-                window_start, window_samples = time.time(), 0
+        epoch_start = time.time()
+        step, sums, n_steps = _train_epoch(worker, train_shard, epoch, step)
         epoch_seconds = time.time() - epoch_start
-        val, val_images = _validate(core, val_shard, shape, batch_size, to_device, world)
+        val, val_images = _validate(core, val_shard, cfg["image_shape"], batch_size, worker.to_device, world)
         score = val[cfg["val_metric"]]
         metrics = {
             "epoch": epoch,
@@ -503,34 +486,98 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             "epoch_samples_per_sec": n_steps * batch_size * world / max(epoch_seconds, 1e-9),
         }
         if logger:
-            logger.log({f"epoch/{k}": v for k, v in metrics.items() if k not in ("epoch", "step")}, step)
-            done = epoch + 1 - start_epoch
-            eta = (time.time() - run_start) / done * (epochs - epoch - 1)
-            losses = "  ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items()) if k.startswith("train_") and k.endswith("loss"))
-            print(f"[latentforge] epoch {epoch + 1}/{epochs}  {losses}  val_{cfg['val_metric']} {score:.4g}  "
-                  f"{metrics['epoch_samples_per_sec']:.0f} samples/s  ETA {eta:.0f}s", flush=True)
-            if (epoch + 1) % train_cfg["images_every"] == 0 or epoch + 1 == epochs:
-                logger.log_images(core, val_images, epoch)
-        is_last = epoch + 1 == epochs
-        if (epoch + 1) % train_cfg["checkpoint_every"] == 0 or is_last:
-            with tempfile.TemporaryDirectory() as tmp:
-                ckpt = None
-                if rank == 0:
-                    core.save_pretrained(Path(tmp) / "model")
-                    torch.save({"epoch": epoch, "step": step, "optimizers": {k: o.state_dict() for k, o in optimizers.items()}},
-                               Path(tmp) / "training_state.pt")
-                    (Path(tmp) / "metrics.json").write_text(json.dumps(
-                        {"epoch": epoch, "step": step, "val_metric": cfg["val_metric"], "val_score": score, "val": val}))
-                    ckpt = ray.train.Checkpoint.from_directory(tmp)
-                ray.train.report(metrics, checkpoint=ckpt)
-        else:
-            ray.train.report(metrics)
+            _log_epoch(worker, metrics, val_images, epoch, start_epoch, run_start)
+        _report(worker, metrics, val, epoch, step)
         if world > 1:
             dist.barrier()
     if world > 1:
         _check_replicas_in_sync(core)
     if logger:
         logger.close()
+
+
+def _restore_or_build(cfg: dict[str, Any]) -> tuple[Any, int, int, dict[str, Any] | None]:
+    """(model, first epoch, step, optimiser states): from Ray Train's latest checkpoint of this run when
+    there is one (a resume or a restart after a failure), else a fresh model from ``cfg["model_config"]``."""
+    import ray.train
+
+    cls = MODELS[cfg["family"]]
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return cls(cls.config_class.from_dict(cfg["model_config"])), 0, 0, None
+    with checkpoint.as_directory() as ckpt_dir:
+        model = cls.from_pretrained(Path(ckpt_dir) / "model")
+        state = torch.load(Path(ckpt_dir) / "training_state.pt", map_location="cpu", weights_only=False)
+    return model, state["epoch"] + 1, state["step"], state["optimizers"]
+
+
+def _train_epoch(worker: _Worker, shard, epoch: int, step: int) -> tuple[int, dict[str, float], int]:
+    """One pass over this worker's train shard; returns (step after it, summed step logs, steps taken).
+
+    Sets every optimiser's learning rate by :func:`lr_factor` before each step; rank 0 logs the step's
+    losses, learning rates and throughput every ``log_every_steps`` steps."""
+    train_cfg = worker.cfg["train"]
+    batch_size = train_cfg["batch_size"]
+    window_start, window_samples = time.time(), 0
+    sums: dict[str, float] = {}
+    n_steps = 0
+    for raw in shard.iter_batches(
+        batch_size=batch_size, batch_format="numpy", drop_last=True,
+        local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=train_cfg["seed"] + 1000 * epoch + worker.rank,
+    ):
+        factor = lr_factor(train_cfg["lr_schedule"], step, worker.total_steps)
+        for name, opt in worker.optimizers.items():
+            for group, base in zip(opt.param_groups, worker.base_lrs[name]):
+                group["lr"] = base * factor
+        batch = worker.to_device(decode_batch(raw, worker.cfg["image_shape"]))
+        logs = train_step(worker.core, worker.optimizers, batch, step, forward=worker.forward)
+        step += 1
+        n_steps += 1
+        window_samples += batch_size * worker.world
+        for k, v in logs.items():
+            sums[k] = sums.get(k, 0.0) + v
+        if worker.logger and step % train_cfg["log_every_steps"] == 0:
+            rate = window_samples / max(time.time() - window_start, 1e-9)
+            lrs = {f"lr/{name}": opt.param_groups[0]["lr"] for name, opt in worker.optimizers.items()}
+            worker.logger.log({**{f"train/{k}": v for k, v in logs.items()}, **lrs, "samples_per_sec": rate}, step)
+            window_start, window_samples = time.time(), 0
+    return step, sums, n_steps
+
+
+def _log_epoch(worker: _Worker, metrics: dict[str, Any], val_images, epoch: int, start_epoch: int, run_start: float) -> None:
+    """Rank 0's end of epoch: the epoch metrics to MLflow, one progress line, and the image grids every
+    ``images_every`` epochs and after the last."""
+    cfg, epochs = worker.cfg, worker.cfg["train"]["epochs"]
+    worker.logger.log({f"epoch/{k}": v for k, v in metrics.items() if k not in ("epoch", "step")}, metrics["step"])
+    done = epoch + 1 - start_epoch
+    eta = (time.time() - run_start) / done * (epochs - epoch - 1)
+    losses = "  ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items()) if k.startswith("train_") and k.endswith("loss"))
+    print(f"[latentforge] epoch {epoch + 1}/{epochs}  {losses}  val_{cfg['val_metric']} {metrics['val_score']:.4g}  "
+          f"{metrics['epoch_samples_per_sec']:.0f} samples/s  ETA {eta:.0f}s", flush=True)
+    if (epoch + 1) % cfg["train"]["images_every"] == 0 or epoch + 1 == epochs:
+        worker.logger.log_images(worker.core, val_images, epoch)
+
+
+def _report(worker: _Worker, metrics: dict[str, Any], val: dict[str, float], epoch: int, step: int) -> None:
+    """Report the epoch's metrics to Ray Train, with a checkpoint every ``checkpoint_every`` epochs and
+    after the last: the model's ``save_pretrained`` directory, the optimiser states and the val scores
+    (written by rank 0; every rank reports)."""
+    import ray.train
+
+    cfg, train_cfg = worker.cfg, worker.cfg["train"]
+    if (epoch + 1) % train_cfg["checkpoint_every"] != 0 and epoch + 1 != train_cfg["epochs"]:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if worker.rank == 0:
+            worker.core.save_pretrained(Path(tmp) / "model")
+            optimizers = {k: o.state_dict() for k, o in worker.optimizers.items()}
+            torch.save({"epoch": epoch, "step": step, "optimizers": optimizers}, Path(tmp) / "training_state.pt")
+            (Path(tmp) / "metrics.json").write_text(json.dumps(
+                {"epoch": epoch, "step": step, "val_metric": cfg["val_metric"], "val_score": metrics["val_score"], "val": val}))
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt)
 
 
 def lr_factor(schedule: str, step: int, total_steps: int) -> float:
@@ -545,9 +592,6 @@ def lr_factor(schedule: str, step: int, total_steps: int) -> float:
 def _check_replicas_in_sync(core) -> None:
     """All workers must end with the same weights and buffers (DDP gradients, all-reduced EMA codebooks);
     a divergence is a bug worth failing the run for rather than a silently wrong checkpoint."""
-    import torch
-    import torch.distributed as dist
-
     state = core.state_dict()
     mine = torch.stack([t.detach().double().sum() for t in state.values() if t.is_floating_point()])
     gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
@@ -565,9 +609,6 @@ def _validate(core, shard, shape, batch_size, to_device, world):
     Also returns up to 32 of the val images, for the reconstruction grid: every rank must iterate its
     shard in step with the others (a streaming split), so rank 0 cannot read the val set on its own.
     """
-    import torch
-    import torch.distributed as dist
-
     core.eval()
     sums: dict[str, float] = {}
     count = 0
@@ -651,10 +692,6 @@ class _RankZeroLogger:
         self.pending.append(self.sink.log.remote(metrics, step, int(time.time() * 1000)))
 
     def log_images(self, core, val_images, epoch) -> None:
-        import torch
-
-        from latentforge.pipelines.imaging import make_grid, save_png, tensor_to_uint8
-
         core.eval()
         with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
             gen = torch.Generator(device=next(core.parameters()).device).manual_seed(0)
