@@ -1,0 +1,86 @@
+"""The evaluation's figures: image grids (samples, reconstructions, interpolations), the t-SNE of test
+latents and the training-loss curves, each written as one PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from latentforge.pipelines.imaging import make_grid, save_png
+
+
+def grid_png(images: np.ndarray, path: Path, nrow: int | None = None) -> None:
+    """(B, H, W, C) uint8 images as one grid PNG, upscaled (nearest) to about 128 pixels a tile."""
+    save_png(make_grid(images, nrow=nrow), path, scale=max(1, 128 // images.shape[1]))
+
+
+def _pyplot():
+    # matplotlib is imported here, not at the top: the headless Agg backend must be chosen before
+    # pyplot is imported, and only the plots need it.
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def tsne_png(latents: np.ndarray, labels: np.ndarray, class_names: list[str], seed: int, path: Path) -> None:
+    """t-SNE of (N, D) latents (PCA to 50 dims first when D > 50), coloured by (N,) labels (-1: none)."""
+    from sklearn.decomposition import PCA  # sklearn is slow to import; only this plot needs it
+    from sklearn.manifold import TSNE
+
+    plt = _pyplot()
+    x = latents.astype(np.float64)
+    if x.shape[1] > 50 and len(x) > 50:
+        x = PCA(n_components=50, random_state=seed).fit_transform(x)
+    fig, ax = plt.subplots(figsize=(7, 6), dpi=100)
+    if len(x) >= 5:
+        perplexity = float(min(30.0, (len(x) - 1) / 3))
+        xy = TSNE(n_components=2, perplexity=perplexity, init="pca", max_iter=500, random_state=seed).fit_transform(x)
+        known = labels >= 0
+        ax.scatter(xy[~known, 0], xy[~known, 1], s=6, c="lightgrey")
+        sc = ax.scatter(xy[known, 0], xy[known, 1], s=6, c=labels[known], cmap="nipy_spectral",
+                        vmin=0, vmax=max(len(class_names) - 1, 1))
+        if 1 < len(class_names) <= 12:
+            handles = [plt.Line2D([], [], marker="o", ls="", color=sc.cmap(sc.norm(i))) for i in range(len(class_names))]
+            ax.legend(handles, class_names, fontsize=7, loc="best")
+        elif class_names:
+            fig.colorbar(sc, ax=ax, label="class index")
+    else:
+        ax.text(0.5, 0.5, "too few points for t-SNE", ha="center", va="center")
+    ax.set_title(f"t-SNE of {len(x)} test latents, coloured by label")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def loss_png(history: dict[str, list[tuple[int, float]]], family: str, path: Path) -> None:
+    """Training losses (left) and the validation score (right) from ``key -> [(step, value), ...]``."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    for key, points in history.items():
+        if key == "epoch/val_score" or not points:
+            continue
+        steps, values = zip(*points)
+        left.plot(steps, values, label=key, lw=1)
+    left.set_title(f"{family}: training loss")
+    left.set_xlabel("step")
+    if any(k != "epoch/val_score" for k in history):
+        left.legend(fontsize=8)
+    else:
+        left.text(0.5, 0.5, "no train/*loss history in the MLflow run", ha="center", va="center", transform=left.transAxes)
+    val = history.get("epoch/val_score", [])
+    if val:
+        steps, values = zip(*val)
+        right.plot(steps, values, marker="o", lw=1)
+    else:
+        right.text(0.5, 0.5, "no epoch/val_score history", ha="center", va="center", transform=right.transAxes)
+    right.set_title(f"{family}: validation score (checkpoint metric)")
+    right.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
