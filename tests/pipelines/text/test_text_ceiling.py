@@ -8,7 +8,7 @@ import torch
 
 from latentforge.models import MODELS
 from latentforge.models.text import freeze, state_digest
-from latentforge.pipelines.text.evaluate import _reconstructions, fit_latents
+from latentforge.pipelines.text.evaluate import fit_latents, reconstructions
 
 
 def _tiny_gan():
@@ -39,8 +39,8 @@ def test_ceiling_of_an_encoderless_decoder_is_a_latent_fit_and_reproducible():
     train = {"images": rng.integers(0, 256, size=(6, c.image_size, c.image_size, c.channels), dtype=np.uint8)}
     rows = np.arange(6)
     with torch.no_grad():
-        a, method = _reconstructions(gan, train, rows, seed=3)
-        b, _ = _reconstructions(gan, train, rows, seed=3)
+        a, method = reconstructions(gan, train, rows, seed=3)
+        b, _ = reconstructions(gan, train, rows, seed=3)
     assert method == "latent_fit" and a.shape == (6, c.channels, c.image_size, c.image_size)
     assert torch.equal(a, b)
 
@@ -52,5 +52,5 @@ def test_ceiling_of_glo_uses_its_own_optimising_encoder():
     c = glo.config
     train = {"images": np.random.default_rng(0).integers(0, 256, size=(4, c.image_size, c.image_size, c.channels), dtype=np.uint8)}
     with torch.no_grad():
-        images, method = _reconstructions(glo, train, np.arange(4), seed=0)
+        images, method = reconstructions(glo, train, np.arange(4), seed=0)
     assert method == "latent_fit" and images.shape == (4, c.channels, c.image_size, c.image_size)

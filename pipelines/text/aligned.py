@@ -1,0 +1,98 @@
+"""The aligned set on the driver: which captioned train images f_tau learns from (held-out combinations
+left out), their embeddings and the frozen decoder's targets, as arrays for the Ray workers."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from latentforge.models import PretrainedModel
+from latentforge.pipelines.common.errors import DataError
+from latentforge.pipelines.imaging import batch_to_tensor
+from latentforge.pipelines.prepare import load_split
+from latentforge.pipelines.text.encoders import encoder_spec, text_features
+from latentforge.pipelines.text.job import TextJob, holdout_pairs
+from latentforge.runtime.text import words_of
+
+
+def aligned_rows(captions: np.ndarray, factors: np.ndarray, manifest: dict[str, Any], fraction: float,
+                 holdout: list[tuple[int, int]], seed: int) -> np.ndarray:
+    """Row indices (sorted) of the aligned set in a split: ``fraction`` of its captioned rows, drawn
+    (seeded) from the rows whose (shape, colour) is not held out."""
+    captioned = np.array([bool(c and c.strip()) for c in captions])
+    eligible = captioned.copy()
+    if holdout:
+        names = manifest["factor_names"]
+        s, c = factors[:, names.index("shape")], factors[:, names.index("colour")]
+        for shape, colour in holdout:
+            eligible &= ~((s == shape) & (c == colour))
+    k = min(int(round(fraction * captioned.sum())), int(eligible.sum()))
+    if k <= 0:
+        raise DataError(f"the aligned set is empty: {int(captioned.sum())} captioned train images x "
+                        f"text.aligned_fraction {fraction} (with {len(holdout)} held-out combinations)")
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(np.flatnonzero(eligible), size=k, replace=False))
+
+
+def prepare_arrays(job: TextJob, echo: Callable[[str], None] = print) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The aligned set as arrays for the workers, and what to record about it.
+
+    Arrays: ``embedding`` (N, E) float32, ``image`` (N, H, W, C) uint8 and the targets: ``target_latent``
+    (N, *latent) float32 (flat-latent families with an encoder) or ``top`` (N, ht, wt), ``bottom``
+    (N, hb, wb) int64 (VQ-VAE-2). With ``text.pseudo_ratio`` > 0, the same for every other train image
+    (the unlabelled ones, held-out combinations included) under ``pseudo_``-prefixed keys, without
+    embeddings: the workers caption them (:class:`models.text.ImageCaptioner`).
+    """
+    text = job.text
+    train = load_split(job.data_dir, "train")
+    holdout = holdout_pairs(text["holdout"], job.manifest)
+    rows = aligned_rows(train["captions"], train["factors"], job.manifest, text["aligned_fraction"], holdout, text["seed"])
+    captions = [str(c) for c in train["captions"][rows]]
+    spec = encoder_spec(text)
+    if spec.get("pooling") == "words" and text["vocab_floor"] is not None:
+        # The aligned captions' words: at serving a word unlike all of them counts less (VocabularyWeights).
+        spec.update(vocabulary=sorted({w for c in captions for w in words_of(c)}), vocab_floor=float(text["vocab_floor"]))
+    t0 = time.time()
+    arrays: dict[str, np.ndarray] = {**text_features(spec, captions), "image": np.array(train["images"][rows])}
+    echo(f"aligned set: {len(rows)} of {len(train['captions'])} train images ({text['aligned_fraction']:g}), "
+         f"{len(holdout)} held-out (shape, colour) combinations; {spec['kind']} embeddings in {time.time() - t0:.1f}s")
+    decoder = PretrainedModel.from_pretrained(job.decoder_dir).eval()
+    arrays.update(decoder_targets(decoder, arrays["image"]))
+    pseudo_count = 0
+    # The unlabelled images: pseudo-captioned for f_tau, and (a code-map decoder with text.bank) the bank's maps.
+    if text["pseudo_ratio"] > 0 or (text["bank"] and hasattr(decoder, "decode_indices")):
+        others = np.setdiff1d(np.arange(len(train["captions"])), rows)
+        pseudo = {"image": np.array(train["images"][others]), **decoder_targets(decoder, train["images"][others])}
+        arrays.update({f"pseudo_{k}": v for k, v in pseudo.items()})
+    if text["pseudo_ratio"] > 0:
+        pseudo_count = int(len(arrays["pseudo_image"]))
+        echo(f"pseudo-captions: {pseudo_count} unlabelled train images, {text['pseudo_ratio']:g} per aligned pair each epoch")
+    info = {
+        "aligned_size": int(len(rows)),
+        "pseudo_count": pseudo_count,
+        "aligned_rows": rows.tolist(),
+        "train_count": int(len(train["captions"])),
+        "holdout": [[job.manifest["factor_values"]["shape"][s], job.manifest["factor_values"]["colour"][c]] for s, c in holdout],
+        "text_encoder": spec,
+        "sample_captions": captions[:16],
+    }
+    return arrays, info
+
+
+def decoder_targets(decoder, images: np.ndarray) -> dict[str, np.ndarray]:
+    """What f_tau is trained towards for (N, H, W, C) uint8 ``images``: the codes (VQ-VAE-2: ``top``,
+    ``bottom``), the encoder's mean (``target_latent``), or nothing (no encoder: the pixel loss only)."""
+    targets: dict[str, list] = {}
+    with torch.no_grad():
+        for i in range(0, len(images), 256):
+            x = batch_to_tensor(images[i:i + 256])
+            if hasattr(decoder, "decode_indices"):
+                top, bottom = decoder.encode(x).indices
+                targets.setdefault("top", []).append(top.numpy())
+                targets.setdefault("bottom", []).append(bottom.numpy())
+            elif decoder.has_encoder and type(decoder).__name__ != "GLO":  # GLO encodes by optimisation: pixels only
+                targets.setdefault("target_latent", []).append(decoder.encode(x).point.numpy())
+    return {k: np.concatenate(v) for k, v in targets.items()}
