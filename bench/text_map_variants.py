@@ -56,7 +56,7 @@ MAX_TOKENS = 40
 
 def token_embeddings(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """MiniLM's contextual token embeddings, padded: (N, MAX_TOKENS, 384) and a (N, MAX_TOKENS) mask."""
-    from latentforge.pipelines.text.train import load_minilm
+    from latentforge.pipelines.text.encoders import load_minilm
 
     out = load_minilm().encode(list(texts), output_value="token_embeddings")
     tokens = torch.zeros(len(texts), MAX_TOKENS, out[0].shape[1])
@@ -70,7 +70,7 @@ def token_embeddings(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
 def word_embeddings(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """MiniLM's embedding of each word on its own, as ``text.encoder: minilm-word-attention`` feeds f_tau:
     (N, MAX_WORDS, 384) and a (N, MAX_WORDS) mask (``runtime.text.word_set``)."""
-    from latentforge.pipelines.text.train import text_features
+    from latentforge.pipelines.text.encoders import text_features
 
     feats = text_features({"kind": "minilm", "pooling": "attention"}, texts)
     return torch.from_numpy(feats["embedding"]), torch.from_numpy(feats["mask"])
@@ -226,8 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     from latentforge.pipelines.classifier import load_classifier
     from latentforge.pipelines.imaging import batch_to_tensor
     from latentforge.pipelines.prepare import load_split
-    from latentforge.pipelines.text.train import embed_texts, load_text_model
-    from latentforge.pipelines.text.evaluate import _score, prompt_sets
+    from latentforge.pipelines.text.encoders import embed_texts
+    from latentforge.pipelines.text.evaluate import prompt_sets, score as _score
+    from latentforge.pipelines.text.outputs import load_text_model
 
     _, decoder, record = load_text_model(args.text_dir)
     if not hasattr(decoder, "decode_indices"):

@@ -131,7 +131,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_train_text(args: argparse.Namespace) -> int:
-    from latentforge.pipelines.text.train import resolve_text_job, run_text_training
+    from latentforge.pipelines.text.job import resolve_text_job
+    from latentforge.pipelines.text.train import run_text_training
 
     job = resolve_text_job(load_params(args.params), args.model, args.set or [], num_workers=args.num_workers,
                            run_name=args.run_name)

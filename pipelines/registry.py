@@ -593,12 +593,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 # From params (the CLI)
 
 
-def tracking_uri_from_params(params: dict[str, Any]) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else params ``mlflow.tracking_uri`` (local paths made absolute):
-    :func:`pipelines.common.tracking.tracking_uri`, kept under this name for the CLI and train-text."""
-    return resolve_tracking_uri(params)
-
-
 def model_name(params: dict[str, Any], family: str) -> str:
     """The registered model of ``family`` on the configured data set: ``<family>-<data.name>``."""
     return f"{family}-{section(params, 'data')['name']}"
@@ -629,7 +623,7 @@ def register_from_params(
     if exported != family:
         raise RegistryError(f"{export_dir} holds a {exported} export, not {family}")
     policy = policy_for(params, family)
-    uri = tracking_uri_from_params(params)
+    uri = resolve_tracking_uri(params)
     experiment = section(params, "mlflow").get("experiment") or "latentforge"
     version = register(export_dir, uri, name=name, policy=policy, experiment=experiment)
     decision = promote(version.name, uri, policy=policy) if promote_it else None

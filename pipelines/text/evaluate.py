@@ -139,7 +139,6 @@ def score(metrics: dict[str, Any], name: str, logits: dict[str, torch.Tensor], t
     metrics[f"{name}_all_factors"] = float(correct.all(1).mean())
 
 
-_score = score  # bench/text_map_variants.py imports this name; use score
 
 
 # Fitting a latent to an image for decoders without an encoder: the best of LATENT_FIT_RESTARTS draws

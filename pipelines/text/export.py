@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from latentforge.pipelines.common.files import atomic_directory
 from latentforge.pipelines.common.params import section
 from latentforge.pipelines.onnx_graphs import OPSET, Decoder, Graph, IndexDecoder, compare, export_graphs
-from latentforge.pipelines.text.train import load_minilm, load_text_model, minilm_dir, text_tensors
+from latentforge.pipelines.text.encoders import load_minilm, minilm_dir, text_tensors
+from latentforge.pipelines.text.outputs import load_text_model
 from latentforge.runtime.images import ExportError
 from latentforge.runtime.text import FORMAT_VERSION, MAX_N, MAX_TEXT_CHARS, MAX_TEXTS, OnnxMiniLMEncoder, TextDecoder
 

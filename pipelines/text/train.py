@@ -41,15 +41,6 @@ from latentforge.pipelines.text.loop import text_loop_per_worker
 from latentforge.pipelines.text.outputs import prompt_grid, write_outputs
 from latentforge.pipelines.train import root_cause
 
-# Re-exported for importers outside this package that still use pipelines.text.train (pipelines.cli,
-# pipelines.text.export, bench/text_map_variants.py, tests/serving/test_text_decode.py); new code
-# imports from encoders, job, aligned and outputs.
-from latentforge.pipelines.text.encoders import embed_texts, load_minilm, minilm_dir, text_features, text_tensors  # noqa: F401
-from latentforge.pipelines.text.job import resolve_text_job  # noqa: F401
-from latentforge.pipelines.text.outputs import load_text_model  # noqa: F401
-
-_write_outputs = write_outputs  # the name tests/serving/test_text_decode.py imports; outputs.write_outputs is the one
-
 WORD_ATTENTION_QUERIES = 8
 
 

@@ -22,7 +22,9 @@ def text_model(registry):
     from latentforge.models import PretrainedModel
     from latentforge.models.text import state_digest, text_map_for
     from latentforge.pipelines.common.params import load_params
-    from latentforge.pipelines.text.train import _write_outputs, prepare_arrays, resolve_text_job
+    from latentforge.pipelines.text.aligned import prepare_arrays
+    from latentforge.pipelines.text.job import resolve_text_job
+    from latentforge.pipelines.text.outputs import write_outputs
     from latentforge.pipelines.text.export import export_text
     from latentforge.pipelines.text.registry import register_text
     from latentforge.pipelines.common.tracking import experiment_id as _experiment_id
@@ -41,7 +43,7 @@ def text_model(registry):
     digest = state_digest(decoder)
     client = MlflowClient(uri)
     run_id = client.create_run(_experiment_id(client, "latentforge", uri), run_name="text-test").info.run_id
-    _write_outputs(job, ckpt, info, {"losses": [1.0], "decoder_before": digest, "decoder_after": digest}, run_id, 0.0)
+    write_outputs(job, ckpt, info, {"losses": [1.0], "decoder_before": digest, "decoder_after": digest}, run_id, 0.0)
     export_dir = root / "text-export"
     export_text(job.output_dir, export_dir)
     version = register_text(export_dir, uri)
