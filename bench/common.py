@@ -20,10 +20,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 RESULTS = BENCH_DIR / "results"
 
-# The benchmarks import models/ and pipelines/ from this checkout, whatever the cwd and whether or not
-# the package is installed in editable mode.
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+# The benchmarks import the project as the installed `latentforge` package (`make install` installs this
+# checkout in editable mode), so the figures are those of the code in this tree.
 
 
 def git_commit() -> str:

@@ -552,7 +552,10 @@ def _log_epoch(worker: _Worker, metrics: dict[str, Any], val_images, epoch: int,
     done = epoch + 1 - start_epoch
     eta = (time.time() - run_start) / done * (epochs - epoch - 1)
     losses = "  ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items()) if k.startswith("train_") and k.endswith("loss"))
-    print(f"[latentforge] epoch {epoch + 1}/{epochs}  {losses}  val_{cfg['val_metric']} {metrics['val_score']:.4g}  "
+    # A generative family's sample diversity (1 ~ as varied as real images, 0: one repeated image) shows
+    # a collapse while it happens.
+    diversity = f"  val_diversity {metrics['val_diversity']:.3g}" if "val_diversity" in metrics else ""
+    print(f"[latentforge] epoch {epoch + 1}/{epochs}  {losses}  val_{cfg['val_metric']} {metrics['val_score']:.4g}{diversity}  "
           f"{metrics['epoch_samples_per_sec']:.0f} samples/s  ETA {eta:.0f}s", flush=True)
     if (epoch + 1) % cfg["train"]["images_every"] == 0 or epoch + 1 == epochs:
         worker.logger.log_images(worker.core, val_images, epoch)
