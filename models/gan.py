@@ -47,6 +47,7 @@ from latentforge.models.blocks import (
 )
 
 LOSSES = ("nonsaturating", "hinge", "wgan-gp")
+EMA_STATS_BATCH = 64  # noise draws per step that refresh the EMA generator's BatchNorm statistics
 
 
 @dataclass
@@ -152,6 +153,13 @@ def pixel_mmd(a: Tensor, b: Tensor, scales: tuple[float, ...] = (0.01, 0.05, 0.2
     return (k[:n, :n].mean() + k[n:, n:].mean() - 2 * k[:n, n:].mean()).clamp(min=0)
 
 
+def sample_diversity(samples: Tensor, real: Tensor) -> Tensor:
+    """Mean pairwise L2 distance within ``samples`` (N, C, H, W) over that within ``real`` (M, C, H, W),
+    a scalar >= 0: ~1 when the samples vary as much as real images, 0 for N copies of one image."""
+    spread = [torch.pdist(x.flatten(1).float()).mean() if len(x) > 1 else x.new_zeros(()) for x in (samples, real)]
+    return spread[0] / spread[1].clamp(min=1e-8)
+
+
 def _dcgan_init(module: nn.Module) -> None:
     # DCGAN's N(0, 0.02) init; BatchNorm scales N(1, 0.02). Spectral norm wraps the weight, so its
     # "original" tensor is what gets initialised there.
@@ -237,26 +245,43 @@ class GAN(PretrainedModel):
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
-        """Move the EMA generator towards the live one. The decay ramps up as (1 + step) / (10 + step)
-        early on, so the average does not remember the random initialisation for thousands of steps."""
+        """Move the EMA generator towards the live one, then refresh its BatchNorm statistics.
+
+        The decay ramps up as (1 + step) / (10 + step) early on, so the average does not remember the
+        random initialisation for thousands of steps. The running statistics are not copied from the
+        live generator: they describe the live weights' activations, not the averaged weights', and
+        the mismatch grows with the decay. One forward pass of the EMA copy in train mode on a batch of
+        noise seeded by ``step`` (the same on every worker and device) updates its own statistics instead.
+        """
         decay = min(self.config.ema_decay, (1.0 + step) / (10.0 + step))
         for ema, live in zip(self.generator_ema.parameters(), self.generator.parameters()):
             ema.lerp_(live, 1.0 - decay)
-        for ema, live in zip(self.generator_ema.buffers(), self.generator.buffers()):
-            ema.copy_(live)  # BatchNorm running statistics (and its step counter)
+        like = next(self.generator_ema.parameters())
+        seeded = torch.Generator().manual_seed(step)
+        z = standard_normal(EMA_STATS_BATCH, self.config.latent_dim, like, seeded, None)
+        self.generator_ema.train()(z)
+        self.generator_ema.eval()
 
     @torch.no_grad()
     def validation_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """A GAN cannot reconstruct, so it is scored by how far its samples are from held-out images:
         ``mmd``, the squared maximum mean discrepancy in pixel space between the batch and as many EMA
         generator samples (lower is better; 0 when the two sets are identical), and ``mean_gap``, the
-        mean squared difference of their mean images. Cheap, batch-level proxies, not an FID."""
+        mean squared difference of their mean images. Cheap, batch-level proxies, not an FID.
+
+        ``diversity``: the mean pairwise distance of EMA samples from a fixed noise batch (the same
+        every epoch) over that of the real batch: ~1 when the samples vary as much as real images, ~0
+        when the generator has collapsed onto one image.
+        """
         real = batch["image"].float()
         z = torch.randn(real.shape[0], self.config.latent_dim, device=real.device, dtype=real.dtype)
         fake = self.decode(z, use_ema=True).images.float()  # the EMA copy is always in eval mode
+        fixed = torch.Generator().manual_seed(0)
+        z_fixed = standard_normal(real.shape[0], self.config.latent_dim, real, fixed, None)
         return {
             "mmd": pixel_mmd(real, fake),
             "mean_gap": (real.mean(0) - fake.mean(0)).square().mean(),
+            "diversity": sample_diversity(self.decode(z_fixed, use_ema=True).images.float(), real),
         }
 
     # -- public surface ---------------------------------------------------------------------------

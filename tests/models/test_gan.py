@@ -110,8 +110,7 @@ def test_ema_generator_follows_the_live_one_and_survives_save_load(tmp_path):
     ema, live = list(model.generator_ema.parameters()), list(model.generator.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(ema, before)), "EMA did not move"
     assert any(not torch.equal(a, b) for a, b in zip(ema, live)), "EMA is a plain copy"
-    for a, b in zip(model.generator_ema.buffers(), model.generator.buffers()):
-        torch.testing.assert_close(a, b)  # BatchNorm statistics are copied
+    assert int(model.generator_ema.project[2].num_batches_tracked) == 5  # its own statistics, one refresh a step
 
     z = torch.randn(4, 8)
     model.eval()
@@ -129,6 +128,43 @@ def test_ema_generator_follows_the_live_one_and_survives_save_load(tmp_path):
     torch.testing.assert_close(loaded.decode(z).images, model.decode(z).images)
     model.train()
     assert not model.generator_ema.training  # stays on running statistics
+
+
+def _first_bn_batch_mean(generator, z):
+    """The batch mean of what the first BatchNorm of ``generator`` sees for noise z, (channels,)."""
+    seen = []
+    handle = generator.project[2].register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].mean((0, 2, 3))))
+    with torch.no_grad():
+        generator.eval()(z)
+    handle.remove()
+    return seen[0]
+
+
+def test_ema_batchnorm_statistics_describe_the_ema_weights():
+    # A slow average of fast-moving weights: the live generator's statistics would not fit it.
+    model = tiny(ema_decay=0.95, lr=5e-3)
+    opt = model.configure_optimizers()
+    for step in range(60):
+        train_step(model, opt, make_batch(seed=step), step)
+    model.eval()
+    actual = _first_bn_batch_mean(model.generator_ema, torch.randn(2048, 8))
+    ema_gap = (model.generator_ema.project[2].running_mean - actual).abs().mean()
+    live_gap = (model.generator.project[2].running_mean - actual).abs().mean()
+    assert ema_gap < 0.5 * live_gap, (ema_gap, live_gap)
+
+
+def test_ema_statistics_refresh_is_the_same_on_every_replica():
+    states = []
+    for seed in (0, 1):  # replicas draw different training noise; the refresh noise is seeded by step
+        model = tiny()
+        opt = model.configure_optimizers()
+        torch.manual_seed(seed)
+        for name, p in model.generator.named_parameters():
+            p.data.fill_(0.01 if "weight" in name else 0.0)
+        model.after_step(3)
+        states.append([b.clone() for b in model.generator_ema.buffers()])
+    for a, b in zip(*states):
+        torch.testing.assert_close(a, b)
 
 
 def test_phases_update_only_their_network():
@@ -211,5 +247,27 @@ def test_validation_step_scores_samples_and_leaves_the_state_alone():
     assert model.val_metric == "mmd"
     before = {k: v.clone() for k, v in model.state_dict().items()}
     figures = model.validation_step(make_batch())  # even in training mode: only the EMA copy runs
-    assert set(figures) == {"mmd", "mean_gap"} and all(v.dim() == 0 and torch.isfinite(v) for v in figures.values())
+    assert set(figures) == {"mmd", "mean_gap", "diversity"} and all(v.dim() == 0 and torch.isfinite(v) for v in figures.values())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_sample_diversity_is_zero_for_a_collapsed_generator_and_one_for_real_images():
+    from latentforge.models.gan import sample_diversity
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(32, 3, 8, 8, generator=g)
+    other = torch.rand(32, 3, 8, 8, generator=g)
+    assert float(sample_diversity(real[:1].expand(32, -1, -1, -1), real)) == pytest.approx(0.0, abs=1e-6)
+    assert float(sample_diversity(other, real)) == pytest.approx(1.0, abs=0.05)
+    assert float(sample_diversity(other * 0.5, real)) == pytest.approx(0.5, abs=0.05)
+
+
+def test_validation_diversity_uses_a_fixed_noise_batch():
+    model = tiny().eval()
+    batch = make_batch()
+    torch.manual_seed(1)
+    a = model.validation_step(batch)
+    torch.manual_seed(2)
+    b = model.validation_step(batch)
+    assert float(a["diversity"]) == float(b["diversity"]) > 0
+    assert float(a["mmd"]) != float(b["mmd"])  # the mmd draws fresh noise
