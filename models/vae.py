@@ -126,8 +126,17 @@ class VAE(PretrainedModel):
         return DecoderOutput(images=torch.sigmoid(self.decoder(z)))
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None, noise: Tensor | None = None) -> DecoderOutput:
-        """Decode n draws z ~ N(0, I); ``noise`` (n, latent_dim) replaces the draw."""
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, noise: Tensor | None = None,
+        sampler: str = "prior", uniform: Tensor | None = None,
+    ) -> DecoderOutput:
+        """Decode n latents. ``sampler="prior"``: z ~ N(0, I), ``noise`` (n, latent_dim) replaces the draw.
+        ``sampler="gmm"``: z from the fitted ``latent_sampler`` (models/samplers.py); ``noise`` and
+        ``uniform`` (n,) together replace its draw."""
+        if sampler != "prior":
+            return self.sample_latent_sampler(sampler, n, generator, noise, uniform)
+        if uniform is not None:
+            raise ValueError("sample: uniform is only used by a fitted latent sampler (sampler='gmm')")
         like = next(self.parameters())
         return self.decode(standard_normal(n, self.config.latent_dim, like, generator, noise))
 
