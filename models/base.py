@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+SAMPLER_DIR = "sampler"  # an optional ex-post latent sampler (models/samplers.py) inside a model directory
 
 
 class ConfigError(ValueError):
@@ -203,6 +204,53 @@ class PretrainedModel(nn.Module):
         if not isinstance(config, self.config_class):
             raise ConfigError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
         self.config = config
+        self.latent_sampler = None
+
+    # -- ex-post latent sampler -------------------------------------------------------------------
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "latent_sampler":
+            # Kept out of the module tree (nn.Module would register it as a submodule): model.safetensors
+            # stays the same with or without a sampler, which lives in its own ``sampler/`` folder.
+            self._check_latent_sampler(value)
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def _check_latent_sampler(self, sampler: Any) -> None:
+        """Raise a ``ValueError`` unless ``sampler`` is None or a sampler of this model's flat latent."""
+        if sampler is None:
+            return
+        if not all(hasattr(sampler, a) for a in ("dim", "kind", "sample", "transform")):
+            raise ValueError(f"latent_sampler must be a fitted sampler (models/samplers.py) or None, got {type(sampler).__name__}")
+        shape = tuple(getattr(self, "latent_shape", ()) or ())
+        if shape != (sampler.dim,):
+            raise ValueError(
+                f"{type(self).__name__}: a latent sampler of dim {sampler.dim} does not fit this model's latent "
+                f"shape {shape or 'unknown'}; only flat latents (latent_dim,) can carry one"
+            )
+
+    @torch.no_grad()
+    def sample_latent_sampler(
+        self, sampler: str, n: int, generator: torch.Generator | None = None,
+        noise: Tensor | None = None, uniform: Tensor | None = None,
+    ) -> DecoderOutput:
+        """Decode n latents drawn from the fitted ``self.latent_sampler`` of kind ``sampler`` ("gmm").
+
+        ``noise`` (n, latent_dim) ~ N(0, I) and ``uniform`` (n,) in [0, 1), given together, replace the
+        draw (what an exported graph takes as inputs); else both are drawn from ``generator``.
+        """
+        fitted = self.latent_sampler
+        if fitted is None or fitted.kind != sampler:
+            have = "none" if fitted is None else repr(fitted.kind)
+            raise ValueError(
+                f"{type(self).__name__}.sample(sampler={sampler!r}): no such fitted latent sampler (this model has "
+                f"{have}); choose 'prior', or fit one (models.samplers.fit_latent_sampler) and set model.latent_sampler"
+            )
+        if (noise is None) != (uniform is None):
+            raise ValueError(f"sample(sampler={sampler!r}): pass both noise (n, D) and uniform (n,), or neither")
+        z = fitted.sample(n, generator) if noise is None else fitted.transform(noise, uniform)
+        like = next(self.parameters())
+        return self.decode(z.to(device=like.device, dtype=like.dtype))
 
     # -- stepping --------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -236,7 +284,8 @@ class PretrainedModel(nn.Module):
 
     # -- save / load -----------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` (with the class name) and ``model.safetensors`` to ``directory``.
+        """Write ``config.json`` (with the class name) and ``model.safetensors`` to ``directory``, and the
+        fitted ``latent_sampler``, if any, to its ``sampler/`` folder.
 
         Written to a temporary sibling first and renamed; an existing ``directory`` is moved aside and
         removed only once the rename has succeeded, so a crash leaves the old model or the new one, never
@@ -250,6 +299,8 @@ class PretrainedModel(nn.Module):
             meta = {"class": type(self).__name__, "config": self.config.to_dict()}
             (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
             save_model(self, str(tmp / WEIGHTS_NAME))
+            if self.latent_sampler is not None:
+                self.latent_sampler.save(tmp / SAMPLER_DIR)
             if directory.exists():
                 directory.rename(old)
             tmp.rename(directory)
@@ -266,6 +317,7 @@ class PretrainedModel(nn.Module):
         """Rebuild a model from a ``save_pretrained`` directory alone.
 
         Called on :class:`PretrainedModel` itself, the class is looked up by the name in ``config.json``.
+        A ``sampler/`` folder, when present, is loaded as ``latent_sampler`` (None otherwise).
         """
         directory = Path(directory)
         config_path = directory / CONFIG_NAME
@@ -281,6 +333,10 @@ class PretrainedModel(nn.Module):
             raise ConfigError(f"{directory} holds a {meta['class']}, not a {cls.__name__}")
         model = target(target.config_class.from_dict(meta["config"]))
         load_model(model, str(directory / WEIGHTS_NAME), strict=True, device=str(map_location))
+        if (directory / SAMPLER_DIR).is_dir():
+            from latentforge.models.samplers import load_sampler
+
+            model.latent_sampler = load_sampler(directory / SAMPLER_DIR, map_location)
         model.eval()
         return model
 

@@ -102,8 +102,7 @@ def test_unknown_likelihood_message_names_the_field():
 def test_gaussian_likelihood_is_a_full_negative_log_density():
     model = tiny(likelihood="gaussian", decoder_std=0.5)
     x = torch.rand(3, 1, 16, 16)
-    logits = torch.logit(x.clamp(1e-4, 1 - 1e-4))
-    nll = model.reconstruction_nll(logits, x)
+    nll = model.reconstruction_nll(x.clone(), x)  # the Gaussian's decoder output is its mean
     dims = 16 * 16
     expected = dims * (math.log(0.5) + 0.5 * math.log(2 * math.pi))
     torch.testing.assert_close(nll, torch.full((3,), expected), atol=1e-2, rtol=1e-4)
@@ -205,3 +204,16 @@ def test_validation_step_scores_the_negative_elbo():
     assert float(figures["nelbo"]) == pytest.approx(float(figures["recon"] + figures["kl"]))
     torch.manual_seed(0)
     assert float(figures["nelbo"]) == pytest.approx(-float(model(batch).logs["elbo"]), rel=1e-5)
+
+
+def test_gaussian_mean_is_the_decoder_output_so_dark_outputs_still_learn():
+    # A decoder output far below 0 where the image is bright: a sigmoid mean would pass (almost) no gradient.
+    model = tiny(likelihood="gaussian", decoder_std=0.1)
+    x = torch.ones(2, 1, 16, 16)
+    out = torch.full((2, 1, 16, 16), -8.0, requires_grad=True)
+    model.reconstruction_nll(out, x).sum().backward()
+    assert float(out.grad.abs().min()) > 1.0
+    # decode clamps the unbounded mean into the image range.
+    model.eval()
+    images = model.decode(torch.randn(4, 4) * 100).images
+    assert images.min() >= 0 and images.max() <= 1
