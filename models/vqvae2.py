@@ -8,14 +8,18 @@ autoregressive prior over each level.
 
 The top codes carry global structure, the bottom codes local detail; the bottom codes are computed
 given the decoded top map, and the decoder sees both, as in the paper. Codebooks are EMA-updated
-(:class:`~models.quantize.VectorQuantizerEMA`). Two training phases, each with its own Adam:
+(:class:`~models.quantize.VectorQuantizerEMA`). One training phase, ``"main"``, whose loss has two parts
+on disjoint parameters (the codes the priors read carry no gradient), each with its own learning rate:
 
-* ``"vq"``: encoders, decoders and codebooks by reconstruction MSE + commitment;
-* ``"prior"``: the top prior p(top) and the bottom prior p(bottom | top) (:class:`~models.priors.CodePrior`)
-  by cross-entropy on the codes of the current batch, computed without gradient.
+* the autoencoder (encoders, decoders; codebooks by EMA): reconstruction MSE + commitment;
+* the top prior p(top) and the bottom prior p(bottom | top) (:class:`~models.priors.CodePrior`):
+  cross-entropy on the codes of the current batch.
 
-Both run in ``forward`` so that DDP synchronises their gradients. The priors learn from codes that move
-while the autoencoder trains; it is standard to keep training (or fine-tune) them once it has converged.
+``vq_steps`` schedules them. 0: both at every step, so the priors chase codes that still move, and
+spend half of their training on codes the final encoder no longer produces. N > 0: two stages, as in
+the paper: the autoencoder alone for N steps, then the priors alone on the codes of the frozen
+autoencoder (an encoder forward without gradient per step: much cheaper than a joint step). The
+frozen autoencoder's parameters get no gradient at all, so Adam leaves them exactly as they are.
 
 **The latent.** ``encode(x).latent`` is one tensor (B, 2 * code_dim, hb, wb): channels ``[:code_dim]``
 are the quantised bottom map, channels ``[code_dim:]`` the quantised top map repeated (nearest) up to
@@ -42,6 +46,7 @@ from latentforge.models.base import (
     require_divisible,
     require_positive,
 )
+from latentforge.models.blocks import check_phase
 from latentforge.models.priors import CodePrior
 from latentforge.models.quantize import VectorQuantizerEMA, is_exporting
 
@@ -53,6 +58,9 @@ class VQVAE2Config(ModelConfig):
     ``bottom_factor``/``top_factor``: downsampling of the bottom/top code maps relative to the input;
     powers of two dividing ``image_size``, ``top_factor`` a larger power of two than ``bottom_factor``.
     ``dead_threshold``: a code whose EMA count of uses per batch falls below it is restarted (0: never).
+    ``vq_steps``: 0 trains the autoencoder and the priors together at every step; N > 0 trains the
+    autoencoder alone for the first N steps, then only the priors, on its frozen codes (see the module
+    docstring).
     """
 
     image_size: int = 28
@@ -72,6 +80,7 @@ class VQVAE2Config(ModelConfig):
     prior_layers: int = 4
     prior_heads: int = 4
     prior_lr: float = 3e-4
+    vq_steps: int = 0
 
     def validate(self) -> None:
         super().validate()
@@ -87,6 +96,8 @@ class VQVAE2Config(ModelConfig):
             raise ConfigError(f"VQVAE2Config.decay must be in [0, 1), got {self.decay}")
         if self.dead_threshold < 0:
             raise ConfigError(f"VQVAE2Config.dead_threshold must be >= 0, got {self.dead_threshold}")
+        if self.vq_steps < 0:
+            raise ConfigError(f"VQVAE2Config.vq_steps must be >= 0, got {self.vq_steps}")
         for name in ("bottom_factor", "top_factor"):
             value = getattr(self, name)
             if value & (value - 1):
@@ -188,7 +199,7 @@ class VQVAE2(PretrainedModel):
     """Two-level VQ-VAE with EMA codebooks and transformer priors over both code maps."""
 
     config_class = VQVAE2Config
-    phases = ("vq", "prior")
+    phases = ("main",)
 
     def __init__(self, config: VQVAE2Config):
         super().__init__(config)
@@ -253,33 +264,49 @@ class VQVAE2(PretrainedModel):
 
     # -- training --------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        """``"vq"``: Adam(lr) over the autoencoder; ``"prior"``: Adam(prior_lr) over both priors.
-        (The codebooks are buffers, updated by EMA, not by an optimiser.)"""
+        """``"main"``: one Adam with two parameter groups, the autoencoder at ``lr`` and both priors at
+        ``prior_lr`` (Adam is per parameter: the same as two optimisers). The codebooks are buffers,
+        updated by EMA, not by an optimiser."""
         prior = [p for n, p in self.named_parameters() if n.startswith("prior_")]
         vq = [p for n, p in self.named_parameters() if not n.startswith("prior_")]
         return {
-            "vq": torch.optim.Adam(vq, lr=self.config.lr),
-            "prior": torch.optim.Adam(prior, lr=self.config.prior_lr),
+            "main": torch.optim.Adam(
+                [{"params": vq, "lr": self.config.lr}, {"params": prior, "lr": self.config.prior_lr}]
+            )
         }
 
-    def forward(self, batch: dict[str, Tensor], phase: str = "vq", step: int = 0) -> LossOutput:
-        """The loss of ``phase``: ``"vq"`` (recon MSE + commitments, EMA codebook update in training
-        mode) or ``"prior"`` (top CE + bottom CE, in nats per code)."""
+    def stages(self, step: int) -> tuple[bool, bool]:
+        """(autoencoder trains, priors train) at ``step``, by ``vq_steps`` (see the module docstring)."""
+        n = self.config.vq_steps
+        if n == 0:
+            return True, True
+        return step < n, step >= n
+
+    def forward(self, batch: dict[str, Tensor], phase: str = "main", step: int = 0) -> LossOutput:
+        """The loss of ``step``'s stages (:meth:`stages`): recon MSE + commitments (with the EMA codebook
+        update in training mode) and/or top CE + bottom CE of the batch's codes (nats per code)."""
+        check_phase(self, phase)
         x = batch["image"]
-        if phase == "vq":
-            (q_t, _, commit_t), (q_b, _, commit_b) = self._quantize(x, update=self.training)
+        train_vq, train_prior = self.stages(step)
+        loss = x.new_zeros(())
+        logs: dict[str, Tensor] = {}
+        if train_vq:
+            (q_t, idx_t, commit_t), (q_b, idx_b, commit_b) = self._quantize(x, update=self.training)
             recon = F.mse_loss(self._decode_raw(q_t, q_b), x)
-            logs = {"recon": recon.detach(), "commit_top": commit_t.detach(), "commit_bottom": commit_b.detach()}
+            loss = loss + recon + commit_t + commit_b
+            logs.update({"recon": recon.detach(), "commit_top": commit_t.detach(), "commit_bottom": commit_b.detach()})
             for level, vq in (("top", self.vq_t), ("bottom", self.vq_b)):
                 logs.update({f"{k}_{level}": v for k, v in vq.stats().items()})
-            return LossOutput(recon + commit_t + commit_b, logs)
-        if phase == "prior":
-            with torch.no_grad():
+        else:
+            with torch.no_grad():  # the frozen autoencoder: its codes, no codebook update, no decoder
                 (_, idx_t, _), (_, idx_b, _) = self._quantize(x, update=False)
+        if train_prior:
+            # The indices carry no gradient: the priors' loss never reaches the autoencoder.
             ce_t = self.prior_top.loss(idx_t)
             ce_b = self.prior_bottom.loss(idx_b, cond=idx_t)
-            return LossOutput(ce_t + ce_b, {"prior_ce_top": ce_t.detach(), "prior_ce_bottom": ce_b.detach()})
-        raise ValueError(f"VQVAE2 has phases {self.phases}, got {phase!r}")
+            loss = loss + ce_t + ce_b
+            logs.update({"prior_ce_top": ce_t.detach(), "prior_ce_bottom": ce_b.detach()})
+        return LossOutput(loss, logs)
 
     @torch.no_grad()
     def validation_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -184,6 +184,22 @@ def _worker(rank: int, store_path: str, out_dir: str) -> None:
             flat = torch.cat([v.detach().float().reshape(-1) for v in model.state_dict().values()])
             results[f"ddp_identical_broadcast_{broadcast_buffers}"] = _gathered_equal(flat)
             results[f"ddp_logs_{broadcast_buffers}"] = sorted(logs)
+
+        # D: the staged schedule through DDP: at the switch every rank stops using the autoencoder at
+        # once (its parameters are unused everywhere, so they keep no gradient and do not move).
+        torch.manual_seed(0)
+        model = VQVAE2(VQVAE2Config.tiny(image_size=8, hidden_channels=8, num_codes=8, code_dim=4, prior_dim=16, vq_steps=1))
+        ddp = DDP(model, find_unused_parameters=True)
+        optimizers = model.configure_optimizers()
+        for step in range(3):
+            images = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(10 * step + rank))
+            batch = {"image": images, "label": torch.full((4,), -1), "index": torch.arange(4)}
+            if step == 1:
+                frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("prior_")}
+            train_step(model, optimizers, batch, step, forward=ddp)
+        flat = torch.cat([v.detach().float().reshape(-1) for v in model.state_dict().values()])
+        results["staged_identical"] = _gathered_equal(flat)
+        results["staged_frozen"] = all(torch.equal(model.state_dict()[k], v) for k, v in frozen.items())
     finally:
         dist.destroy_process_group()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -221,4 +237,10 @@ def test_distributed_ddp_train_step_keeps_models_identical(distributed_results):
     for r in distributed_results:
         assert r["ddp_identical_broadcast_True"] is True
         assert r["ddp_identical_broadcast_False"] is True
-        assert "vq/usage_top" in r["ddp_logs_True"] and "prior/prior_ce_bottom" in r["ddp_logs_True"]
+        assert "usage_top" in r["ddp_logs_True"] and "prior_ce_bottom" in r["ddp_logs_True"]
+
+
+def test_distributed_staged_vqvae2_freezes_the_autoencoder_on_every_rank(distributed_results):
+    for r in distributed_results:
+        assert r["staged_identical"] is True
+        assert r["staged_frozen"] is True

@@ -1,6 +1,6 @@
 """VQVAE2: latent sizes from the input size and factors, config errors, encode/decode/decode_indices/
-sample shapes, the straight-through gradient to the encoders, both training phases through the generic
-train_step, and save/load."""
+sample shapes, the straight-through gradient to the encoders, the staged (or joint) training of the
+autoencoder and the priors through the generic train_step, and save/load."""
 
 from __future__ import annotations
 
@@ -73,6 +73,7 @@ def test_defaults_are_for_mnist():
         (dict(dead_threshold=-1.0), "dead_threshold"),
         (dict(prior_dim=30, prior_heads=4), "multiple of prior_heads"),
         (dict(num_codes=2.5), "num_codes must be of type int"),
+        (dict(vq_steps=-1), "vq_steps must be >= 0"),
     ],
 )
 def test_bad_configs_raise_config_error(overrides, match):
@@ -113,7 +114,7 @@ def test_decode_rejects_bad_input():
     with pytest.raises(ValueError, match="images must have shape"):
         model.encode(torch.zeros(1, 3, 16, 16))
     with pytest.raises(ValueError, match="phases"):
-        model(_batch(2), phase="main")
+        model(_batch(2), phase="vq")  # the old phase names are gone: one "main" phase
 
 
 def test_straight_through_gradient_reaches_the_encoders():
@@ -134,43 +135,64 @@ def test_encode_never_updates_the_codebooks():
     assert torch.equal(model.vq_b.embed, before)
 
 
-def test_train_step_trains_both_phases_and_logs():
+def test_train_step_trains_both_parts_and_logs():
     model = _model(lr=3e-3, prior_lr=3e-3).train()
     optimizers = model.configure_optimizers()
-    assert set(optimizers) == set(model.phases) == {"vq", "prior"}
+    assert set(optimizers) == set(model.phases) == {"main"}
+    assert [g["lr"] for g in optimizers["main"].param_groups] == [3e-3, 3e-3]
     batch = _batch(16)
     first = train_step(model, optimizers, batch, 0)
     for key in (
-        "vq/loss", "vq/recon", "vq/commit_top", "vq/commit_bottom", "vq/usage_top", "vq/usage_bottom",
-        "vq/perplexity_top", "vq/perplexity_bottom", "prior/loss", "prior/prior_ce_top", "prior/prior_ce_bottom",
+        "loss", "recon", "commit_top", "commit_bottom", "usage_top", "usage_bottom",
+        "perplexity_top", "perplexity_bottom", "prior_ce_top", "prior_ce_bottom",
     ):
         assert key in first, key
     for step in range(1, 40):
         last = train_step(model, optimizers, batch, step)
-    assert last["vq/recon"] < 0.5 * first["vq/recon"]
-    assert last["prior/loss"] < first["prior/loss"]
-    assert last["vq/usage_bottom"] > 0.5
+    assert last["recon"] < 0.5 * first["recon"]
+    assert last["prior_ce_top"] + last["prior_ce_bottom"] < first["prior_ce_top"] + first["prior_ce_bottom"]
+    assert last["usage_bottom"] > 0.5
 
 
-def test_each_phase_touches_only_its_own_weights():
-    model = _model().train()
+def _changed(model: VQVAE2, state: dict[str, torch.Tensor]) -> set[str]:
+    return {k for k, v in model.state_dict().items() if not torch.equal(v, state[k])}
+
+
+def test_vq_steps_train_the_autoencoder_then_only_the_priors_on_frozen_codes():
+    model = _model(vq_steps=2).train()
     optimizers = model.configure_optimizers()
     batch = _batch(8)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert [model.stages(s) for s in (0, 1, 2, 50)] == [(True, False), (True, False), (False, True), (False, True)]
 
-    optimizers["prior"].zero_grad()
-    model(batch, phase="prior").loss.backward()
-    optimizers["prior"].step()
-    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, state[k])}
-    assert changed and all(k.startswith("prior_") for k in changed)  # codebooks and encoders untouched
+    for step in (0, 1):  # the autoencoder alone: encoders, decoders and codebooks move, the priors do not
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        logs = train_step(model, optimizers, batch, step)
+        changed = _changed(model, state)
+        assert "vq_b.embed" in changed and "enc_b.0.weight" in changed and "dec.0.weight" in changed
+        assert not any(k.startswith("prior_") for k in changed)
+        assert "recon" in logs and "prior_ce_top" not in logs
 
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    optimizers["vq"].zero_grad()
-    model(batch, phase="vq").loss.backward()
-    optimizers["vq"].step()
-    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, state[k])}
-    assert "vq_b.embed" in changed and "enc_b.0.weight" in changed
-    assert not any(k.startswith("prior_") for k in changed)
+    for step in (2, 3):  # the priors alone; the autoencoder stays bit-identical (no Adam momentum drift)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        logs = train_step(model, optimizers, batch, step)
+        changed = _changed(model, state)
+        assert changed and all(k.startswith("prior_") for k in changed), changed - {k for k in changed if k.startswith("prior_")}
+        assert "prior_ce_bottom" in logs and "recon" not in logs
+        assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("prior_"))
+
+
+def test_joint_training_keeps_the_prior_loss_off_the_autoencoder():
+    model = _model().train()
+    batch = _batch(8)
+    model(batch, step=0).loss.backward()
+    joint = {n: p.grad.clone() for n, p in model.named_parameters() if not n.startswith("prior_") and p.grad is not None}
+    # The same step with the priors' loss removed: the autoencoder's gradients must not change.
+    alone = _model(vq_steps=1).train()
+    alone.load_state_dict(_model().state_dict())
+    alone(batch, step=0).loss.backward()
+    for n, p in alone.named_parameters():
+        if not n.startswith("prior_") and p.grad is not None:
+            assert torch.allclose(joint[n], p.grad), n
 
 
 def test_sample_shapes_range_and_reproducibility():
