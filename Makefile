@@ -24,7 +24,10 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: install
-	dvc repro
+	# A family whose newest version fails its promotion gates (params registry.policies) is not champion, so a
+	# later stage (train_text) fails too: either way `latentforge gates` then names the family and the figure.
+	dvc repro || { latentforge gates; exit 1; }
+	latentforge gates
 	latentforge models
 	# Serve the champions, call every endpoint (images -> demo/), then keep serving the page until Ctrl-C.
 	latentforge serve --params-store --demo demo

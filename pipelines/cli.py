@@ -103,6 +103,36 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gates(args: argparse.Namespace) -> int:
+    from latentforge.pipelines.registry import RegistryError, check_gates, model_name, policy_for
+
+    params = _params(args)
+    uri = tracking_uri(params)
+    failures = []
+    for family in args.model or section(params, "train")["families"]:
+        name = model_name(params, family)
+        policy = policy_for(params, family)
+        try:
+            report = check_gates(name, uri, policy)
+        except RegistryError as exc:
+            failures.append(f"{family}: {exc}")
+            continue
+        if report["champion"] is None:
+            failures.append(f"{family}: {name} has no champion (nothing is served)")
+        for row in report["versions"]:
+            label = f"{name} version {row['version']} ({', '.join(row['roles'])})"
+            if row["failed"]:
+                failures.append(f"{family}: {label} fails {'; '.join(row['failed'])}")
+            elif policy.gates:
+                figures = ", ".join(f"{g.metric} {row['figures'][g.metric]:.4g} {g.op} {g.value:g}" for g in policy.gates)
+                print(f"{label}: passes its gates: {figures}")
+            else:
+                print(f"{label}: no gates (params registry.policies.{family}.gates)")
+    if failures:
+        raise RegistryError("promotion gates failed: " + " | ".join(failures))
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from latentforge.pipelines.registry import format_table, list_models
 
@@ -291,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", type=int, help="make this version champion by hand (default: apply the policy to the newest)")
     p.add_argument("--name", help="registered model name (default: <family>-<data.name>)")
     p.set_defaults(func=cmd_promote)
+
+    p = stage("gates", "check the promotion gates (params registry.policies.<family>.gates) of each family's newest "
+                       "version and champion; exit 2 naming the family and the figure when one fails")
+    p.add_argument("--model", action="append", help="a family to check (repeatable; default: train.families)")
+    p.set_defaults(func=cmd_gates)
 
     p = stage("models", "list registered model versions with their aliases and primary metric")
     p.add_argument("--name", help="only this registered model")

@@ -15,18 +15,26 @@ Serving follows two aliases, never stages (deprecated in MLflow):
 
 :func:`promote` without a version applies the family's :class:`Policy` to the *newest* version:
 
-* no champion yet: the newest version becomes champion;
 * the newest version is the champion already: nothing changes;
+* the newest version fails a gate: it becomes challenger, the champion (if any) stays;
+* no champion yet: the newest version becomes champion;
 * otherwise the first of the policy's metrics that both the newest version and the champion record is
   compared; the newest version becomes champion when it beats the champion by more than ``margin``
   (``mode: min``: ``new < champion - margin``; ``max``: ``new > champion + margin``; a tie never
   wins), else it becomes challenger. When neither the metric nor its fallback is recorded on both,
   :class:`RegistryError` says so and no alias moves.
 
-:func:`promote` with a version overrides the policy by hand: that version becomes champion. When the
-champion moves (by policy or by hand) the displaced champion keeps no alias (it is still a version:
-``latentforge promote --version N`` rolls back to it), and the ``challenger`` alias is removed if it
-pointed at the new champion, so that one version never carries both aliases. The reason for every
+Gates: a policy can also carry gates, figures a version must reach (``sample_validity >= 0.5``; a
+figure the version does not record fails). :func:`promote` by policy never makes a version that fails
+a gate champion: it becomes challenger, the champion stays, and the reason names each failed gate with
+the version's figure. :func:`check_gates` reports the gates of the newest version and the champion
+(``latentforge gates``, which ``make demo`` runs).
+
+:func:`promote` with a version overrides the policy by hand: that version becomes champion (the reason
+says which gates it fails, if any). When the champion moves (by policy or by hand) the displaced
+champion keeps no alias (it is still a version: ``latentforge promote --version N`` rolls back to it),
+and the ``challenger`` alias is removed if it pointed at the new champion, so that one version never
+carries both aliases. The reason for every
 alias change is written to the version's ``latentforge.promotion`` tag.
 """
 
@@ -34,7 +42,9 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -66,6 +76,55 @@ ARTIFACT_KEY = "export"  # the name of the export directory among the pyfunc mod
 # The promotion policy
 
 
+_GATE_OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A figure a version must reach to become champion: ``metric op value`` (``sample_validity >= 0.5``).
+
+    ``metric``: an evaluation metric of the export manifest (a version tag ``metric.<name>``); ``op``:
+    one of ``>=``, ``>``, ``<=``, ``<``. A version that does not record the metric fails the gate.
+    """
+
+    metric: str
+    op: str
+    value: float
+
+    def __post_init__(self) -> None:
+        if not self.metric or not isinstance(self.metric, str):
+            raise ParamsError(f"registry gate: metric must be a metric name, got {self.metric!r}")
+        if self.op not in _GATE_OPS:
+            raise ParamsError(f"registry gate on {self.metric}: op must be one of {', '.join(_GATE_OPS)}, got {self.op!r}")
+        if not (isinstance(self.value, (int, float)) and math.isfinite(self.value)):
+            raise ParamsError(f"registry gate on {self.metric}: the threshold must be a finite number, got {self.value!r}")
+
+    @classmethod
+    def parse(cls, metric: str, condition: Any, where: str) -> "Gate":
+        """A gate from params' ``<metric>: "<op> <number>"`` (``sample_precision_ratio: ">= 0.5"``; quoted:
+        YAML reads a bare ``>`` as the start of a block scalar)."""
+        match = re.fullmatch(r"\s*(>=|<=|>|<)\s*(\S+)\s*", str(condition))
+        try:
+            value = float(match.group(2)) if match else math.nan
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise ParamsError(f'params {where}.{metric}: expected "<op> <number>" with op one of {", ".join(_GATE_OPS)} '
+                              f'(e.g. ">= 0.5"), got {condition!r}')
+        return cls(metric, match.group(1), value)
+
+    def check(self, value: float | None) -> str | None:
+        """None when ``value`` passes, else why not (the figure, or that it is not recorded, and the gate)."""
+        if value is None:
+            return f"{self.metric} not recorded, needs {self.op} {self.value:g}"
+        if _GATE_OPS[self.op](value, self.value):
+            return None
+        return f"{self.metric} {value:.4g}, needs {self.op} {self.value:g}"
+
+    def __str__(self) -> str:
+        return f"{self.metric} {self.op} {self.value:g}"
+
+
 @dataclass(frozen=True)
 class Policy:
     """How :func:`promote` ranks a version against the champion.
@@ -73,13 +132,16 @@ class Policy:
     ``metric``: an evaluation metric of the export manifest (``manifest["metrics"]``); ``mode``: ``min``
     (lower is better) or ``max``; ``margin``: how much better, in the metric's own units, the new
     version must be (0: strictly better). ``fallback``: the policy compared when either version lacks
-    ``metric`` (a VAE ranked by ``iwae_nll`` falls back to ``recon_mse``).
+    ``metric`` (a VAE ranked by ``iwae_nll`` falls back to ``recon_mse``). ``gates``: figures a version
+    must reach to become champion by policy, whatever it is compared with (:class:`Gate`; the family's
+    policy holds them, not its fallback).
     """
 
     metric: str
     mode: str = "min"
     margin: float = 0.0
     fallback: "Policy | None" = None
+    gates: tuple[Gate, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.metric or not isinstance(self.metric, str):
@@ -104,32 +166,43 @@ class Policy:
             return new < champion - self.margin
         return new > champion + self.margin
 
+    def failed_gates(self, metrics: dict[str, float]) -> list[str]:
+        """Why a version with these metrics fails each gate it fails (empty: it passes them all)."""
+        return [why for gate in self.gates if (why := gate.check(metrics.get(gate.metric))) is not None]
+
     @classmethod
-    def from_dict(cls, values: dict[str, Any], where: str) -> "Policy":
-        """A policy from params (``metric``, ``mode``, ``margin``, optional ``fallback``); ``where`` names
-        the params section in errors."""
+    def from_dict(cls, values: dict[str, Any], where: str, gates: bool = True) -> "Policy":
+        """A policy from params (``metric``, ``mode``, ``margin``, optional ``fallback`` and, unless
+        ``gates`` is False (a fallback), ``gates``: ``{<metric>: "<op> <number>"}``); ``where`` names the
+        params section in errors."""
         if not isinstance(values, dict):
             raise ParamsError(f"params {where}: expected a mapping with metric, mode, margin; got {values!r}")
         schema = {"metric": str, "mode": str, "margin": float, "fallback": (dict, type(None))}
-        values = check_keys({"fallback": None, **values}, schema, where)
-        fallback = cls.from_dict(values["fallback"], f"{where}.fallback") if values["fallback"] else None
-        return cls(values["metric"], values["mode"], float(values["margin"]), fallback)
+        if gates:
+            schema["gates"] = (dict, type(None))
+        values = check_keys({"fallback": None, **({"gates": None} if gates else {}), **values}, schema, where)
+        fallback = cls.from_dict(values["fallback"], f"{where}.fallback", gates=False) if values["fallback"] else None
+        parsed = tuple(Gate.parse(str(m), c, f"{where}.gates") for m, c in (values.get("gates") or {}).items())
+        return cls(values["metric"], values["mode"], float(values["margin"]), fallback, parsed)
 
     def to_dict(self) -> dict[str, Any]:
         """The params form :meth:`from_dict` reads."""
         out: dict[str, Any] = {"metric": self.metric, "mode": self.mode, "margin": self.margin}
         if self.fallback:
             out["fallback"] = self.fallback.to_dict()
+        if self.gates:
+            out["gates"] = {g.metric: f"{g.op} {g.value:g}" for g in self.gates}
         return out
 
 
-# Used where params have no `registry` section; params.yaml states the same. Each family is ranked first by
-# the primary metric `latentforge evaluate` names for it (pipelines.evaluate.PRIMARY_METRICS).
+# Used where params have no `registry` section; params.yaml states the same rankings. Each family is ranked
+# first by the primary metric `latentforge evaluate` names for it (pipelines.evaluate.PRIMARY_METRICS). No
+# gates: what a champion must reach depends on the data and the budget, so params.yaml sets them.
 _RECON = Policy("recon_mse", "min", 0.0)
 DEFAULT_POLICIES: dict[str, Policy] = {
     "default": _RECON,
     "vae": Policy("iwae_nll", "min", 0.0, fallback=_RECON),
-    "vqvae2": _RECON,  # its Frechet distance rests on few prior samples (slow sampler): ranked by reconstruction
+    "vqvae2": Policy("fd_classifier", "min", 0.0, fallback=_RECON),
     "gan": Policy("fd_classifier", "min", 0.0),
     "aae": Policy("fd_classifier", "min", 0.0, fallback=_RECON),
     "glo": Policy("fd_classifier", "min", 0.0, fallback=_RECON),
@@ -442,6 +515,12 @@ def _versions(client, name: str) -> dict[int, Any]:
     return {int(v.version): v for v in client.search_model_versions(f"name = '{_quote(name)}'")}
 
 
+def _version_metrics(version) -> dict[str, float]:
+    """The finite evaluation metrics a version records (its ``metric.<name>`` tags)."""
+    names = [k[len(METRIC_TAG_PREFIX):] for k in (version.tags or {}) if k.startswith(METRIC_TAG_PREFIX)]
+    return {m: v for m in names if (v := _metric(version, m)) is not None}
+
+
 def _metric(version, metric: str) -> float | None:
     raw = (version.tags or {}).get(f"{METRIC_TAG_PREFIX}{metric}")
     try:
@@ -454,10 +533,11 @@ def _metric(version, metric: str) -> float | None:
 def promote(name: str, tracking_uri: str, version: int | None = None, policy: Policy | None = None) -> dict[str, Any]:
     """Move the ``champion`` / ``challenger`` aliases of registered model ``name`` (see the module docstring).
 
-    ``version``: promote that version to champion by hand; ``None``: apply ``policy`` (default: the
-    built-in policy of the newest version's ``family`` tag) to the newest version. Returns what
-    happened: ``name``, ``version``, ``alias`` (the alias it now has, or None), ``previous_champion``,
-    ``changed``, ``reason`` and, when compared, ``metric``, ``value``, ``champion_value``, ``mode``,
+    ``version``: promote that version to champion by hand (``policy``, when given, only names the gates
+    it fails); ``None``: apply ``policy`` (default: the built-in policy of the newest version's
+    ``family`` tag) to the newest version. Returns what happened: ``name``, ``version``, ``alias`` (the
+    alias it now has, or None), ``previous_champion``, ``changed``, ``reason``, ``failed_gates`` (why it
+    fails each gate it fails) and, when compared, ``metric``, ``value``, ``champion_value``, ``mode``,
     ``margin``. Raises :class:`RegistryError` (and moves no alias) for an unknown model or version,
     for versions the policy cannot compare, and when the registry is unreachable.
     """
@@ -477,23 +557,30 @@ def promote(name: str, tracking_uri: str, version: int | None = None, policy: Po
                 f"registered model {name!r} has no version {version}; versions: {', '.join(map(str, sorted(versions)))}"
             )
         target = int(version)
-        result.update(version=target, alias=CHAMPION)
+        failed = policy.failed_gates(_version_metrics(versions[target])) if policy else []
+        result.update(version=target, alias=CHAMPION, failed_gates=failed)
+        warning = f"; it fails its gates: {'; '.join(failed)}" if failed else ""
         if champion == target:
-            return {**result, "reason": f"version {target} is the champion already"}
-        reason = f"champion by hand (was {f'version {champion}' if champion else 'none'})"
+            return {**result, "reason": f"version {target} is the champion already{warning}"}
+        reason = f"champion by hand (was {f'version {champion}' if champion else 'none'}){warning}"
         _move_champion(client, name, target, challenger, reason)
         return {**result, "changed": True, "reason": reason}
 
     newest = max(versions)
     new = versions[newest]
     policy = policy or policy_for(None, (new.tags or {}).get("family", ""))
-    result.update(version=newest, mode=policy.mode)
+    failed = policy.failed_gates(_version_metrics(new))
+    result.update(version=newest, mode=policy.mode, failed_gates=failed)
+    if champion == newest:
+        return {**result, "alias": CHAMPION, "reason": f"the newest version {newest} is the champion already"}
+    if failed:
+        stays = f"champion stays version {champion}" if champion else "no champion"
+        return _make_challenger(client, name, newest, challenger, result,
+                                f"challenger by policy: fails its gates: {'; '.join(failed)} ({stays})")
     if champion is None:
         reason = "champion by policy: no champion before"
         _move_champion(client, name, newest, challenger, reason)
         return {**result, "alias": CHAMPION, "changed": True, "reason": reason}
-    if champion == newest:
-        return {**result, "alias": CHAMPION, "reason": f"the newest version {newest} is the champion already"}
 
     current = versions.get(champion) or client.get_model_version(name, str(champion))
     for candidate in policy.candidates():
@@ -519,11 +606,16 @@ def promote(name: str, tracking_uri: str, version: int | None = None, policy: Po
         reason = f"champion by policy: {comparison} (version {champion})"
         _move_champion(client, name, newest, challenger, reason)
         return {**result, "alias": CHAMPION, "changed": True, "reason": reason}
-    reason = f"challenger by policy: not {comparison} (champion version {champion})"
-    if challenger != newest:
-        client.set_registered_model_alias(name, CHALLENGER, str(newest))
+    return _make_challenger(client, name, newest, challenger, result,
+                            f"challenger by policy: not {comparison} (champion version {champion})")
+
+
+def _make_challenger(client, name: str, version: int, challenger: int | None, result: dict[str, Any], reason: str) -> dict[str, Any]:
+    """Point ``challenger`` at ``version`` (the champion does not move); ``result`` completed."""
+    if challenger != version:
+        client.set_registered_model_alias(name, CHALLENGER, str(version))
         result["changed"] = True
-    client.set_model_version_tag(name, str(newest), PROMOTION_TAG, reason)
+    client.set_model_version_tag(name, str(version), PROMOTION_TAG, reason)
     return {**result, "alias": CHALLENGER, "reason": reason}
 
 
@@ -532,6 +624,31 @@ def _move_champion(client, name: str, version: int, challenger: int | None, reas
     if challenger == version:  # one version never carries both aliases
         client.delete_registered_model_alias(name, CHALLENGER)
     client.set_model_version_tag(name, str(version), PROMOTION_TAG, reason)
+
+
+def check_gates(name: str, tracking_uri: str, policy: Policy) -> dict[str, Any]:
+    """``policy``'s gates on the versions of registered model ``name`` that matter: the newest (what the
+    last pipeline run produced) and the champion (what is served). Returns ``name``, ``champion``
+    (version or None) and ``versions``: one row per version checked (one when the newest is the
+    champion), each ``version``, ``roles`` (``newest``, ``champion``), ``figures`` (each gate's
+    metric -> the version's value, None when not recorded) and ``failed`` (why, per failed gate).
+    Moves nothing; :class:`RegistryError` for an unknown model or one without versions."""
+    client = connect(tracking_uri)
+    model = _registered_model(client, name, tracking_uri)
+    versions = _versions(client, name)
+    if not versions:
+        raise RegistryError(f"registered model {name!r} has no versions; `latentforge register` one first")
+    aliases = dict(model.aliases or {})
+    champion = int(aliases[CHAMPION]) if CHAMPION in aliases else None
+    roles: dict[int, list[str]] = {max(versions): ["newest"]}
+    if champion is not None:
+        roles.setdefault(champion, []).append("champion")
+    rows = []
+    for number, role in sorted(roles.items()):
+        metrics = _version_metrics(versions.get(number) or client.get_model_version(name, str(number)))
+        rows.append({"version": number, "roles": role, "figures": {g.metric: metrics.get(g.metric) for g in policy.gates},
+                     "failed": policy.failed_gates(metrics)})
+    return {"name": name, "champion": champion, "versions": rows}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -9,8 +9,8 @@ the training's MLflow run. Everything is written to a temporary folder first and
 Subsets keep a family well under a minute on 2 CPUs (``info.counts`` records every size): each split
 is encoded on at most ``split_images`` seeded images (``optimised_encode_images`` for families that
 encode by optimisation), the family's ``validation_step`` runs on ``validation_images`` of them, the
-IWAE on ``iwae_images``, sample metrics on ``num_samples`` samples (``prior_samples`` for families that
-sample from an autoregressive prior, VQ-VAE-2), the t-SNE on ``tsne_points``.
+IWAE on ``iwae_images``, sample metrics on ``num_samples`` samples for every family (VQ-VAE-2's
+KV-cached prior included; ``info.sampling`` records each sampler's seconds), the t-SNE on ``tsne_points``.
 
 What is computed, where the family allows it:
 
@@ -27,10 +27,18 @@ What is computed, where the family allows it:
   optimize=False), ``compression_ratio`` (PNG bits / code bits) and ``prior_bits_per_image`` (the
   priors' cross-entropy: what an entropy coder driven by the prior would spend);
 * denoising AE: ``denoise_psnr_db`` (restored vs clean) beside ``noisy_psnr_db`` (noisy input vs clean);
-* samples: ``fd_classifier`` (Frechet distance in the classifier's feature space, not Inception: not
-  comparable with published FIDs), ``sample_precision`` / ``sample_recall`` (k-NN manifolds, k = 3), on
-  ``num_samples`` samples vs as many test images, and ``fd_classifier_floor``, the distance between as
-  many test and train images (what a perfect model would score at this N);
+* samples, in the feature space of the domain classifier (not Inception: not comparable with published
+  FIDs), on ``num_samples`` samples against as many test images, each figure beside its value for as
+  many train images (a disjoint real set: what a perfect model scores at this count):
+  ``fd_classifier`` and ``fd_classifier_floor`` (``fd_classifier_ratio``: fd / floor),
+  ``sample_precision`` / ``sample_recall`` (k-NN manifolds, k = 3) and ``sample_precision_real`` /
+  ``sample_recall_real`` (``*_ratio``: figure / real), ``sample_validity`` (fraction of samples whose
+  every factor head, or the label head on data without factors, reads with probability >= 0.9;
+  ``sample_validity_real``) and ``sample_coverage`` (distinct factor combinations among valid samples /
+  the same for the test images; ``sample_coverage_real``). Beside them ``classifier_accuracy`` (the
+  classifier's main-head test accuracy) and ``features_trusted`` (1 when it is >= 0.9, else 0). The
+  model's own sampler gives the unprefixed figures; each ex-post sampler it carries (``sections.
+  EXTRA_SAMPLERS``) the same figures prefixed ``<name>_``;
 * ``probe_accuracy``: logistic regression on train latents -> labels, scored on test latents;
 * ``anomaly_auroc_class_<c>``: AUROC of per-image reconstruction MSE, class c (``anomaly_class``) vs the
   other classes, on the test split, and ``anomaly_threshold``: the ``anomaly_percentile`` percentile of
@@ -42,8 +50,10 @@ What is computed, where the family allows it:
   encoder);
 * ``mig`` and ``mig_<factor>`` (data with factors, flat latents): mutual information gap, 20 bins.
 
-Plots: ``samples.png``, ``reconstructions.png``, ``interpolation.png``, ``tsne.png`` (test latents
-coloured by label), ``loss_curves.png`` (``train/*loss`` and ``epoch/val_score`` from the MLflow run).
+Plots: ``samples.png`` (64 samples), ``samples_nearest.png`` (those samples beside their nearest training
+images in the classifier's feature space; both ``<name>_`` prefixed per ex-post sampler),
+``reconstructions.png``, ``interpolation.png``, ``tsne.png`` (test latents coloured by label),
+``loss_curves.png`` (``train/*loss`` and ``epoch/val_score`` from the MLflow run).
 
 Layout: this module is the orchestrator; ``job`` resolves and checks the inputs and talks to the
 training's MLflow run, ``sections`` holds one function per section above, ``inference`` runs a family

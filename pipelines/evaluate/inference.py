@@ -31,12 +31,6 @@ def encodes_by_optimisation(model) -> bool:
     return "steps" in inspect.signature(model.encode).parameters
 
 
-def samples_autoregressively(model) -> bool:
-    """Families that sample discrete codes from an autoregressive prior (VQ-VAE-2's ``sample_indices``):
-    one network step per code position, by far the slowest sampler here."""
-    return hasattr(model, "sample_indices")
-
-
 def encode_images(model, images: np.ndarray, kwargs: dict[str, Any], batch: int = BATCH):
     """Encode (N, H, W, C) uint8 images; returns latents (N, ...), reconstructions (N, C, H, W) float in
     [0, 1] and, for quantised families, the code indices (one (N, h, w) array per level) or None."""
@@ -59,12 +53,15 @@ def decode(model, latents: torch.Tensor, batch: int = BATCH) -> torch.Tensor:
         return torch.cat([model.decode(latents[i : i + batch]).images.float().clamp(0, 1) for i in range(0, len(latents), batch)])
 
 
-def sample(model, n: int, generator: torch.Generator, batch: int = 32) -> torch.Tensor:
-    """``n`` samples of the model, (n, C, H, W) float images in [0, 1]."""
+def sample(model, n: int, generator: torch.Generator, sampler: str | None = None, batch: int = 32) -> torch.Tensor:
+    """``n`` samples of the model, (n, C, H, W) float images in [0, 1]; ``sampler``: an ex-post sampler
+    the model carries (``model.sample(..., sampler=name)``), None for the model's own."""
+    kwargs = {} if sampler is None else {"sampler": sampler}
     # Small batches: an autoregressive prior's KV-cached step copies its whole cache each position,
     # so its cost grows faster than linearly with the batch (memory-bound); a CNN decoder does not care.
     with torch.no_grad():
-        out = [model.sample(min(batch, n - i), generator=generator).images.float().clamp(0, 1) for i in range(0, n, batch)]
+        out = [model.sample(min(batch, n - i), generator=generator, **kwargs).images.float().clamp(0, 1)
+               for i in range(0, n, batch)]
     return torch.cat(out)
 
 

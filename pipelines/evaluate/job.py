@@ -23,7 +23,6 @@ EVALUATE_SCHEMA: dict[str, Any] = {
     "iwae_k": int,
     "iwae_images": int,
     "num_samples": int,
-    "prior_samples": int,
     "split_images": int,
     "validation_images": int,
     "tsne_points": int,
@@ -41,7 +40,7 @@ EVALUATE_SCHEMA: dict[str, Any] = {
 # use ("recon_mse", "min") when they have an encoder, else ("fd_classifier", "min").
 PRIMARY_METRICS: dict[str, tuple[str, str]] = {
     "vae": ("iwae_nll", "min"),
-    "vqvae2": ("recon_mse", "min"),  # its FD rests on only prior_samples samples (slow sampler)
+    "vqvae2": ("fd_classifier", "min"),
     "gan": ("fd_classifier", "min"),
     "aae": ("fd_classifier", "min"),
     "glo": ("fd_classifier", "min"),
@@ -114,7 +113,7 @@ def resolve_evaluation(params: dict[str, Any], family: str) -> EvalJob:
 def _check_settings(params: dict[str, Any]) -> dict[str, Any]:
     """The ``evaluate`` section, typed by EVALUATE_SCHEMA and range-checked."""
     settings = check_keys(section(params, "evaluate"), EVALUATE_SCHEMA, "evaluate")
-    for key in ("iwae_k", "iwae_images", "num_samples", "prior_samples", "split_images", "validation_images",
+    for key in ("iwae_k", "iwae_images", "num_samples", "split_images", "validation_images",
                 "tsne_points", "optimised_encode_images", "interp_pairs", "interp_steps"):
         if settings[key] <= 0:
             raise ParamsError(f"params evaluate.{key} must be > 0, got {settings[key]}")

@@ -142,6 +142,43 @@ def precision_recall(real_features, fake_features, k: int = 3) -> tuple[float, f
 
 
 # ----------------------------------------------------------------------------------------------------
+# Reading samples with an attribute classifier (data with factors)
+
+
+def confident_readings(probs: Sequence, threshold: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
+    """Which images an attribute classifier reads confidently, and what it reads.
+
+    probs: one (N, K_f) array of class probabilities per factor head. Returns ``valid`` (N,) bool: every
+    head's top probability is >= ``threshold``; and ``readings`` (N, F) int: each head's argmax.
+    """
+    probs = [np.asarray(p, np.float64) for p in probs]
+    if not probs or any(p.ndim != 2 or len(p) != len(probs[0]) for p in probs):
+        raise ValueError(f"confident_readings: need one (N, K) array per head, got {[np.shape(p) for p in probs]}")
+    valid = np.stack([p.max(1) >= threshold for p in probs], 1).all(1)
+    return valid, np.stack([p.argmax(1) for p in probs], 1)
+
+
+def validity(probs: Sequence, threshold: float = 0.9) -> float:
+    """The fraction of images whose every factor is read with probability >= ``threshold``, in [0, 1]."""
+    return float(confident_readings(probs, threshold)[0].mean())
+
+
+def combinations_read(probs: Sequence, threshold: float = 0.9) -> int:
+    """How many distinct factor combinations the confidently read images show (0 when none is)."""
+    valid, readings = confident_readings(probs, threshold)
+    return len({tuple(r) for r in readings[valid]})
+
+
+def coverage_ratio(sample_probs: Sequence, real_probs: Sequence, threshold: float = 0.9) -> float:
+    """Coverage of the factor combinations: the distinct combinations among confidently read samples,
+    divided by the same count for as many real images (the fraction of all combinations each set
+    reaches, relative to what real data reaches at that count). ~1 for a model that covers the data, 1/R
+    for one that draws a single combination (R: the real set's count); NaN when no real image is read."""
+    real = combinations_read(real_probs, threshold)
+    return combinations_read(sample_probs, threshold) / real if real else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------------
 # Anomaly detection
 
 

@@ -1,5 +1,5 @@
-"""The evaluation's figures: image grids (samples, reconstructions, interpolations), the t-SNE of test
-latents and the training-loss curves, each written as one PNG."""
+"""The evaluation's figures: image grids (samples, samples beside their nearest training images,
+reconstructions, interpolations), the t-SNE of test latents and the training-loss curves, each one PNG."""
 
 from __future__ import annotations
 
@@ -13,6 +13,16 @@ from latentforge.pipelines.imaging import make_grid, save_png
 def grid_png(images: np.ndarray, path: Path, nrow: int | None = None) -> None:
     """(B, H, W, C) uint8 images as one grid PNG, upscaled (nearest) to about 128 pixels a tile."""
     save_png(make_grid(images, nrow=nrow), path, scale=max(1, 128 // images.shape[1]))
+
+
+def pair_grid_png(left: np.ndarray, right: np.ndarray, path: Path, gap: int = 4) -> None:
+    """Two grids of (B, H, W, C) uint8 images side by side (``left`` | ``right``, tile i of one beside
+    tile i of the other), a grey band between them, upscaled as :func:`grid_png`. Each tile gets a dark
+    grey frame: on data with black backgrounds the grid's black padding would not show where tiles end."""
+    framed = lambda x: np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=64)  # noqa: E731
+    a, b = make_grid(framed(left)), make_grid(framed(right))
+    band = np.full((a.shape[0], gap, 3), 128, dtype=np.uint8)
+    save_png(np.concatenate([a, band, b], axis=1), path, scale=max(1, 128 // left.shape[1]))
 
 
 def _pyplot():

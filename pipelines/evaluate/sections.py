@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -19,7 +20,14 @@ import numpy as np
 import torch
 
 from latentforge.models import PretrainedModel
-from latentforge.pipelines.classifier import DomainClassifier, embed_images, load_classifier
+from latentforge.pipelines.classifier import (
+    CONFIDENT,
+    DomainClassifier,
+    embed_images,
+    load_classifier,
+    read_images,
+    reading_heads,
+)
 from latentforge.pipelines.evaluate import metrics as M
 from latentforge.pipelines.evaluate.inference import (
     BATCH,
@@ -28,17 +36,18 @@ from latentforge.pipelines.evaluate.inference import (
     encode_kwargs,
     encodes_by_optimisation,
     sample,
-    samples_autoregressively,
     subset,
     validation_figures,
 )
 from latentforge.pipelines.evaluate.job import EvalJob, loss_history, primary_metric
-from latentforge.pipelines.evaluate.plots import grid_png, loss_png, tsne_png
+from latentforge.pipelines.evaluate.plots import grid_png, loss_png, pair_grid_png, tsne_png
 from latentforge.pipelines.imaging import batch_to_tensor, tensor_to_uint8
 from latentforge.pipelines.prepare import load_split
 
 PR_K = 3
 MIG_BINS = 20
+TRUSTED_ACCURACY = 0.9  # feature-space figures from a classifier below this main-head accuracy are untrusted
+NEAREST_GRID = 64  # samples shown beside their nearest training images
 
 
 @dataclass
@@ -64,7 +73,8 @@ class Evaluation:
     test_recons: torch.Tensor | None = None  # (n, C, H, W) their reconstructions
     test_indices: list[np.ndarray] | None = None  # code indices, one (n, h, w) array per level (quantised families)
     errors: np.ndarray | None = None  # (n,) per-image reconstruction MSE
-    samples: torch.Tensor | None = None  # (m, C, H, W) model samples in [0, 1]
+    samples: dict[str, torch.Tensor] = field(default_factory=dict)  # sampler -> (m, C, H, W) samples in [0, 1]
+    sample_features: dict[str, np.ndarray] = field(default_factory=dict)  # sampler -> (m, D) classifier features
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -240,34 +250,131 @@ def denoising(ev: Evaluation) -> bool:
 # Every family
 
 
+# The samplers evaluate draws from, in one place: the model's own (``model.sample(n, generator)``, its
+# figures unprefixed) and each ex-post sampler named here that the model carries fitted
+# (``model.sample(n, generator, sampler=name)``, its figures prefixed ``<name>_``: gmm_sample_precision).
+# name -> whether a model carries it.
+EXTRA_SAMPLERS: dict[str, Callable[[PretrainedModel], bool]] = {}
+MODEL_SAMPLER = "model"  # the name of the model's own sampler in info and plot names
+
+
+def sampler_names(model: PretrainedModel) -> list[str]:
+    """:data:`MODEL_SAMPLER`, then each of :data:`EXTRA_SAMPLERS` the model carries."""
+    return [MODEL_SAMPLER, *(name for name, carried in EXTRA_SAMPLERS.items() if carried(model))]
+
+
+def sampler_prefix(name: str) -> str:
+    """The prefix of a sampler's figures and plots: none for the model's own, ``<name>_`` for the others."""
+    return "" if name == MODEL_SAMPLER else f"{name}_"
+
+
 def samples(ev: Evaluation) -> bool:
-    """Draw ``num_samples`` samples (``prior_samples`` for autoregressive priors) and queue their grid."""
-    key = "prior_samples" if samples_autoregressively(ev.model) else "num_samples"
-    n = min(ev.settings[key], len(ev.test["images"]))
-    ev.samples = sample(ev.model, n, ev.generator(4))
-    ev.plots["samples.png"] = lambda p, x=ev.samples[:64]: grid_png(tensor_to_uint8(x), p)
+    """Draw ``num_samples`` samples from each sampler (timed: ``info.sampling``) and queue their grids."""
+    n = min(ev.settings["num_samples"], len(ev.test["images"]))
+    ev.info["sampling"] = {}
+    for name in sampler_names(ev.model):
+        t0 = time.perf_counter()
+        x = sample(ev.model, n, ev.generator(4), sampler=None if name == MODEL_SAMPLER else name)
+        seconds = time.perf_counter() - t0
+        ev.samples[name] = x
+        ev.info["sampling"][name] = {"samples": n, "seconds": round(seconds, 2), "ms_per_sample": round(1000 * seconds / n, 2)}
+        ev.plots[f"{sampler_prefix(name)}samples.png"] = lambda p, x=x[:64]: grid_png(tensor_to_uint8(x), p)
+    ev.info["counts"]["samples"] = int(n)
     return True
 
 
 def sample_quality(ev: Evaluation) -> bool:
-    """``fd_classifier``, ``sample_precision`` / ``sample_recall`` against as many test images, and
-    ``fd_classifier_floor`` (as many test vs train images), in the classifier's feature space."""
-    n = len(ev.samples)
-    real_rows = subset(np.random.default_rng(ev.seed + 4), len(ev.test["images"]), n)
-    real_feats, _ = embed_images(ev.classifier, ev.test["images"][real_rows])
-    fake_feats, _ = embed_images(ev.classifier, ev.samples)
-    ev.metrics["fd_classifier"] = M.frechet_distance_features(real_feats, fake_feats)
-    ev.metrics["sample_precision"], ev.metrics["sample_recall"] = M.precision_recall(real_feats, fake_feats, k=PR_K)
-    floor_rows = subset(np.random.default_rng(ev.seed + 5), len(ev.train["images"]), n)
-    floor_feats = embed_images(ev.classifier, ev.train["images"][floor_rows])[0]
-    ev.metrics["fd_classifier_floor"] = M.frechet_distance_features(real_feats, floor_feats)
-    ev.info["counts"]["samples"] = int(n)
+    """The figures of each sampler's samples, read by the domain classifier, against ``n`` test images,
+    each beside its value for ``n`` train images (a disjoint real set: what a perfect model scores at
+    this ``n``). Unprefixed for the model's own sampler, ``<name>_`` for the others:
+
+    * ``fd_classifier`` (floor ``fd_classifier_floor``; ``fd_classifier_ratio`` = fd / floor, ~1 is
+      perfect), ``sample_precision`` / ``sample_recall`` (ceilings ``sample_precision_real`` /
+      ``sample_recall_real``; ``*_ratio`` = figure / ceiling): the feature space;
+    * ``sample_validity`` (fraction of samples whose every factor is read with probability >= 0.9;
+      ``sample_validity_real``) and ``sample_coverage`` (distinct factor combinations among valid samples
+      / the same for the test images; ``sample_coverage_real``: the train images' ratio): the heads;
+    * ``classifier_accuracy`` (the main head's test accuracy) and ``features_trusted`` (1 when it is
+      >= 0.9, else 0: the figures above are only as good as the classifier).
+    """
+    n = ev.info["counts"]["samples"]
+    heads = reading_heads(ev.classifier.heads)
+    test_rows = subset(np.random.default_rng(ev.seed + 4), len(ev.test["images"]), n)
+    train_rows = subset(np.random.default_rng(ev.seed + 5), len(ev.train["images"]), n)
+    real = read_images(ev.classifier, ev.test["images"][test_rows])
+    other = read_images(ev.classifier, ev.train["images"][train_rows])
+    ceiling = _sample_figures(real, other, heads)
+    ev.metrics.update({
+        "fd_classifier_floor": ceiling["fd_classifier"],
+        "sample_precision_real": ceiling["sample_precision"],
+        "sample_recall_real": ceiling["sample_recall"],
+        "sample_validity_real": ceiling["sample_validity"],
+        "sample_coverage_real": ceiling["sample_coverage"],
+    })
+    readings = {"test_images": real[1], "train_images": other[1]}
+    for name, x in ev.samples.items():
+        fake = read_images(ev.classifier, x)
+        ev.sample_features[name], readings[f"samples_{name}"] = fake
+        figures = _sample_figures(real, fake, heads)
+        figures["fd_classifier_ratio"] = _ratio(figures["fd_classifier"], ceiling["fd_classifier"])
+        for key in ("sample_precision", "sample_recall"):
+            figures[f"{key}_ratio"] = _ratio(figures[key], ceiling[key])
+        ev.metrics.update({f"{sampler_prefix(name)}{k}": v for k, v in figures.items()})
+    trusted = _classifier_trust(ev)
+    combinations = {key: M.combinations_read([probs[h] for h in heads], CONFIDENT) for key, probs in readings.items()}
     ev.info["sample_metrics"] = {
         "features": f"domain classifier penultimate layer ({ev.cmeta['feature_dim']}-d), not Inception",
+        "features_trusted": trusted,
         "precision_recall_k": PR_K,
         "real": f"{n} test images",
-        "floor": f"fd_classifier between {n} test and {n} train images",
+        "ceiling": f"*_real, fd_classifier_floor: {n} train images against the same {n} test images",
+        "validity": f"every head of {', '.join(heads)} reads with probability >= {CONFIDENT}",
+        "coverage": "distinct combinations of those heads' readings among valid images / the same for the test images",
+        "combinations": {"possible": math.prod(ev.classifier.heads[h].out_features for h in heads), **combinations},
+        "samplers": list(ev.samples),
     }
+    return True
+
+
+def _classifier_trust(ev: Evaluation) -> bool:
+    """``classifier_accuracy`` (its main head's test accuracy, NaN when unknown) and ``features_trusted``
+    (1 when it is >= :data:`TRUSTED_ACCURACY`); returns whether it is."""
+    accuracy = ev.info["classifier"]["metrics"].get(f"test_accuracy_{ev.classifier.main_head}")
+    accuracy = float(accuracy) if isinstance(accuracy, (int, float)) else float("nan")
+    trusted = bool(accuracy >= TRUSTED_ACCURACY)
+    ev.metrics["classifier_accuracy"] = accuracy
+    ev.metrics["features_trusted"] = float(trusted)
+    return trusted
+
+
+def _sample_figures(real, fake, heads: list[str]) -> dict[str, float]:
+    """FD, precision, recall, validity and coverage of ``fake`` against ``real``; each a
+    :func:`read_images` result (features (N, D), head -> (N, K) probabilities)."""
+    (real_feats, real_probs), (fake_feats, fake_probs) = real, fake
+    precision, recall = M.precision_recall(real_feats, fake_feats, k=PR_K)
+    return {
+        "fd_classifier": M.frechet_distance_features(real_feats, fake_feats),
+        "sample_precision": precision,
+        "sample_recall": recall,
+        "sample_validity": M.validity([fake_probs[h] for h in heads], CONFIDENT),
+        "sample_coverage": M.coverage_ratio([fake_probs[h] for h in heads], [real_probs[h] for h in heads], CONFIDENT),
+    }
+
+
+def _ratio(value: float, reference: float) -> float:
+    return value / reference if reference > 0 else float("nan")
+
+
+def nearest_training(ev: Evaluation) -> bool:
+    """Queue ``<prefix>samples_nearest.png`` per sampler: 64 samples (left) beside the training image
+    nearest to each in the classifier's feature space (right): copies of training images show."""
+    train_feats = torch.from_numpy(read_images(ev.classifier, ev.train["images"])[0])
+    for name, x in ev.samples.items():
+        feats = torch.from_numpy(ev.sample_features[name][:NEAREST_GRID])
+        nearest = torch.cdist(feats, train_feats).argmin(1).numpy()
+        left, right = tensor_to_uint8(x[:NEAREST_GRID]), np.asarray(ev.train["images"][nearest])
+        ev.plots[f"{sampler_prefix(name)}samples_nearest.png"] = lambda p, a=left, b=right: pair_grid_png(a, b, p)
+    ev.info["counts"]["nearest_training_pool"] = int(len(train_feats))
     return True
 
 
@@ -422,6 +529,7 @@ SECTIONS: tuple[tuple[str, Callable[[Evaluation], bool]], ...] = (
     ("denoising", denoising),
     ("sampling", samples),
     ("sample metrics", sample_quality),
+    ("nearest training images", nearest_training),
     ("linear probe", linear_probe),
     ("anomaly", anomaly),
     ("interpolation", interpolation),

@@ -6,6 +6,7 @@ evaluation metrics are passed in, so that the policy has known numbers to rank.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,13 +18,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from latentforge.models import MODELS, train_step
 from latentforge.pipelines.cli import main
+from latentforge.pipelines.common.params import ParamsError
 from latentforge.pipelines.export import export_model, load_sessions
 from latentforge.pipelines.imaging import batch_to_tensor
 from latentforge.pipelines.prepare import load_split
-from latentforge.pipelines.registry import CHALLENGER, CHAMPION, Policy, RegistryError, list_models, promote, register
+from latentforge.pipelines.registry import (
+    CHALLENGER,
+    CHAMPION,
+    Gate,
+    Policy,
+    RegistryError,
+    check_gates,
+    list_models,
+    promote,
+    register,
+)
 from tests.pipelines.conftest import REPO, tiny_section
 
 PSNR = Policy("psnr", "max", 0.5)  # higher is better, by more than 0.5 dB
@@ -213,10 +226,18 @@ def test_champion_loads_in_a_fresh_process(store, exports, tmp_path):
     np.testing.assert_allclose(out["gan_images"], gan["generator"].run(["images"], {"noise": noise})[0], atol=1e-6)
 
 
+def _params_file(path: Path, params: dict, gates: dict | None) -> str:
+    """``params`` with the vae policy's gates replaced by ``gates`` (None: none), written to ``path``."""
+    params = json.loads(json.dumps(params))
+    params["registry"]["policies"]["vae"]["gates"] = gates
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return str(path)
+
+
 def test_cli(project, store, exports, monkeypatch, capsys):
-    root, _ = project
+    root, base = project
     uri, _ = store
-    params = str(root / "params.yaml")
+    params = _params_file(root / "params-nogates.yaml", base, None)  # these exports record no sample figures
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(root)  # the default export dir, artifacts/export/<family>, is relative
 
@@ -264,12 +285,106 @@ def test_params_policy():
     assert policy_for(params, "vae").metric_names == ["iwae_nll", "recon_mse"]
     assert policy_for(params, "ae") == Policy("recon_mse", "min", 0.0)  # the default entry
     for family, cls in MODELS.items():
-        # params.yaml and the built-in defaults agree, and rank first by what `evaluate` calls primary.
+        # params.yaml and the built-in defaults rank alike (params add gates), first by what `evaluate` calls primary.
         policy = policy_for(params, family)
-        assert policy == policy_for(None, family), family
+        assert dataclasses.replace(policy, gates=()) == policy_for(None, family), family
         assert (policy.metric, policy.mode) == primary_metric(family, cls.has_encoder), family
+    for family in params["train"]["families"]:  # every family the demo serves must generate to be champion
+        assert {g.metric for g in policy_for(params, family).gates} >= {"sample_validity", "sample_precision_ratio"}, family
     assert policy_for(apply_overrides(params, ["registry.policies.vae.margin=0.25"]), "vae").margin == 0.25
     with pytest.raises(ParamsError, match="mode must be min or max"):
         policy_for(apply_overrides(params, ["registry.policies.vae.mode=lowest"]), "vae")
     with pytest.raises(ParamsError, match=r"registry.policies.gan: unknown key\(s\) metrc"):
         policy_for({"registry": {"policies": {"gan": {"metrc": "fid", "mode": "min", "margin": 0}}}}, "gan")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Gates
+
+
+def test_gates_from_params():
+    policy = Policy.from_dict({"metric": "fd_classifier", "mode": "min", "margin": 0,
+                               "gates": {"sample_validity": ">= 0.5", "fd_classifier_ratio": "<3"}}, "registry.policies.gan")
+    assert policy.gates == (Gate("sample_validity", ">=", 0.5), Gate("fd_classifier_ratio", "<", 3.0))
+    assert Policy.from_dict(policy.to_dict(), "again") == policy  # to_dict is the params form
+    assert policy.failed_gates({"sample_validity": 0.5, "fd_classifier_ratio": 2.9}) == []
+    assert policy.failed_gates({"sample_validity": 0.49, "fd_classifier_ratio": 3.0}) == [
+        "sample_validity 0.49, needs >= 0.5", "fd_classifier_ratio 3, needs < 3"]
+    assert policy.failed_gates({"fd_classifier_ratio": 1.0}) == ["sample_validity not recorded, needs >= 0.5"]
+    for bad in ("0.5", "=> 0.5", ">= half", ">= nan", None):
+        with pytest.raises(ParamsError, match=r'registry.policies.gan.gates.sample_validity: expected "<op> <number>"'):
+            Policy.from_dict({"metric": "m", "mode": "min", "margin": 0, "gates": {"sample_validity": bad}},
+                             "registry.policies.gan")
+    with pytest.raises(ParamsError, match=r"registry.policies.vae.fallback: unknown key\(s\) gates"):
+        Policy.from_dict({"metric": "m", "mode": "min", "margin": 0,
+                          "fallback": {"metric": "n", "mode": "min", "margin": 0, "gates": {"n": "> 1"}}}, "registry.policies.vae")
+
+
+def test_gates_keep_a_failing_version_from_champion(store, exports):
+    uri, _ = store
+    name = "ae-gated"
+    gated = Policy("psnr", "max", 0.0, gates=(Gate("psnr", ">=", 19.0),))
+    # A first version that fails its gate becomes challenger, not champion: nothing is served.
+    register(exports["ae-worse"], uri, name=name)  # psnr 18
+    decision = promote(name, uri, policy=gated)
+    assert decision["alias"] == CHALLENGER and decision["failed_gates"] == ["psnr 18, needs >= 19"]
+    assert decision["reason"] == "challenger by policy: fails its gates: psnr 18, needs >= 19 (no champion)"
+    assert _aliases(uri, name) == {CHALLENGER: "1"}
+    # A gate that holds: the next version (psnr 20) becomes champion.
+    register(exports["ae-good"], uri, name=name)
+    decision = promote(name, uri, policy=gated)
+    assert decision["alias"] == CHAMPION and decision["failed_gates"] == []
+    assert _aliases(uri, name) == {CHAMPION: "2", CHALLENGER: "1"}
+    # Better by policy (21 > 20) but failing a stricter gate: the champion stays, and the reason says why.
+    register(exports["ae-better"], uri, name=name)
+    strict = Policy("psnr", "max", 0.0, gates=(Gate("psnr", ">=", 25.0),))
+    decision = promote(name, uri, policy=strict)
+    assert decision["alias"] == CHALLENGER and "psnr 21, needs >= 25 (champion stays version 2)" in decision["reason"]
+    assert _aliases(uri, name) == {CHAMPION: "2", CHALLENGER: "3"}
+    # A gate on a figure the version does not record fails, named.
+    missing = Policy("psnr", "max", 0.0, gates=(Gate("sample_validity", ">=", 0.5),))
+    decision = promote(name, uri, policy=missing)
+    assert decision["alias"] == CHALLENGER and decision["failed_gates"] == ["sample_validity not recorded, needs >= 0.5"]
+    assert _aliases(uri, name) == {CHAMPION: "2", CHALLENGER: "3"}
+    # By hand the version still becomes champion; the reason says which gate it fails.
+    decision = promote(name, uri, version=3, policy=strict)
+    assert decision["changed"] and decision["reason"] == "champion by hand (was version 2); it fails its gates: psnr 21, needs >= 25"
+    assert _aliases(uri, name) == {CHAMPION: "3"}
+    report = check_gates(name, uri, strict)
+    assert report["champion"] == 3 and report["versions"] == [
+        {"version": 3, "roles": ["newest", "champion"], "figures": {"psnr": 21.0}, "failed": ["psnr 21, needs >= 25"]}]
+
+
+def test_cli_gates(project, store, exports, monkeypatch, capsys):
+    root, base = project
+    uri, _ = store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+
+    def run(params, *argv):
+        code = main(list(argv) + ["--params", params])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    # The vae export records iwae_nll 10 and recon_mse 0.05; the registered model is vae-<data.name>.
+    holds = _params_file(root / "params-holds.yaml", base, {"recon_mse": "<= 0.1"})
+    fails = _params_file(root / "params-fails.yaml", base, {"recon_mse": "<= 0.01", "sample_validity": ">= 0.5"})
+    code, out, err = run(fails, "register", "--model", "vae", "--export-dir", str(exports["vae"]), "--promote")
+    assert code == 0, err
+    assert ("version 1: challenger by policy: fails its gates: recon_mse 0.05, needs <= 0.01; "
+            "sample_validity not recorded, needs >= 0.5 (no champion)") in out
+    code, _, err = run(fails, "gates", "--model", "vae")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "vae: vae-shapes version 1 (newest) fails recon_mse 0.05, needs <= 0.01" in err and "vae-shapes has no champion" in err
+
+    code, out, err = run(holds, "register", "--model", "vae", "--export-dir", str(exports["vae"]), "--promote")
+    assert code == 0 and "version 2: champion by policy: no champion before" in out, err
+    code, out, err = run(holds, "gates", "--model", "vae")
+    assert code == 0 and "vae-shapes version 2 (newest, champion): passes its gates: recon_mse 0.05 <= 0.1" in out, err
+
+    # By hand, against a gate the version fails: it is done, and said.
+    code, out, _ = run(fails, "promote", "--model", "vae", "--version", "1")
+    assert code == 0 and "vae-shapes version 1: champion by hand (was version 2); it fails its gates: recon_mse 0.05" in out
+    code, _, err = run(fails, "gates", "--model", "vae")
+    assert code == 2 and "vae-shapes version 1 (champion) fails" in err and "version 2 (newest) fails" in err
+    code, _, err = run(holds, "gates", "--model", "gan")  # never registered under gan-shapes here
+    assert code == 2 and "gan: no registered model 'gan-shapes'" in err

@@ -13,27 +13,69 @@ import torch
 import yaml
 
 from latentforge.models import MODELS, train_step
-from latentforge.pipelines.classifier import head_accuracies, load_classifier, run_classifier, train_classifier
+from latentforge.pipelines.classifier import (
+    CONFIDENT,
+    DEFAULT_OUTLIER_WEIGHT,
+    OUTLIER_KINDS,
+    head_accuracies,
+    load_classifier,
+    outlier_of_kind,
+    read_images,
+    reading_figures,
+    run_classifier,
+    synthetic_outliers,
+    train_classifier,
+)
 from latentforge.pipelines.cli import main
 from latentforge.pipelines.data import load_shapes
 from latentforge.pipelines.evaluate import EvaluationError, resolve_evaluation, run_evaluation
+from latentforge.pipelines.evaluate import metrics as M
+from latentforge.pipelines.evaluate import sections
 from latentforge.pipelines.imaging import batch_to_tensor
 from latentforge.pipelines.prepare import load_split
 from tests.pipelines.conftest import tiny_section
 
 
-def test_classifier_learns_shape_and_colour_at_16px():
+def test_classifier_learns_shape_and_colour_and_validity_measures_what_it_names():
+    """The classifier, trained with outlier exposure, learns shape and colour at 16 px, and on constructed
+    cases: real images are read confidently, blank and noise images are not (a classifier trained on real
+    images alone reads a black square confidently), a repeated real image covers one combination."""
     data = load_shapes(4500, seed=0, image_size=16)
     large = data.factors[:, 2] == 2  # 6-pixel shapes: a 3-pixel "small" one is hardly a shape at 16x16
     images, factors = data.images[large], data.factors[large]
     n_train = int(0.8 * len(images))
-    targets = {"factor_shape": factors[:, 0], "factor_colour": factors[:, 1]}
-    model = train_classifier(
-        images[:n_train], {k: v[:n_train] for k, v in targets.items()}, {"factor_shape": 5, "factor_colour": 8},
-        epochs=10, batch_size=32, lr=1.5e-3, seed=0,
-    )
-    accs = head_accuracies(model, images[n_train:], {k: v[n_train:] for k, v in targets.items()})
-    assert accs["factor_shape"] > 0.9 and accs["factor_colour"] > 0.9, accs
+    heads = {"factor_shape": 5, "factor_colour": 8}
+    targets = {"factor_shape": factors[:n_train, 0], "factor_colour": factors[:n_train, 1]}
+    model = train_classifier(images[:n_train], targets, heads, epochs=10, batch_size=32, lr=1.5e-3, seed=0,
+                             outlier_weight=0.5)
+    test = images[n_train:]
+    accs = head_accuracies(model, test, {"factor_shape": factors[n_train:, 0], "factor_colour": factors[n_train:, 1]})
+    assert accs["factor_shape"] > 0.9 and accs["factor_colour"] > 0.9, accs  # outlier exposure keeps the accuracy
+
+    def probs(x):
+        return [read_images(model, x)[1][h] for h in heads]
+
+    rng = np.random.default_rng(0)
+    blank = np.zeros_like(test[:200])
+    noise = rng.integers(0, 256, size=test[:200].shape, dtype=np.uint8)
+    repeated = np.repeat(test[:1], 200, axis=0)
+    assert M.validity(probs(test), CONFIDENT) > 0.9
+    assert M.validity(probs(blank), CONFIDENT) < 0.1 and M.validity(probs(noise), CONFIDENT) < 0.1
+    assert M.combinations_read(probs(repeated), CONFIDENT) == 1
+    real_combinations = M.combinations_read(probs(test[:200]), CONFIDENT)
+    assert real_combinations > 20
+    assert M.coverage_ratio(probs(repeated), probs(test[:200]), CONFIDENT) == pytest.approx(1 / real_combinations)
+    figures = reading_figures(model, test, seed=0)
+    assert figures["test_validity"] > 0.9 and figures["outlier_validity"] < 0.1, figures
+
+
+def test_synthetic_outliers_keep_shape_and_range():
+    x = torch.rand(13, 3, 16, 16)
+    out = synthetic_outliers(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and 0 <= out.min() and out.max() <= 1
+    assert torch.equal(out[0], out[0, :, :1, :1].expand(3, 16, 16))  # row 0: a constant image
+    patches = outlier_of_kind("patches", x[:2], x, torch.Generator().manual_seed(0))
+    assert torch.allclose(patches.sum((2, 3)), x[:2].sum((2, 3)), atol=1e-4)  # the same pixels, moved
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -52,7 +94,7 @@ def evaluated(project, tmp_path_factory, monkeypatch_module):
     data_dir = Path(params["data"]["output_dir"]) / params["data"]["name"]
     test = load_split(data_dir, "test")
     params["evaluate"].update(
-        iwae_k=4, iwae_images=8, num_samples=20, prior_samples=8, split_images=64, validation_images=16,
+        iwae_k=4, iwae_images=8, num_samples=20, split_images=64, validation_images=16,
         tsne_points=20, interp_pairs=3, interp_steps=4,
         anomaly_class=int(test["labels"][0]), output_dir=str(root / "evaluate"),
     )
@@ -100,7 +142,9 @@ def test_classifier_stage_writes_model_and_test_accuracy(evaluated):
     out = Path(params["classifier"]["output_dir"]) / params["data"]["name"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"test_accuracy_label", "test_accuracy_factor_shape", "test_accuracy_factor_colour"} <= set(metrics)
+    assert {"test_validity", "outlier_validity", *(f"outlier_validity_{k}" for k in OUTLIER_KINDS)} <= set(metrics)
     model, meta = load_classifier(out)
+    assert meta["settings"]["outlier_weight"] == DEFAULT_OUTLIER_WEIGHT  # params without the key: the default
     assert meta["heads"]["label"] == 40 and meta["heads"]["factor_shape"] == 5
     assert model.features(torch.rand(2, 3, 16, 16)).shape == (2, meta["feature_dim"])
 
@@ -113,7 +157,10 @@ def test_evaluate_writes_metrics_and_plots(evaluated):
     c = params["evaluate"]["anomaly_class"]
     expected = {
         "recon_mse", "recon_psnr_db", "recon_ssim", "elbo", "iwae_nll", "iwae_nll_bits_per_dim", "test_nelbo",
-        "fd_classifier", "fd_classifier_floor", "sample_precision", "sample_recall", "probe_accuracy",
+        "fd_classifier", "fd_classifier_floor", "fd_classifier_ratio", "sample_precision", "sample_recall",
+        "sample_precision_real", "sample_recall_real", "sample_precision_ratio", "sample_recall_ratio",
+        "sample_validity", "sample_validity_real", "sample_coverage", "sample_coverage_real",
+        "classifier_accuracy", "features_trusted", "probe_accuracy",
         f"anomaly_auroc_class_{c}", "anomaly_threshold", "interp_min_confidence", "mig", "mig_shape",
     }
     assert expected <= set(out), expected - set(out)
@@ -121,14 +168,46 @@ def test_evaluate_writes_metrics_and_plots(evaluated):
     assert out["iwae_nll"] <= -out["elbo"] + 50  # the IWAE bound is (noisily) no looser than the ELBO
     assert 0 <= out[f"anomaly_auroc_class_{c}"] <= 1 and out["anomaly_threshold"] > 0
     assert 0 <= out["sample_precision"] <= 1 and 0 <= out["sample_recall"] <= 1 and out["fd_classifier"] >= 0
+    assert 0 <= out["sample_validity"] <= 1 and out["sample_precision_real"] > 0
+    assert out["fd_classifier_ratio"] == pytest.approx(out["fd_classifier"] / out["fd_classifier_floor"])
+    # A one-epoch classifier on 240 images reads labels badly: its figures are marked untrusted.
+    accuracy = json.loads((Path(params["classifier"]["output_dir"]) / "shapes" / "metrics.json").read_text())["test_accuracy_label"]
+    assert out["classifier_accuracy"] == pytest.approx(accuracy) and out["features_trusted"] == float(accuracy >= 0.9)
     info = out["info"]
+    assert info["sample_metrics"]["features_trusted"] is (accuracy >= 0.9) and info["sample_metrics"]["samplers"] == ["model"]
+    assert info["sampling"]["model"]["samples"] == 20 and info["sampling"]["model"]["seconds"] >= 0
+    assert info["sample_metrics"]["combinations"]["possible"] == 5 * 8 * 3 * 3 * 3
     assert info["primary_metric"] == "iwae_nll" and info["primary_direction"] == "min"
     assert info["counts"]["iwae_images"] == 8 and info["counts"]["samples"] == 20 and info["iwae_k"] == 4
     assert info["counts"]["validation_step"] == 16 and info["counts"]["reconstruction"] == 24
     plots = {p.name for p in (folder / "plots").iterdir()}
-    assert plots == {"samples.png", "reconstructions.png", "interpolation.png", "tsne.png", "loss_curves.png"}
+    assert plots == {"samples.png", "samples_nearest.png", "reconstructions.png", "interpolation.png", "tsne.png", "loss_curves.png"}
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
     assert any("iwae" in line for line in lines)
+
+
+def test_an_extra_sampler_gets_its_own_figures_and_plots(evaluated, monkeypatch):
+    """An ex-post sampler the model carries (EXTRA_SAMPLERS) is drawn from like the model's own, with the
+    same figures and plots, prefixed with its name."""
+    _, _, job, _, client, _ = evaluated
+    ev = sections.load_evaluation(job, client)
+    own = ev.model.sample
+    calls = []
+
+    def sample(n, generator=None, sampler=None):
+        calls.append(sampler)
+        return own(n, generator=generator)
+
+    monkeypatch.setattr(ev.model, "sample", sample)
+    monkeypatch.setattr(sections, "EXTRA_SAMPLERS", {"gmm": lambda model: True, "flow": lambda model: False})
+    for section in (sections.samples, sections.sample_quality, sections.nearest_training):
+        assert section(ev)
+    assert set(calls) == {None, "gmm"} and list(ev.samples) == ["model", "gmm"]
+    for key in ("fd_classifier", "fd_classifier_ratio", "sample_precision_ratio", "sample_validity", "sample_coverage"):
+        assert key in ev.metrics and f"gmm_{key}" in ev.metrics
+    assert "gmm_fd_classifier_floor" not in ev.metrics  # the real ceilings are one per evaluation
+    assert {"samples.png", "gmm_samples.png", "samples_nearest.png", "gmm_samples_nearest.png"} <= set(ev.plots)
+    assert set(ev.info["sampling"]) == {"model", "gmm"}
 
 
 def test_evaluate_logs_to_the_training_run(evaluated):
@@ -140,7 +219,7 @@ def test_evaluate_logs_to_the_training_run(evaluated):
     files = {a.path for a in client.list_artifacts(job.run_id, "evaluate")}
     assert "evaluate/metrics.json" in files
     plots = {a.path for a in client.list_artifacts(job.run_id, "evaluate/plots")}
-    assert "evaluate/plots/loss_curves.png" in plots and "evaluate/plots/tsne.png" in plots
+    assert "evaluate/plots/loss_curves.png" in plots and "evaluate/plots/samples_nearest.png" in plots
 
 
 def test_wrong_image_shape_is_one_clear_error_and_writes_nothing(evaluated, tmp_path, capsys):
@@ -202,3 +281,18 @@ def test_resolve_rejects_bad_evaluate_params(evaluated):
         resolve_evaluation(bad, "vae")
     with pytest.raises(EvaluationError, match="no trained aae model"):
         resolve_evaluation(params, "aae")
+    bad = copy.deepcopy(params)
+    bad["evaluate"]["prior_samples"] = 100  # gone: every family draws num_samples
+    with pytest.raises(ParamsError, match="prior_samples"):
+        resolve_evaluation(bad, "vae")
+
+
+def test_classifier_params_check_outlier_weight(evaluated):
+    from latentforge.pipelines.classifier import resolve_classifier
+    from latentforge.pipelines.common.params import ParamsError
+
+    params, *_ = evaluated
+    bad = copy.deepcopy(params)
+    bad["classifier"]["outlier_weight"] = -1
+    with pytest.raises(ParamsError, match="outlier_weight must be >= 0"):
+        resolve_classifier(bad)

@@ -202,3 +202,35 @@ def test_interpolation_confidence():
     probs[0, 1] = [0.25, 0.25, 0.25, 0.25]  # one uncertain point on the first path
     assert M.interpolation_confidence(probs) == pytest.approx((0.25 + 1.0) / 2)
     assert math.isclose(M.interpolation_confidence(np.full((1, 2, 4), 0.25)), 0.25)
+
+
+# -- reading samples (validity, coverage) -------------------------------------------------------------
+
+
+def _one_hot(labels, k, confidence=1.0):
+    p = np.full((len(labels), k), (1 - confidence) / (k - 1))
+    p[np.arange(len(labels)), labels] = confidence
+    return p
+
+
+def test_validity_needs_every_head_confident():
+    shape = _one_hot([0, 1, 2, 3], 5)
+    colour = np.stack([_one_hot([0], 8, 0.95)[0], _one_hot([1], 8, 0.89)[0], _one_hot([2], 8)[0], np.full(8, 1 / 8)])
+    valid, readings = M.confident_readings([shape, colour], 0.9)
+    assert valid.tolist() == [True, False, True, False]
+    assert readings.tolist() == [[0, 0], [1, 1], [2, 2], [3, 0]]
+    assert M.validity([shape, colour], 0.9) == 0.5
+    assert M.validity([np.full((6, 5), 0.2)], 0.9) == 0.0  # uniform readings: nothing is valid
+
+
+def test_coverage_counts_distinct_confident_combinations():
+    rng = np.random.default_rng(0)
+    real = [_one_hot(rng.integers(0, 5, 300), 5), _one_hot(rng.integers(0, 8, 300), 8)]
+    combinations = M.combinations_read(real, 0.9)
+    assert combinations == len({(a, b) for a, b in zip(real[0].argmax(1), real[1].argmax(1))}) and combinations > 30
+    assert M.coverage_ratio(real, real, 0.9) == 1.0
+    repeated = [np.repeat(p[:1], 300, axis=0) for p in real]  # one image, 300 times
+    assert M.combinations_read(repeated, 0.9) == 1
+    assert M.coverage_ratio(repeated, real, 0.9) == pytest.approx(1 / combinations)
+    unread = [np.full((300, 5), 0.2), np.full((300, 8), 1 / 8)]
+    assert M.coverage_ratio(unread, real, 0.9) == 0.0 and math.isnan(M.coverage_ratio(real, unread, 0.9))
