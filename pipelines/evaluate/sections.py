@@ -254,7 +254,10 @@ def denoising(ev: Evaluation) -> bool:
 # figures unprefixed) and each ex-post sampler named here that the model carries fitted
 # (``model.sample(n, generator, sampler=name)``, its figures prefixed ``<name>_``: gmm_sample_precision).
 # name -> whether a model carries it.
-EXTRA_SAMPLERS: dict[str, Callable[[PretrainedModel], bool]] = {}
+EXTRA_SAMPLERS: dict[str, Callable[[PretrainedModel], bool]] = {
+    # the ex-post Gaussian mixture the train stage fits to the encoded training latents (models/samplers.py)
+    "gmm": lambda model: getattr(getattr(model, "latent_sampler", None), "kind", None) == "gmm",
+}
 MODEL_SAMPLER = "model"  # the name of the model's own sampler in info and plot names
 
 

@@ -45,8 +45,10 @@ def repo_copy(tmp_path) -> Path:
     params["train"].update(epochs=1, family_epochs=None, batch_size=16, families=["vae"], log_every_steps=2)
     params["train"]["models"] = {"vae": tiny_section("vae")}
     params["classifier"].update(epochs=1, widths=[8, 16], feature_dim=32)
-    params["evaluate"].update(iwae_k=4, iwae_images=16, num_samples=32, prior_samples=8, split_images=64,
+    params["evaluate"].update(iwae_k=4, iwae_images=16, num_samples=32, split_images=64,
                               validation_images=32, tsne_points=40, interp_pairs=2, interp_steps=3)
+    # An untrained tiny VAE cannot pass the demo's sample-quality gates; the pipeline still needs a champion.
+    params["registry"]["policies"]["vae"]["gates"] = None
     params["text"].update(encoder="hashed", hashed_dim=256, epochs=2, hidden_dim=32, eval_prompts=16, cpus_per_worker=1,
                           captioner_epochs=3)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
