@@ -226,7 +226,7 @@ def sampler_settings(value: dict[str, Any] | None) -> dict[str, Any] | None:
         raise ParamsError(f"params train.sampler.max_images must be an int >= 1, got {max_images!r}")
     try:
         config = GaussianMixtureConfig.from_dict(values)
-    except (ConfigError, TypeError) as exc:
+    except ConfigError as exc:
         # "GaussianMixtureConfig.components must be >= 1" -> "params train.sampler.components must be >= 1"
         raise ParamsError(f"params {str(exc).replace('GaussianMixtureConfig.', 'train.sampler.')}") from None
     return {"kind": kind, "max_images": max_images, **config.to_dict()}
