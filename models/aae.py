@@ -8,7 +8,9 @@ acting as the generator, learns to fool it. Three phases per step, each with its
 * ``"disc"``:  the discriminator separates prior samples (label 1) from codes (label 0, detached);
 * ``"gen"``:   the encoder minimises -log D(code) (the non-saturating generator loss).
 
-Because the codes then follow the prior, ``sample`` decodes prior draws.
+Because the codes then follow the prior, ``sample`` decodes prior draws; ``sample(sampler="gmm")`` decodes
+draws from a mixture fitted to the codes after training (models/samplers.py), closer to where they lie
+when the match is loose.
 """
 
 from __future__ import annotations
@@ -152,8 +154,17 @@ class AAE(PretrainedModel):
         return DecoderOutput(images=torch.sigmoid(self.decoder(z)))
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None, noise: Tensor | None = None) -> DecoderOutput:
-        """Decode n prior draws prior_std * N(0, I); ``noise`` (n, latent_dim), standard normal, replaces the draw."""
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, noise: Tensor | None = None,
+        sampler: str = "prior", uniform: Tensor | None = None,
+    ) -> DecoderOutput:
+        """Decode n latents. ``sampler="prior"``: prior_std * N(0, I), ``noise`` (n, latent_dim), standard
+        normal, replaces the draw. ``sampler="gmm"``: z from the fitted ``latent_sampler``
+        (models/samplers.py); ``noise`` and ``uniform`` (n,) together replace its draw."""
+        if sampler != "prior":
+            return self.sample_latent_sampler(sampler, n, generator, noise, uniform)
+        if uniform is not None:
+            raise ValueError("sample: uniform is only used by a fitted latent sampler (sampler='gmm')")
         like = next(self.parameters())
         z = standard_normal(n, self.config.latent_dim, like, generator, noise) * self.config.prior_std
         return self.decode(z)

@@ -120,9 +120,22 @@ class CodeAutoEncoder(PretrainedModel):
         check_latent(latent, (self.config.latent_dim,), "decode")
         return DecoderOutput(images=self.images_of(self.logits_of(latent)))
 
-    def sample(self, n: int, generator: torch.Generator | None = None, noise: Tensor | None = None) -> DecoderOutput:
-        """n images decoded from codes drawn from the running Gaussian of training codes (module doc);
-        ``noise``: (n, latent_dim) standard normal, else drawn from ``generator``."""
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return (self.config.latent_dim,)
+
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, noise: Tensor | None = None,
+        sampler: str = "prior", uniform: Tensor | None = None,
+    ) -> DecoderOutput:
+        """n images. ``sampler="prior"``: decoded from codes drawn from the running Gaussian of training
+        codes (module doc); ``noise``: (n, latent_dim) standard normal, else drawn from ``generator``.
+        ``sampler="gmm"``: codes from the fitted ``latent_sampler`` (models/samplers.py); ``noise`` and
+        ``uniform`` (n,) together replace its draw."""
+        if sampler != "prior":
+            return self.sample_latent_sampler(sampler, n, generator, noise, uniform)
+        if uniform is not None:
+            raise ValueError("sample: uniform is only used by a fitted latent sampler (sampler='gmm')")
         codes = self.codes.sample(n, generator, noise)
         # Variants without a code activation (conv, LSTM, linear) have unbounded codes: nothing to clip.
         return self.decode(_clip_codes(codes, getattr(self.config, "activation", "identity")))

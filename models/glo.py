@@ -250,8 +250,23 @@ class GLO(PretrainedModel):
         return DecoderOutput(images=torch.sigmoid(self.decoder(F.normalize(z, dim=1))))
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None, noise: Tensor | None = None) -> DecoderOutput:
-        """Decode n draws from the Gaussian fitted to the learned codes; ``noise`` (n, latent_dim), standard
-        normal, replaces the draw."""
+    def learned_codes(self) -> Tensor:
+        """The training images' codes on the unit sphere, (num_samples, latent_dim): what an ex-post latent
+        sampler is fitted to (GLO has no amortised encoder to encode images with)."""
+        return F.normalize(self.codes.weight.detach(), dim=1)
+
+    @torch.no_grad()
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, noise: Tensor | None = None,
+        sampler: str = "prior", uniform: Tensor | None = None,
+    ) -> DecoderOutput:
+        """Decode n latents. ``sampler="prior"``: draws from the Gaussian fitted to the learned codes,
+        ``noise`` (n, latent_dim), standard normal, replaces the draw. ``sampler="gmm"``: z from the fitted
+        ``latent_sampler`` (a mixture over :meth:`learned_codes`); ``noise`` and ``uniform`` (n,) together
+        replace its draw. Either way decode projects z onto the sphere."""
+        if sampler != "prior":
+            return self.sample_latent_sampler(sampler, n, generator, noise, uniform)
+        if uniform is not None:
+            raise ValueError("sample: uniform is only used by a fitted latent sampler (sampler='gmm')")
         noise = standard_normal(n, self.config.latent_dim, self.codes.weight, generator, noise)
         return self.decode(self.latent_from_noise(noise))

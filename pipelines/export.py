@@ -17,7 +17,14 @@ Graphs (inputs -> outputs; ``B`` is the dynamic batch):
   (vqvae2). Not for gan (no encoder) nor glo (its encoder is an optimisation).
 * ``decoder``: ``latent`` (B, *latent_shape) -> ``images``; vqvae2: ``top_indices``, ``bottom_indices``.
 * ``generator``: ``noise`` (B, *noise_shape) standard normal -> ``images``: ``model.sample(noise=)``,
-  for every family whose ``sample`` takes noise (all but vqvae2).
+  for every family whose ``sample`` takes noise (all but vqvae2): the ``"prior"`` sampler.
+* ``generator_<kind>`` (a model with a fitted ``latent_sampler``, models/samplers.py, kind ``gmm``):
+  ``noise`` (B, D) standard normal and ``uniform`` (B,) in [0, 1) -> ``images``: the sampler's
+  deterministic ``transform`` then ``decode``, ``model.sample(sampler=<kind>, noise=, uniform=)``.
+
+The manifest's ``sampling`` names the samplers an export offers (``samplers``: ``["prior", "gmm"]``),
+the one to use when a caller names none (``default_sampler``: the fitted one where there is one, since
+it draws latents where the decoder was trained) and each one's graph (``sampler_graphs``).
 * vqvae2: ``prior_top_step`` (``prev_token`` (B,), ``position`` () int64, ``cache``) -> ``logits``
   (B, K), ``new_kv`` (2, layers, B, heads, 1, hd): this position's keys and values, which the sampler
   writes into slot ``position`` of its cache (manifest ``step_output: new_kv``; exports before it output
@@ -113,6 +120,22 @@ class _CodeDistributionGenerator(nn.Module):
     def forward(self, noise: Tensor) -> Tensor:
         latent = nn.functional.normalize(self.mean + noise @ self.scale_tril_t, dim=1)
         return self.model.decode(latent).images
+
+
+class _SamplerGenerator(nn.Module):
+    """noise (B, D), uniform (B,) -> images: a fitted latent sampler's ``transform``, then ``decode``.
+
+    The sampler is kept out of the model's module tree (models/base.py), so it is registered here,
+    where the exporter sees its buffers as the graph's weights. Parity is checked against
+    ``model.sample(sampler=...)`` itself.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.sampler = model, model.latent_sampler
+
+    def forward(self, noise: Tensor, uniform: Tensor) -> Tensor:
+        return self.model.decode(self.sampler.transform(noise, uniform)).images
 
 
 class _PriorStep(nn.Module):
@@ -294,8 +317,35 @@ def _plan(model: nn.Module, images: Tensor) -> tuple[list[Graph], dict, dict]:
 
         graphs.append(Graph("generator", module, {"noise": (lat, "float32")}, {"images": (img, "float32")},
                             (noise[:2],), {"noise": 0}, check_generator))
-        sampling = {"kind": "noise", "graph": "generator", "noise_shape": latent_shape, "distribution": "standard_normal"}
+        sampling = {"kind": "noise", "graph": "generator", "noise_shape": latent_shape, "distribution": "standard_normal",
+                    "samplers": ["prior"], "default_sampler": "prior", "sampler_graphs": {"prior": "generator"}}
+        if model.latent_sampler is not None:
+            _plan_sampler(graphs, sampling, model, img, gen)
     return graphs, {"kind": kind, "shape": latent_shape}, sampling
+
+
+def _plan_sampler(graphs: list[Graph], sampling: dict, model: nn.Module, img: list, gen: torch.Generator) -> None:
+    """Append the graph of the model's fitted latent sampler (``generator_<kind>``) to ``graphs`` and
+    make it the default sampler in ``sampling``. Parity: random noise with uniforms that pick every
+    component, the ends of [0, 1) included."""
+    kind, dim = model.latent_sampler.kind, model.latent_sampler.dim
+    name = f"generator_{kind}"
+    weights = model.latent_sampler.weights.detach().float().cpu()
+    cumulative = torch.cumsum(weights, 0) / weights.sum()
+    middles = cumulative - weights / weights.sum() / 2  # the middle of each component's interval
+    uniform = torch.cat([torch.tensor([0.0, 1.0 - 2.0**-24]), middles])
+    noise = torch.randn((len(uniform), dim), generator=gen)
+
+    def check_sampler(session, atol):
+        ref = model.sample(len(noise), noise=noise, uniform=uniform, sampler=kind).images
+        feed = {"noise": noise, "uniform": uniform}
+        return compare(name, session, feed, {"images": ref}, atol, "random noise and uniforms"), {}
+
+    graphs.append(Graph(name, _SamplerGenerator(model), {"noise": ([None, dim], "float32"), "uniform": ([None], "float32")},
+                        {"images": (img, "float32")}, (noise[:2], uniform[:2]), {"noise": 0, "uniform": 0}, check_sampler))
+    sampling["samplers"].append(kind)
+    sampling["sampler_graphs"][kind] = name
+    sampling["default_sampler"] = kind
 
 
 def _plan_vqvae2(model, images: Tensor, gen: torch.Generator, img: list) -> tuple[list[Graph], dict, dict]:
@@ -338,6 +388,8 @@ def _plan_vqvae2(model, images: Tensor, gen: torch.Generator, img: list) -> tupl
     }
     sampling = {
         "kind": "prior",
+        "samplers": ["prior"],
+        "default_sampler": "prior",
         "num_codes": k,
         "order": ["top", "bottom"],  # bottom is conditioned on top
         "levels": levels,

@@ -9,7 +9,10 @@ prepared data's manifest), then :func:`run_training` runs it on a Ray Train ``To
 * every epoch a validation pass, every ``checkpoint_every`` epochs a checkpoint: the model's
   ``save_pretrained`` directory plus the optimiser state, scored by the family's validation metric;
 * MLflow (rank 0 only): params, per-step and per-epoch metrics, sample/reconstruction grids, system
-  metrics; the driver creates the run so that a resumed run (same run name) logs into the same one.
+  metrics; the driver creates the run so that a resumed run (same run name) logs into the same one;
+* after training, the driver fits the ex-post latent sampler of ``train.sampler`` (models/samplers.py)
+  to the encoded training images (GLO: to its learned codes) of every family with a flat latent, and
+  writes it into the model directory's ``sampler/`` folder (:func:`fit_sampler`).
 
 Running the same run name again resumes from its latest checkpoint (Ray Train restores the run from
 ``<storage_path>/<run name>``), and the MLflow run is found again by its ``latentforge.run_name`` tag.
@@ -33,14 +36,15 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from latentforge.models import MODELS, ConfigError, train_step
+from latentforge.models import MODELS, ConfigError, PretrainedModel, train_step
+from latentforge.models.samplers import GaussianMixtureConfig, GaussianMixtureSampler, encode_latents
 from latentforge.pipelines.common.cluster import cluster_resources, connect_ray, request_resources
 from latentforge.pipelines.common.errors import DataError, TrainingError
 from latentforge.pipelines.common.files import atomic_directory
 from latentforge.pipelines.common.params import ParamsError, apply_overrides, check_keys, section
 from latentforge.pipelines.common.tracking import experiment_id, git_commit, mlflow_client, tracking_uri
 from latentforge.pipelines.imaging import batch_to_tensor, make_grid, save_png, tensor_to_uint8
-from latentforge.pipelines.prepare import read_manifest
+from latentforge.pipelines.prepare import load_split, read_manifest
 from latentforge.runtime.store import absolute_uri
 
 # Ray and MLflow are imported where they are used: the training workers must never import MLflow
@@ -66,13 +70,17 @@ TRAIN_SCHEMA: dict[str, Any] = {
     "seed": int,
     "families": list,
     "models": dict,
+    "sampler": (dict, type(None)),
 }
 # train settings that are no `--set` key: sections of their own, or per-family (dotted keys set them).
-NOT_SET_KEYS = ("models", "families", "family_epochs")
+NOT_SET_KEYS = ("models", "families", "family_epochs", "sampler")
 LR_SCHEDULES = ("constant", "cosine")
 MLFLOW_SCHEMA: dict[str, Any] = {"tracking_uri": str, "experiment": str}
 # Model config fields that come from the prepared data, not from params.
 DATA_FIELDS = ("image_size", "channels", "num_samples")
+# train.sampler: the kinds of ex-post latent sampler, and its keys besides the GaussianMixtureConfig fields.
+SAMPLER_KINDS = ("gmm",)
+SAMPLER_MAX_IMAGES = 10_000  # default of train.sampler.max_images: training images encoded for the fit
 
 
 @dataclass
@@ -186,12 +194,42 @@ def _train_settings(
         train["num_workers"] = num_workers
     if use_gpu is not None:
         train["use_gpu"] = use_gpu
+    train["sampler"] = sampler_settings(train["sampler"])
     if train["lr_schedule"] not in LR_SCHEDULES:
         raise ParamsError(f"params train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {train['lr_schedule']!r}")
     for key in ("epochs", "batch_size", "num_workers", "checkpoint_every", "keep_checkpoints", "log_every_steps", "images_every"):
         if train[key] <= 0:
             raise ParamsError(f"params train.{key} must be > 0, got {train[key]}")
     return train
+
+
+def sampler_settings(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The checked ``train.sampler`` section with its defaults filled in, or None (no sampler).
+
+    ``kind``: one of :data:`SAMPLER_KINDS`; ``max_images``: at most this many training images (a seeded
+    subset) are encoded for the fit; every other key is a :class:`models.samplers.GaussianMixtureConfig`
+    field (``components``, ``covariance``, ``restarts`` ...). A bad key or value is a ParamsError naming it.
+    """
+    if value is None:
+        return None
+    values = dict(value)
+    known = {"kind", "max_images", *GaussianMixtureConfig.__dataclass_fields__}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ParamsError(f"params train.sampler: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    kind = values.pop("kind", None)
+    if kind not in SAMPLER_KINDS:
+        raise ParamsError(f"params train.sampler.kind must be one of {', '.join(SAMPLER_KINDS)} (or train.sampler: null "
+                          f"for none), got {kind!r}")
+    max_images = values.pop("max_images", SAMPLER_MAX_IMAGES)
+    if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
+        raise ParamsError(f"params train.sampler.max_images must be an int >= 1, got {max_images!r}")
+    try:
+        config = GaussianMixtureConfig.from_dict(values)
+    except ConfigError as exc:
+        # "GaussianMixtureConfig.components must be >= 1" -> "params train.sampler.components must be >= 1"
+        raise ParamsError(f"params {str(exc).replace('GaussianMixtureConfig.', 'train.sampler.')}") from None
+    return {"kind": kind, "max_images": max_images, **config.to_dict()}
 
 
 def _model_config(
@@ -352,7 +390,11 @@ def run_training(job: TrainJob, echo: Callable[[str], None] = print) -> dict[str
     best = result.get_best_checkpoint(metric="val_score", mode="min") or result.checkpoint
     if best is None:
         raise TrainingError(f"training {job.run_name} reported no checkpoint")
-    summary = _write_outputs(job, best, result.metrics, run_id, time.time() - t0)
+    try:
+        summary = _write_outputs(job, best, result.metrics, run_id, time.time() - t0, echo)
+    except Exception as exc:
+        client.set_terminated(run_id, status="FAILED")
+        raise TrainingError(f"writing the outputs of {job.run_name} failed: {type(exc).__name__}: {exc}") from exc
     client.log_artifacts(run_id, str(job.output_dir / "model"), artifact_path="model")
     client.log_artifact(run_id, str(job.output_dir / "metrics.json"))
     client.set_terminated(run_id, status="FINISHED")
@@ -370,14 +412,19 @@ def root_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[-1] if text else ''}"
 
 
-def _write_outputs(job: TrainJob, checkpoint, last_metrics: dict, run_id: str, seconds: float) -> dict[str, Any]:
-    """Copy the chosen checkpoint's model to ``<output_dir>/<family>/model`` and write ``metrics.json``
-    (both DVC stage outputs), atomically."""
+def _write_outputs(job: TrainJob, checkpoint, last_metrics: dict, run_id: str, seconds: float,
+                   echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Copy the chosen checkpoint's model to ``<output_dir>/<family>/model``, with the latent sampler of
+    ``train.sampler`` fitted to it (:func:`fit_sampler`), and write ``metrics.json`` (both DVC stage
+    outputs), atomically."""
     out = job.output_dir
     with atomic_directory(out) as tmp:
         with checkpoint.as_directory() as ckpt_dir:
             shutil.copytree(Path(ckpt_dir) / "model", tmp / "model")
             state = json.loads((Path(ckpt_dir) / "metrics.json").read_text())
+        sampler_fit = None
+        if job.train["sampler"] is not None:
+            sampler_fit = fit_sampler(tmp / "model", job.data_dir, job.train["sampler"], job.train["seed"], echo)
         summary = {
             "family": job.family,
             "run_name": job.run_name,
@@ -391,10 +438,74 @@ def _write_outputs(job: TrainJob, checkpoint, last_metrics: dict, run_id: str, s
             "last_epoch_metrics": {k: v for k, v in last_metrics.items() if isinstance(v, (int, float))},
             "data_hash": job.manifest["data_hash"],
             "seconds": round(seconds, 2),
+            "sampler": sampler_fit,
         }
         (tmp / "metrics.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     summary["model_dir"] = str(out / "model")
     return summary
+
+
+def fit_sampler(model_dir: Path, data_dir: str | Path, settings: dict[str, Any], seed: int,
+                echo: Callable[[str], None] = print) -> dict[str, Any] | None:
+    """Fit the ex-post latent sampler of ``settings`` (:func:`sampler_settings`) to the model saved in
+    ``model_dir`` and save the model again with it (its ``sampler/`` folder); returns the fit's figures
+    for ``metrics.json``, or None for a family without a flat latent (said in one ``echo`` line).
+
+    The latents: the encoder's point estimates (a VAE's mean) of at most ``max_images`` training images
+    (a subset seeded with ``seed``); GLO, which has no encoder, gives its learned codes instead. The
+    figures: components, covariance, latents and their dim, the mean log-likelihood per latent (nats)
+    of the training latents and of the val split's, and the seconds the fit took.
+    """
+    t0 = time.time()
+    model = PretrainedModel.from_pretrained(model_dir)
+    latents = _training_latents(model, Path(data_dir), settings["max_images"], seed)
+    if latents is None:
+        echo(f"latent sampler: none for {type(model).__name__} (no flat latent with an encoder or learned codes)")
+        return None
+    config = GaussianMixtureConfig.from_dict({k: v for k, v in settings.items() if k not in ("kind", "max_images")})
+    model.latent_sampler = GaussianMixtureSampler.fit(latents, config)
+    model.save_pretrained(model_dir)
+    fit = {
+        "kind": settings["kind"],
+        "components": config.components,
+        "covariance": config.covariance,
+        "latents": len(latents),
+        "dim": latents.shape[1],
+        "train_log_likelihood": float(model.latent_sampler.log_prob(latents).mean()),
+    }
+    if not hasattr(model, "learned_codes"):  # held-out latents: only an encoder gives them
+        val = _split_images(Path(data_dir), "val", settings["max_images"], seed)
+        if len(val):
+            fit["val_log_likelihood"] = float(model.latent_sampler.log_prob(encode_latents(model, val)).mean())
+    fit["seconds"] = round(time.time() - t0, 2)
+    echo(f"latent sampler: {config.components}-component {settings['kind']} ({config.covariance}) fitted to "
+         f"{fit['latents']} latents of dim {fit['dim']} in {fit['seconds']:.1f}s; mean log-likelihood "
+         f"{fit['train_log_likelihood']:.4g} (val {fit.get('val_log_likelihood', float('nan')):.4g})")
+    return fit
+
+
+def _training_latents(model, data_dir: Path, max_images: int, seed: int) -> torch.Tensor | None:
+    """(N, D) latents to fit a sampler to, N <= ``max_images``: GLO's learned codes, else the encoded
+    training images of a family with an encoder and a flat latent; None for the others (GAN: no
+    encoder; VQ-VAE-2: a grid of codes, sampled by its own prior)."""
+    generator = torch.Generator().manual_seed(seed)
+    if hasattr(model, "learned_codes"):
+        codes = model.learned_codes()
+        keep = torch.randperm(len(codes), generator=generator)[:max_images].sort().values
+        return codes[keep]
+    if not model.has_encoder or len(tuple(getattr(model, "latent_shape", ()) or ())) != 1:
+        return None
+    return encode_latents(model, _split_images(data_dir, "train", max_images, seed))
+
+
+def _split_images(data_dir: Path, split: str, max_images: int, seed: int) -> torch.Tensor:
+    """At most ``max_images`` images (N, C, H, W) in [0, 1] of a prepared split: a subset seeded with
+    ``seed``, in split order; an absent split gives none."""
+    if split not in read_manifest(data_dir)["splits"]:
+        return torch.zeros(0)
+    images = load_split(data_dir, split)["images"]
+    rows = np.random.default_rng(seed).permutation(len(images))[:max_images]
+    return batch_to_tensor(np.array(images[np.sort(rows)]))
 
 
 # ----------------------------------------------------------------------------------------------------

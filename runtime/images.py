@@ -4,7 +4,9 @@ An export directory (``pipelines.export.export_model``) holds ``manifest.json`` 
 :func:`load_sessions` opens one ``onnxruntime.InferenceSession`` per graph; :class:`ModelRuntime` wraps
 them with the operations serving offers (generate, encode, decode, reconstruct, interpolate,
 anomaly-score), each a few numpy lines over the graphs. Which operations a model offers follows from
-its manifest (:data:`CAPABILITIES`). VQ-VAE-2 samples by running its prior's single-step graphs in a
+its manifest (:data:`CAPABILITIES`), and so do its samplers (:func:`samplers`): ``"prior"`` and, where
+one was fitted after training, an ex-post latent sampler such as ``"gmm"``, whose graph takes
+``noise`` and ``uniform`` drawn here. VQ-VAE-2 samples by running its prior's single-step graphs in a
 loop here (:func:`sample_codes`), the randomness drawn by numpy and fed in: no graph draws random
 numbers.
 
@@ -190,6 +192,17 @@ def capabilities(manifest: dict) -> list[str]:
     return [op for op, supported in CAPABILITIES.items() if supported(manifest)]
 
 
+def samplers(manifest: dict) -> tuple[list[str], str | None]:
+    """``(samplers, default)`` of an export: the names ``generate`` accepts as ``sampler`` (``"prior"``
+    first) and the one it uses when none is named; ``([], None)`` for a model that cannot generate.
+    Exports from before samplers were recorded have the prior alone."""
+    sampling = manifest.get("sampling") or {}
+    if sampling.get("kind") not in ("noise", "prior"):
+        return [], None
+    names = list(sampling.get("samplers") or ["prior"])
+    return names, sampling.get("default_sampler") or names[0]
+
+
 # A graph call: (graph name, {input name: array with the batch first}) -> {output name: array}.
 RunGraph = Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]]
 
@@ -211,6 +224,7 @@ class ModelRuntime:
         self.latent_kind = manifest["latent"]["kind"]
         self.latent_shape = tuple(manifest["latent"]["shape"])
         self.capabilities = capabilities(manifest)
+        self.samplers, self.default_sampler = samplers(manifest)
 
     @classmethod
     def from_export(cls, export_dir: str | Path, name: str = "", version: str = "", alias: str | None = None,
@@ -241,17 +255,41 @@ class ModelRuntime:
         shape = self.manifest["sampling"]["noise_shape"]
         return (rng.standard_normal((n, *shape), dtype=np.float32) * np.float32(temperature)).astype(np.float32)
 
-    def generate(self, n: int, seed: int, temperature: float = 1.0, top_k: int | None = None,
-                 run: RunGraph | None = None) -> np.ndarray:
-        """``n`` new images (n, C, H, W) in [0, 1]; the same ``seed`` gives the same images.
+    def check_sampler(self, sampler: str | None) -> str:
+        """``sampler``, or the default one when None; a ``ValueError`` naming the choices when this export
+        has no such sampler."""
+        sampler = self.default_sampler if sampler is None else sampler
+        if sampler not in self.samplers:
+            have = ", ".join(self.samplers) or "none: it cannot generate"
+            raise ValueError(f"{self.name or self.manifest['family']} has no sampler {sampler!r} (it has: {have})")
+        return sampler
 
-        Noise families: the generator graph on :meth:`noise`; VQ-VAE-2: its prior (:func:`sample_codes`).
+    def sampler_feeds(self, sampler: str, n: int, rng: np.random.Generator, temperature: float
+                      ) -> tuple[str, dict[str, np.ndarray]]:
+        """``(graph, feeds)`` of one draw of a noise family with a checked ``sampler``: the prior's
+        generator on :meth:`noise`; a fitted sampler's graph on that noise and ``uniform`` (n,) in [0, 1)
+        (which picks the mixture component), both drawn from ``rng`` in that order. ``temperature``
+        scales the noise (the spread within a component), not the uniform."""
+        noise = self.noise(n, rng, temperature)
+        graph = (self.manifest["sampling"].get("sampler_graphs") or {}).get(sampler, "generator")
+        if sampler == "prior":
+            return graph, {"noise": noise}
+        return graph, {"noise": noise, "uniform": rng.random(n, dtype=np.float32)}
+
+    def generate(self, n: int, seed: int, temperature: float = 1.0, top_k: int | None = None,
+                 run: RunGraph | None = None, sampler: str | None = None) -> np.ndarray:
+        """``n`` new images (n, C, H, W) in [0, 1]; the same ``seed`` (and ``sampler``) gives the same images.
+
+        Noise families: the graph of ``sampler`` (default: :attr:`default_sampler`) on noise drawn from
+        the seed (:meth:`sampler_feeds`); VQ-VAE-2: its prior (:func:`sample_codes`). An unknown sampler
+        is a ``ValueError``.
         """
+        sampler = self.check_sampler(sampler)
         rng = np.random.default_rng(seed)
         if self.manifest["sampling"]["kind"] == "prior":
             return sample_codes(self.sessions, self.manifest, [(n, rng, temperature)], top_k)["images"]
-        run = run or self.run_graph
-        return run("generator", {"noise": self.noise(n, rng, temperature)})["images"]
+        graph, feeds = self.sampler_feeds(sampler, n, rng, temperature)
+        return (run or self.run_graph)(graph, feeds)["images"]
 
     def encode(self, images: np.ndarray, run: RunGraph | None = None) -> dict[str, np.ndarray]:
         """The encoder's outputs for images (B, C, H, W): ``mean``/``logvar``, ``latent`` or the code indices."""
@@ -290,6 +328,8 @@ class ModelRuntime:
             "alias": self.alias,
             "family": m["family"],
             "capabilities": self.capabilities,
+            "samplers": self.samplers,
+            "default_sampler": self.default_sampler,
             "image_shape": list(self.image_shape),
             "latent": m["latent"],
             "data": m.get("data"),

@@ -3,7 +3,8 @@
 :func:`run_demo` talks to a running app over HTTP only (it is what a user's client would do): for each
 model of ``GET /v1/models`` and each operation it offers, one request on real test images (the
 prepared test split) or on latents, the returned images written as PNG grids under ``out_dir``
-(``<model>-<operation>.png``). Returns one line per call, which ``latentforge serve --demo`` prints.
+(``<model>-<operation>.png``; generate also ``<model>-generate-<sampler>.png`` for each sampler
+other than the model's default). Returns one line per call, which ``latentforge serve --demo`` prints.
 """
 
 from __future__ import annotations
@@ -59,7 +60,12 @@ def run_demo(url: str, images: np.ndarray, out_dir: str | Path, timeout: float =
         tag = f"{name} v{model['version']}"
         if "generate" in can:
             out = post(name, "generate", {"n": 16, "seed": 0})
-            lines.append(f"{tag} generate: 16 images (seed 0) -> {_save(out['images'], out_dir / f'{name}-generate.png')}")
+            lines.append(f"{tag} generate: 16 images (seed 0, sampler {out['sampler']}) -> "
+                         f"{_save(out['images'], out_dir / f'{name}-generate.png')}")
+            for sampler in [s for s in model.get("samplers") or [] if s != out["sampler"]]:  # the others, to compare
+                other = post(name, "generate", {"n": 16, "seed": 0, "sampler": sampler})
+                path = _save(other["images"], out_dir / f"{name}-generate-{sampler}.png")
+                lines.append(f"{tag} generate: 16 images (seed 0, sampler {sampler}) -> {path}")
         if "reconstruct" in can:
             out = post(name, "reconstruct", {"images": pngs})
             path = _save(pngs + out["images"], out_dir / f"{name}-reconstruct.png")

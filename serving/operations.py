@@ -27,15 +27,19 @@ Draw = Callable[[int, int, float, Any], Awaitable[np.ndarray]]
 
 
 async def generate(rt: ModelRuntime, p: dict, run: Run, draw: Draw) -> dict:
-    """``n`` new images from ``seed`` (the same seed, the same images): the generator graph on noise,
-    or VQ-VAE-2's prior."""
+    """``n`` new images from ``seed`` (the same seed and sampler, the same images): the graph of the
+    request's ``sampler`` (default: the model's) on noise drawn from the seed, or VQ-VAE-2's prior."""
     n, seed, temperature = p["n"], p["seed"], p["temperature"]
+    try:
+        sampler = rt.check_sampler(p.get("sampler"))
+    except ValueError as exc:
+        raise BadInput("sampler", str(exc), status=422) from None
     if rt.manifest["sampling"]["kind"] == "prior":
         images = await draw(n, seed, temperature, p.get("top_k"))
     else:
-        noise = rt.noise(n, np.random.default_rng(seed), temperature)
-        images = np.clip((await run("generator", {"noise": noise}))["images"], 0.0, 1.0)
-    return {"seed": seed, "format": p["format"], "images": codec.encode_images(images, p["format"])}
+        graph, feeds = rt.sampler_feeds(sampler, n, np.random.default_rng(seed), temperature)
+        images = np.clip((await run(graph, feeds))["images"], 0.0, 1.0)
+    return {"seed": seed, "sampler": sampler, "format": p["format"], "images": codec.encode_images(images, p["format"])}
 
 
 async def text_decode(rt, p: dict, run: Run, draw: Draw) -> dict:

@@ -17,6 +17,9 @@ from latentforge.runtime.store import absolute_uri
 # An image in a request: a base64 PNG string (a data: URL is accepted too) or a (C, H, W) array in [0, 1].
 Image = Union[str, list[list[list[float]]]]
 Format = Literal["png", "array"]
+# Where generate draws latents from: the model's prior, or a Gaussian mixture fitted to the encoded
+# training images after training (models/samplers.py). GET /v1/models says which a model has.
+Sampler = Literal["prior", "gmm"]
 
 
 class Limits(BaseModel):
@@ -92,6 +95,9 @@ class GenerateRequest(_Request):
     temperature: float = Field(1.0, gt=0, le=100, allow_inf_nan=False,
                                description="scales the noise (noise families) or the prior's logits (VQ-VAE-2)")
     top_k: Optional[int] = Field(None, ge=1, description="VQ-VAE-2: sample among the k likeliest codes")
+    sampler: Optional[Sampler] = Field(None, description="where latents are drawn from: prior, or gmm (a mixture fitted "
+                                       "to the training latents); omitted: the model's default_sampler "
+                                       "(GET /v1/models lists each model's samplers)")
     format: Format = "png"
 
 
@@ -149,6 +155,7 @@ class ImagesResponse(_Response):
 
 class GenerateResponse(ImagesResponse):
     seed: int
+    sampler: str = Field(description="the sampler the images were drawn with")
 
 
 class TextDecodeResponse(_Response):

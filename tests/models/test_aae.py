@@ -9,6 +9,7 @@ import torch
 
 from latentforge.models import MODELS, ConfigError, PretrainedModel, train_step
 from latentforge.models.aae import AAE, AAEConfig
+from latentforge.models.samplers import GaussianMixtureConfig, fit_latent_sampler
 
 torch.set_num_threads(1)
 
@@ -110,6 +111,26 @@ def test_encode_decode_sample_and_roundtrip(tmp_path):
     loaded = PretrainedModel.from_pretrained(tmp_path / "aae")
     assert isinstance(loaded, AAE) and loaded.config == model.config
     torch.testing.assert_close(loaded.encode(x).latent, enc.latent)
+
+
+def test_sample_from_a_fitted_latent_sampler(tmp_path):
+    model = tiny(prior_std=2.0).eval()
+    with pytest.raises(ValueError, match="no such fitted latent sampler"):
+        model.sample(2, sampler="gmm")
+    with pytest.raises(ValueError, match="uniform is only used"):
+        model.sample(2, sampler="prior", uniform=torch.rand(2))
+    x = make_batch(n=16)["image"]
+    model.latent_sampler = fit_latent_sampler(model, x, GaussianMixtureConfig(components=2, restarts=1))
+    noise, uniform = torch.randn(3, 4), torch.rand(3)
+    # sampler="gmm": the mixture's transform of (noise, uniform), decoded; a generator reproduces a draw.
+    expected = model.decode(model.latent_sampler.transform(noise, uniform)).images
+    torch.testing.assert_close(model.sample(3, noise=noise, uniform=uniform, sampler="gmm").images, expected)
+    a = model.sample(4, generator=torch.Generator().manual_seed(1), sampler="gmm").images
+    torch.testing.assert_close(a, model.sample(4, generator=torch.Generator().manual_seed(1), sampler="gmm").images)
+    assert a.shape == (4, 1, 16, 16)
+    model.save_pretrained(tmp_path / "aae")
+    loaded = PretrainedModel.from_pretrained(tmp_path / "aae")
+    torch.testing.assert_close(loaded.sample(3, noise=noise, uniform=uniform, sampler="gmm").images, expected)
 
 
 @pytest.mark.parametrize("overrides", [{"recon_loss": "l1"}, {"prior_std": 0.0}, {"latent_dim": 0}, {"image_size": 30}])

@@ -27,6 +27,7 @@ from latentforge.models.autoencoders import (
     TiedAutoEncoder,
 )
 from latentforge.models.blocks import RunningGaussian, reconstruction_loss
+from latentforge.models.samplers import GaussianMixtureConfig, fit_latent_sampler
 
 AUTOENCODERS = ["ae", "mlp_ae", "conv_ae", "sparse_ae", "denoising_ae", "tied_ae", "lstm_ae", "linear_ae"]
 
@@ -279,6 +280,27 @@ def test_sample_draws_from_the_training_codes(name, tiny_model, batch_for):
         assert zero.shape[0] == 2 and torch.allclose(zero, expected.expand_as(zero), atol=1e-6)
         with pytest.raises(ValueError, match="noise"):
             model.sample(2, noise=torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("name", AUTOENCODERS)
+def test_sample_from_a_fitted_latent_sampler(name, tiny_model, batch_for):
+    model = tiny_model(name)
+    batch = batch_for(model.config)
+    fit(model, batch, steps=2)
+    model.eval()
+    assert model.latent_shape == (model.config.latent_dim,)
+    with pytest.raises(ValueError, match="no such fitted latent sampler"):
+        model.sample(2, sampler="gmm")
+    model.latent_sampler = fit_latent_sampler(model, batch["image"], GaussianMixtureConfig(components=2, restarts=1))
+    d = model.config.latent_dim
+    noise, uniform = torch.randn(3, d), torch.rand(3)
+    with torch.no_grad():
+        expected = model.decode(model.latent_sampler.transform(noise, uniform)).images
+    torch.testing.assert_close(model.sample(3, noise=noise, uniform=uniform, sampler="gmm").images, expected)
+    draw = model.sample(2, generator=torch.Generator().manual_seed(0), sampler="gmm").images
+    assert draw.shape == (2, *batch["image"].shape[1:])
+    with pytest.raises(ValueError, match="uniform is only used"):
+        model.sample(2, uniform=torch.rand(2))
 
 
 def test_running_code_statistics():

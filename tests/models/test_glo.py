@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from latentforge.models import MODELS, ConfigError, PretrainedModel, train_step
 from latentforge.models.glo import GLO, GLOConfig, laplacian_l1
+from latentforge.models.samplers import GaussianMixtureConfig, GaussianMixtureSampler
 
 torch.set_num_threads(1)
 
@@ -141,6 +142,28 @@ def test_sample_draws_from_the_fitted_code_gaussian(trained, tmp_path):
     assert isinstance(loaded, GLO)
     torch.testing.assert_close(loaded.codes.weight, model.codes.weight)
     torch.testing.assert_close(loaded.sample(5, generator=torch.Generator().manual_seed(0)).images, a)
+
+
+def test_sample_from_a_mixture_fitted_to_the_learned_codes(trained, tmp_path):
+    model, _ = trained
+    codes = model.learned_codes()
+    assert codes.shape == (N, 8)
+    torch.testing.assert_close(codes.norm(dim=1), torch.ones(N))
+    with pytest.raises(ValueError, match="no such fitted latent sampler"):
+        model.sample(2, sampler="gmm")
+    model.latent_sampler = GaussianMixtureSampler.fit(codes, GaussianMixtureConfig(components=2, restarts=1))
+    try:
+        noise, uniform = torch.randn(3, 8), torch.rand(3)
+        # Decoded on the sphere like the training codes: decode normalises the mixture's draw.
+        expected = model.decode(F.normalize(model.latent_sampler.transform(noise, uniform), dim=1)).images
+        torch.testing.assert_close(model.sample(3, noise=noise, uniform=uniform, sampler="gmm").images, expected)
+        model.save_pretrained(tmp_path / "glo")
+        loaded = PretrainedModel.from_pretrained(tmp_path / "glo")
+        torch.testing.assert_close(loaded.sample(3, noise=noise, uniform=uniform, sampler="gmm").images, expected)
+        # The prior is still the default.
+        torch.testing.assert_close(loaded.sample(2, noise=noise[:2]).images, model.sample(2, noise=noise[:2]).images)
+    finally:
+        model.latent_sampler = None  # the module fixture is shared
 
 
 def test_decode_projects_to_the_sphere():

@@ -13,6 +13,8 @@ from latentforge.models import MODELS, PretrainedModel, train_step
 from latentforge.pipelines import onnx_graphs
 from latentforge.pipelines.cli import main
 from latentforge.models.priors import pick_tokens
+from latentforge.models.samplers import GaussianMixtureConfig, GaussianMixtureSampler, fit_latent_sampler
+from latentforge.runtime.images import ModelRuntime
 from latentforge.pipelines.export import ExportError, export_model, load_sessions, pick_tokens_np, sample_vqvae2_onnx
 from latentforge.pipelines.imaging import batch_to_tensor
 from latentforge.pipelines.onnx_graphs import RANDOM_OPS, graph_op_types
@@ -26,12 +28,19 @@ MANIFEST_KEYS = {
 VQ_GRAPHS = {"encoder", "decoder", "prior_top_step", "prior_bottom_step", "prior_bottom_condition"}
 
 
+def with_sampler(family: str) -> bool:
+    """Whether the train stage fits a latent sampler to this family (a flat latent with an encoder, or
+    GLO's learned codes): the ``exported`` fixture fits one to those, as training would."""
+    return family not in ("gan", "vqvae2")
+
+
 def expected_graphs(family: str) -> set[str]:
     if family == "vqvae2":
         return VQ_GRAPHS
+    samplers = {"generator_gmm"} if with_sampler(family) else set()
     if family in ("gan", "glo"):
-        return {"decoder", "generator"}
-    return {"encoder", "decoder", "generator"}
+        return {"decoder", "generator", *samplers}
+    return {"encoder", "decoder", "generator", *samplers}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -68,7 +77,13 @@ def exported(tmp_path_factory, data_dir):
                 batch = {"image": train, "label": torch.zeros(16, dtype=torch.long), "index": torch.arange(16)}
                 for step in range(2):
                     train_step(model, optimizers, batch, step)
-            model_dir = model.eval().save_pretrained(root / "models" / family)
+            model.eval()
+            if with_sampler(family):  # what the train stage fits after training (3 components for 16 latents)
+                config = GaussianMixtureConfig(components=3, restarts=1)
+                codes = getattr(model, "learned_codes", None)
+                model.latent_sampler = (GaussianMixtureSampler.fit(codes(), config) if codes
+                                        else fit_latent_sampler(model, train, config))
+            model_dir = model.save_pretrained(root / "models" / family)
             out = root / "export" / family
             manifest = export_model(model_dir, data_dir, out, metrics={"recon_mse": 0.01}, source={"mlflow_run_id": "r1"})
             cache[family] = (out, manifest, model_dir)
@@ -90,6 +105,8 @@ def _feed(manifest: dict, graph: str, batch: int, test_images: np.ndarray, rng: 
             feed[name] = batch_to_tensor(np.array(test_images[:batch])).numpy()
         elif name == "position":
             feed[name] = np.array(3, dtype=np.int64)
+        elif name == "uniform":
+            feed[name] = rng.random(dims, dtype=np.float32)
         elif spec["dtypes"][name] == "int64":
             feed[name] = rng.integers(0, manifest["latent"]["num_codes"], size=dims, dtype=np.int64)
         else:
@@ -111,6 +128,8 @@ def _reference(model, graph: str, feed: dict) -> list[np.ndarray]:
             return [model.decode(t["latent"]).images.numpy()]
         if graph == "generator":
             return [model.sample(len(t["noise"]), noise=t["noise"]).images.numpy()]
+        if graph == "generator_gmm":
+            return [model.sample(len(t["noise"]), noise=t["noise"], uniform=t["uniform"], sampler="gmm").images.numpy()]
         if graph == "prior_bottom_condition":
             return [model.prior_bottom.embed_condition(t["top_indices"]).numpy()]
         prior = model.prior_top if graph == "prior_top_step" else model.prior_bottom
@@ -182,11 +201,18 @@ def test_manifest_describes_the_export(exported, data_dir):
     assert vae["graphs"]["encoder"]["outputs"] == {"mean": [None, d], "logvar": [None, d]}
     assert vae["graphs"]["decoder"]["inputs"] == {"latent": [None, d]}
     assert vae["graphs"]["decoder"]["outputs"] == {"images": [None, 3, 16, 16]}
-    assert vae["sampling"] == {"kind": "noise", "graph": "generator", "noise_shape": [d], "distribution": "standard_normal"}
+    # The fitted mixture is the default sampler; the prior keeps its generator graph.
+    assert vae["sampling"] == {"kind": "noise", "graph": "generator", "noise_shape": [d], "distribution": "standard_normal",
+                               "samplers": ["prior", "gmm"], "default_sampler": "gmm",
+                               "sampler_graphs": {"prior": "generator", "gmm": "generator_gmm"}}
+    assert vae["graphs"]["generator_gmm"]["inputs"] == {"noise": [None, d], "uniform": [None]}
+    assert vae["graphs"]["generator_gmm"]["outputs"] == {"images": [None, 3, 16, 16]}
+    assert (exported("vae")[0] / "model" / "sampler" / "sampler.safetensors").is_file()  # the sampler travels too
 
     gan = exported("gan")[1]
     assert gan["latent"]["kind"] == "deterministic" and "encoder" not in gan["graphs"]
     assert gan["sampling"]["kind"] == "noise"
+    assert gan["sampling"]["samplers"] == ["prior"] and gan["sampling"]["default_sampler"] == "prior"
     assert exported("ae")[1]["graphs"]["encoder"]["outputs"] == {"latent": [None, 8]}
 
     vq = exported("vqvae2")[1]
@@ -204,6 +230,7 @@ def test_manifest_describes_the_export(exported, data_dir):
     assert step["outputs"] == {"logits": [None, c["num_codes"]], "new_kv": [*cache[:4], 1, cache[5]]}
     assert vq["sampling"]["levels"]["bottom"]["step_output"] == "new_kv"
     assert vq["sampling"]["kind"] == "prior" and vq["sampling"]["order"] == ["top", "bottom"]
+    assert vq["sampling"]["samplers"] == ["prior"] and vq["sampling"]["default_sampler"] == "prior"
     assert vq["sampling"]["levels"]["bottom"]["condition_graph"] == "prior_bottom_condition"
 
 
@@ -238,6 +265,37 @@ def test_vqvae2_onnx_sampler(exported):
         sample_vqvae2_onnx(sessions, manifest, 1, temperature=0.0)
     with pytest.raises(ValueError, match="prior"):
         sample_vqvae2_onnx({}, exported("gan")[1], 1)
+
+
+@pytest.mark.parametrize("family", ["vae", "glo"])
+def test_runtime_generates_with_each_sampler(exported, family):
+    """ModelRuntime.generate: the default sampler is the fitted mixture, a seed reproduces a draw, and the
+    graph equals PyTorch's model.sample on the noise and uniforms numpy drew from that seed."""
+    out, manifest, _ = exported(family)
+    rt = ModelRuntime.from_export(out)
+    model = PretrainedModel.from_pretrained(out / "model").eval()
+    assert (rt.samplers, rt.default_sampler) == (["prior", "gmm"], "gmm")
+    assert rt.describe()["samplers"] == ["prior", "gmm"] and rt.describe()["default_sampler"] == "gmm"
+    gmm = rt.generate(4, seed=3)
+    np.testing.assert_array_equal(gmm, rt.generate(4, seed=3, sampler="gmm"))
+    assert not np.array_equal(gmm, rt.generate(4, seed=4))
+    prior = rt.generate(4, seed=3, sampler="prior")
+    assert not np.allclose(gmm, prior)
+    rng = np.random.default_rng(3)
+    graph, feeds = rt.sampler_feeds("gmm", 4, np.random.default_rng(3), 0.5)
+    assert graph == "generator_gmm" and set(feeds) == {"noise", "uniform"}
+    noise = rng.standard_normal((4, *rt.latent_shape), dtype=np.float32)
+    np.testing.assert_array_equal(feeds["noise"], noise * np.float32(0.5))  # temperature scales the noise only
+    np.testing.assert_array_equal(feeds["uniform"], rng.random(4, dtype=np.float32))
+    with torch.no_grad():
+        ref = model.sample(4, noise=torch.from_numpy(noise), uniform=torch.from_numpy(feeds["uniform"]), sampler="gmm")
+    np.testing.assert_allclose(rt.generate(4, seed=3, temperature=1.0), ref.images.numpy(), atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match=r"has no sampler 'kde' \(it has: prior, gmm\)"):
+        rt.generate(1, seed=0, sampler="kde")
+    gan = ModelRuntime.from_export(exported("gan")[0])
+    assert (gan.samplers, gan.default_sampler) == (["prior"], "prior")
+    with pytest.raises(ValueError, match="no sampler 'gmm'"):
+        gan.generate(1, seed=0, sampler="gmm")
 
 
 @pytest.mark.parametrize("temperature, top_k", [(1.0, None), (0.7, None), (1.0, 1), (2.0, 3)])

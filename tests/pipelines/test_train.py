@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import yaml
 from latentforge.models import MODELS, ConfigError, PretrainedModel
 from latentforge.pipelines.data import DataError
 from latentforge.pipelines.common.params import ParamsError
-from latentforge.pipelines.train import TrainingError, lr_factor, resolve_job, run_training
+from latentforge.pipelines.train import TrainingError, fit_sampler, lr_factor, resolve_job, run_training
 from tests.pipelines.conftest import mlflow_runs
 
 
@@ -20,7 +21,8 @@ from tests.pipelines.conftest import mlflow_runs
 def test_two_worker_ddp_run(project, local_ray, family):
     root, params = project
     job = resolve_job(params, family, num_workers=2, run_name=f"ddp-{family}")
-    summary = run_training(job, echo=lambda s: None)
+    lines: list[str] = []
+    summary = run_training(job, echo=lines.append)
 
     # The model written as the stage output loads on its own and works.
     model = PretrainedModel.from_pretrained(summary["model_dir"])
@@ -28,6 +30,19 @@ def test_two_worker_ddp_run(project, local_ray, family):
     assert model.sample(2).images.shape == (2, 3, 16, 16)
     metrics = json.loads((Path(summary["model_dir"]).parent / "metrics.json").read_text())
     assert metrics["mlflow_run_id"] == summary["mlflow_run_id"] and metrics["epoch"] == 1
+    # train.sampler (params.yaml: a 20-component mixture): fitted to the VAE's encoded training images and
+    # saved with the model; the GAN (no encoder) and VQ-VAE-2 (a grid of codes) have none, said once.
+    if family == "vae":
+        assert (Path(summary["model_dir"]) / "sampler").is_dir()
+        assert model.latent_sampler.kind == "gmm" and model.latent_sampler.config.components == 20
+        assert model.sample(2, sampler="gmm").images.shape == (2, 3, 16, 16)
+        fit = metrics["sampler"]
+        assert fit["components"] == 20 and fit["latents"] == job.manifest["splits"]["train"]["count"]
+        assert fit["dim"] == 4 and math.isfinite(fit["train_log_likelihood"]) and math.isfinite(fit["val_log_likelihood"])
+        assert fit["seconds"] >= 0
+    else:
+        assert model.latent_sampler is None and metrics["sampler"] is None
+        assert sum(line.startswith("latent sampler: none for") for line in lines) == 1
 
     client, runs = mlflow_runs(params)
     run = client.get_run(summary["mlflow_run_id"])
@@ -73,6 +88,30 @@ def test_resume_same_run_name(project, local_ray):
         total = (2 if m.step <= 2 * per_epoch else 4) * per_epoch
         assert m.value == pytest.approx(base * lr_factor("cosine", m.step - 1, total), rel=1e-6)
     assert history[-1].value < 0.05 * base
+
+
+@pytest.mark.parametrize("family", ["glo", "lstm_ae", "vqvae2"])
+def test_fit_sampler_by_family(project, tmp_path, family):
+    """The fit run after training, without Ray: GLO's learned codes, an autoencoder's encoded images (a
+    seeded subset of max_images), nothing for VQ-VAE-2."""
+    root, params = project
+    job = resolve_job(params, family, ["train.sampler.components=3", "train.sampler.max_images=50"])
+    assert job.train["sampler"]["covariance"] == "full"  # a default filled in
+    cls = MODELS[family]
+    model_dir = cls(cls.config_class.from_dict(job.model_config)).save_pretrained(tmp_path / "model")
+    lines: list[str] = []
+    fit = fit_sampler(model_dir, job.data_dir, job.train["sampler"], seed=0, echo=lines.append)
+    loaded = PretrainedModel.from_pretrained(model_dir)
+    if family == "vqvae2":
+        assert fit is None and loaded.latent_sampler is None and not (model_dir / "sampler").exists()
+        assert lines == ["latent sampler: none for VQVAE2 (no flat latent with an encoder or learned codes)"]
+        return
+    assert fit["components"] == 3 and fit["latents"] == 50 and fit["dim"] == loaded.config.latent_dim
+    assert ("val_log_likelihood" in fit) == (family != "glo")  # GLO's codes have no held-out twin
+    assert loaded.latent_sampler.config.components == 3 and lines[0].startswith("latent sampler: 3-component gmm")
+    # The same seed, the same subset and fit.
+    again = fit_sampler(model_dir, job.data_dir, job.train["sampler"], seed=0, echo=lines.append)
+    assert again["train_log_likelihood"] == fit["train_log_likelihood"]
 
 
 def test_lr_factor():
@@ -128,6 +167,19 @@ def test_bad_inputs_resolve(project):
         resolve_job(params, "vae", ["lr_schedule=cosin"])
     assert resolve_job(params, "vae", ["lr_schedule=cosine"]).train["lr_schedule"] == "cosine"
     assert job.model_config["image_size"] == 16 and job.model_config["channels"] == 3
+    # train.sampler: checked before Ray starts, defaults filled in; null turns it off.
+    assert job.train["sampler"]["kind"] == "gmm" and job.train["sampler"]["max_images"] == 10_000
+    assert resolve_job(params, "vae", ["train.sampler=null"]).train["sampler"] is None
+    with pytest.raises(ParamsError, match="train.sampler.kind must be one of gmm"):
+        resolve_job(params, "vae", ["train.sampler.kind=kde"])
+    with pytest.raises(ParamsError, match="train.sampler.components must be >= 1, got 0"):
+        resolve_job(params, "vae", ["train.sampler.components=0"])
+    with pytest.raises(ParamsError, match="train.sampler.max_images must be an int >= 1"):
+        resolve_job({**params, "train": {**params["train"], "sampler": {"kind": "gmm", "max_images": "all"}}}, "vae")
+    with pytest.raises(ParamsError, match="train.sampler: unknown key.s. componets"):
+        resolve_job({**params, "train": {**params["train"], "sampler": {"kind": "gmm", "componets": 5}}}, "vae")
+    with pytest.raises(ParamsError, match="train.sampler: expected"):
+        resolve_job(params, "vae", ["train.sampler=20"])
 
 
 def test_unreachable_mlflow(project, monkeypatch):

@@ -1,8 +1,9 @@
 """Fixtures for the serving tests: a tiny pipeline run into a real MLflow registry, and the app.
 
 ``registry`` (once for tests/serving): tiny VAE (two versions), VQ-VAE-2 and GAN models after two
-training steps on small ``shapes`` data, exported with the real exporter and registered in a sqlite
-MLflow store; version 1 of each is ``champion``. ``server``: ``latentforge serve`` started as a
+training steps on small ``shapes`` data (the VAEs with a Gaussian-mixture latent sampler fitted to
+their training latents, as the train stage does), exported with the real exporter and registered in
+a sqlite MLflow store; version 1 of each is ``champion``. ``server``: ``latentforge serve`` started as a
 subprocess on a free 127.0.0.1 port (real Ray, real Serve, real HTTP), stopped at the end.
 """
 
@@ -29,11 +30,13 @@ POLL_S = 0.5  # the replicas' registry poll interval in the tests (config.yaml s
 
 
 def _tiny_model(family: str, prepared: Path, out: Path, seed: int) -> Path:
-    """A tiny ``family`` model after two training steps on the prepared data (``save_pretrained`` dir)."""
+    """A tiny ``family`` model after two training steps on the prepared data (``save_pretrained`` dir); a
+    VAE carries a 3-component latent sampler (sampler "gmm")."""
     import torch
 
     from latentforge.models import MODELS as FAMILIES
     from latentforge.models import train_step
+    from latentforge.models.samplers import GaussianMixtureConfig, fit_latent_sampler
     from latentforge.pipelines.imaging import batch_to_tensor
     from latentforge.pipelines.prepare import load_split
 
@@ -46,6 +49,8 @@ def _tiny_model(family: str, prepared: Path, out: Path, seed: int) -> Path:
     batch = {"image": images, "label": torch.zeros(16, dtype=torch.int64), "index": torch.arange(16)}
     for step in range(2):
         train_step(model, optimizers, batch, step)
+    if family == "vae":
+        model.latent_sampler = fit_latent_sampler(model, images, GaussianMixtureConfig(components=3, restarts=1, seed=seed))
     return model.save_pretrained(out / f"{family}-{seed}" / "model")
 
 

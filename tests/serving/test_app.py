@@ -69,6 +69,10 @@ def test_models_health_and_openapi(server):
         assert m["runtime"]["engine"] == "onnxruntime" and m["runtime"]["torch_imported"] is False
     assert models[VAE]["anomaly_threshold"] == 0.03 and models[VAE]["metrics"]["recon_mse"] == 0.05
     assert models[GAN]["capabilities"] == ["generate", "decode", "interpolate"]
+    # Which samplers generate takes: the VAE's fitted mixture (its default) besides the prior.
+    assert (models[VAE]["samplers"], models[VAE]["default_sampler"]) == (["prior", "gmm"], "gmm")
+    assert (models[GAN]["samplers"], models[GAN]["default_sampler"]) == (["prior"], "prior")
+    assert (models[VQ]["samplers"], models[VQ]["default_sampler"]) == (["prior"], "prior")
     assert "interpolate" not in models[VQ]["capabilities"] and "encode" in models[VQ]["capabilities"]
     paths = requests.get(f"{server}/openapi.json", timeout=10).json()["paths"]
     for op in ("generate", "encode", "decode", "reconstruct", "interpolate", "anomaly-score"):
@@ -86,7 +90,7 @@ def test_serving_code_does_not_import_torch():
 def test_generate_matches_onnx_and_seed_reproduces(server, direct, label):
     rt, name = direct[label], MODELS[label.split("-")[0]]
     body = ok(post(server, name, "generate", {"n": 3, "seed": 5, "temperature": 0.8, "format": "array"}))
-    assert body["seed"] == 5 and body["model_version"] == "1"
+    assert body["seed"] == 5 and body["model_version"] == "1" and body["sampler"] == rt.default_sampler
     expected = np.clip(rt.generate(3, seed=5, temperature=0.8), 0, 1)
     np.testing.assert_allclose(np.array(body["images"]), expected, atol=1e-5)
 
@@ -98,6 +102,18 @@ def test_generate_matches_onnx_and_seed_reproduces(server, direct, label):
     unseeded = ok(post(server, name, "generate", {"n": 1}))  # the server draws a seed and says which
     replay = ok(post(server, name, "generate", {"n": 1, "seed": unseeded["seed"]}))
     assert replay["images"] == unseeded["images"]
+
+
+@pytest.mark.parametrize("sampler", ["prior", "gmm"])
+def test_generate_with_a_named_sampler(server, direct, sampler):
+    rt = direct["vae-1"]
+    body = ok(post(server, VAE, "generate", {"n": 3, "seed": 7, "sampler": sampler, "format": "array"}))
+    assert body["sampler"] == sampler
+    np.testing.assert_allclose(np.array(body["images"]), np.clip(rt.generate(3, seed=7, sampler=sampler), 0, 1), atol=1e-5)
+    again = ok(post(server, VAE, "generate", {"n": 3, "seed": 7, "sampler": sampler, "format": "array"}))
+    assert again["images"] == body["images"]  # a seed reproduces a draw of either sampler
+    other = "gmm" if sampler == "prior" else "prior"
+    assert ok(post(server, VAE, "generate", {"n": 3, "seed": 7, "sampler": other, "format": "array"}))["images"] != body["images"]
 
 
 def test_vqvae2_generates_through_its_prior(server, direct):
@@ -188,6 +204,9 @@ BAD = [
     (VAE, "generate", {"n": 65}, 422, "n", "limit of 64"),
     (VAE, "generate", {"n": 0}, 422, "n", "greater than or equal"),
     (VAE, "generate", {"temperature": -1}, 422, "temperature", "greater than"),
+    (VAE, "generate", {"sampler": "kde"}, 422, "sampler", "'prior' or 'gmm'"),
+    (GAN, "generate", {"sampler": "gmm"}, 422, "sampler", "has no sampler 'gmm' (it has: prior)"),
+    (VQ, "generate", {"sampler": "gmm"}, 422, "sampler", "has no sampler 'gmm' (it has: prior)"),
     (VAE, "interpolate", {"a": {"latent": [0] * 4}, "b": {"latent": [1] * 4}, "steps": 17}, 422, "steps", "limit of 16"),
     (VAE, "encode", {"images": [_png_b64(16, "RGB")] * 17}, 422, "images", "limit is 16"),
     (VAE, "encode", {"imagez": []}, 422, "images", "required"),
@@ -302,6 +321,8 @@ def test_make_demo_calls_every_endpoint_and_saves_images(server, registry):
     demo = registry["root"] / "demo"
     saved = sorted(p.name for p in demo.iterdir())
     assert f"{VAE}-reconstruct.png" in saved and f"{VQ}-generate.png" in saved and f"{GAN}-interpolate.png" in saved
+    # The VAE generates with its default sampler (gmm), and with the prior beside it for comparison.
+    assert f"{VAE} v1 generate: 16 images (seed 0, sampler gmm)" in text and f"{VAE}-generate-prior.png" in saved
     grid = Image.open(demo / f"{VAE}-generate.png")
     assert grid.size == (4 * (8 * 18 - 2), 4 * (2 * 18 - 2))  # 16 images of 16 px, 8 a row, 2 px apart, x4
 

@@ -52,6 +52,9 @@ def test_page_generates_reconstructs_and_interpolates(server, registry, browser,
     page.select_option("#model", "vae-shapes")
     assert "version 1" in page.inner_text("#info")
 
+    # The model's samplers, its default (the fitted mixture) selected.
+    assert page.eval_on_selector_all("#sampler option", "os => os.map(o => o.value)") == ["prior", "gmm"]
+    assert page.input_value("#sampler") == "gmm"
     page.fill("#n", "9")
     page.fill("#seed", "4")
     page.click("#generate")
@@ -75,6 +78,7 @@ def test_page_generates_reconstructs_and_interpolates(server, registry, browser,
     # A model without an encoder hides what it cannot do; the text box waits for a text-decode model.
     page.select_option("#model", "gan-shapes")
     assert page.is_hidden("#reconstruct-box") and page.is_visible("#generate-box") and page.is_hidden("#text-box")
+    assert page.eval_on_selector_all("#sampler option", "os => os.map(o => o.value)") == ["prior"]
 
     page.select_option("#model", "vae-shapes")
     shot = tmp_path / "page.png"
