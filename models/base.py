@@ -54,7 +54,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on a value no model could be built from. Subclasses extend it."""
-        _check_types(self)
+        check_types(self)
         require_positive(self, "image_size", "channels", "lr")
 
     @classmethod
@@ -114,7 +114,7 @@ def _coerce(owner: str, name: str, value: Any, hint: Any) -> Any:
     return value
 
 
-def _check_types(config: ModelConfig) -> None:
+def check_types(config: ModelConfig) -> None:
     """Reject a value of the wrong type with a message naming the field (``lr: "fast"``)."""
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
-from latentforge.models.base import ConfigError, _check_types
+from latentforge.models.base import ConfigError, check_types
 
 SAMPLER_CONFIG_NAME = "config.json"
 SAMPLER_WEIGHTS_NAME = "sampler.safetensors"
@@ -61,7 +61,7 @@ class GaussianMixtureConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_types(self)
+        check_types(self)
         for name in ("components", "restarts", "max_iter"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"GaussianMixtureConfig.{name} must be >= 1, got {getattr(self, name)!r}")
