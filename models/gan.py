@@ -5,8 +5,7 @@ Generator: z (B, latent_dim) ~ N(0, I) -> linear -> small feature map -> per sta
 conv, which avoids the transposed conv's checkerboard, plus a last 3x3 conv at full resolution) with
 BatchNorm + ReLU -> tanh, mapped to [0, 1] inside the model. Discriminator: stride-2 convs with LeakyReLU
 and no normalisation (BatchNorm would couple the samples of a batch, which breaks the per-sample
-gradient penalty of WGAN-GP), optionally spectrally normalised (Miyato et al. 2018), with
-``disc_depth - 1`` extra stride-1 3x3 convs per stage.
+gradient penalty of WGAN-GP), optionally spectrally normalised (Miyato et al. 2018).
 
 Losses (``loss``): ``"nonsaturating"`` (the original GAN with the -log D(G(z)) generator loss),
 ``"hinge"`` (Lim & Ye 2017; Miyato et al. 2018) and ``"wgan-gp"`` (Gulrajani et al. 2017, penalty weight
@@ -65,7 +64,7 @@ class GANConfig(ModelConfig):
     (``None`` = ``lr``); both Adams use ``betas=(beta1, beta2)``. ``ema_decay``: decay of the EMA
     generator (0 = a plain copy of the live one). ``upsample``: ``"transposed"`` (DCGAN) or ``"nearest"``
     (resize + 3x3 conv). ``r1_weight``: gamma of the R1 penalty gamma/2 * E||grad_x D(x)||^2 on real
-    images (0 = off). ``disc_depth``: convs per discriminator stage (the extra ones 3x3, stride 1).
+    images (0 = off).
     """
 
     latent_dim: int = 100
@@ -81,11 +80,10 @@ class GANConfig(ModelConfig):
     ema_decay: float = 0.999
     upsample: str = "transposed"
     r1_weight: float = 0.0
-    disc_depth: int = 1
 
     def validate(self) -> None:
         super().validate()
-        require_positive(self, "latent_dim", "gen_channels", "disc_channels", "disc_depth")
+        require_positive(self, "latent_dim", "gen_channels", "disc_channels")
         require_choice(self, "loss", LOSSES)
         require_choice(self, "upsample", UPSAMPLES)
         for name in ("gp_weight", "r1_weight"):
@@ -149,11 +147,6 @@ class Discriminator(nn.Module):
         layers: list[nn.Module] = []
         in_ch = config.channels
         for w in widths:
-            # disc_depth - 1 shape-preserving 3x3 convs before each downsampling conv (Miyato et al.'s
-            # "standard CNN" has one): they see a stage's detail before it is halved.
-            for _ in range(config.disc_depth - 1):
-                layers += [sn(nn.Conv2d(in_ch, w, 3, 1, 1)), nn.LeakyReLU(0.2)]
-                in_ch = w
             layers += [sn(nn.Conv2d(in_ch, w, 4, 2, 1)), nn.LeakyReLU(0.2)]
             in_ch = w
         layers += [nn.Flatten(), sn(nn.Linear(in_ch * base * base, 1))]

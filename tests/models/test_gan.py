@@ -209,7 +209,7 @@ def test_sizes_follow_image_size(size, channels):
 @pytest.mark.parametrize(
     "overrides",
     [{"image_size": 30}, {"image_size": 2}, {"loss": "lsgan"}, {"ema_decay": 1.0}, {"gp_weight": -1.0}, {"lr_d": 0.0},
-     {"upsample": "bilinear"}, {"r1_weight": -1.0}, {"disc_depth": 0}],
+     {"upsample": "bilinear"}, {"r1_weight": -1.0}],
 )
 def test_bad_config_is_a_config_error(overrides):
     with pytest.raises(ConfigError):
@@ -309,11 +309,3 @@ def test_r1_weight_enters_the_disc_loss_and_trains():
         logs = train_step(model, opt, make_batch(seed=step), step)
     assert "disc/r1" in logs and all(math.isfinite(v) for v in logs.values())
 
-
-@pytest.mark.parametrize("depth", [1, 2])
-def test_disc_depth_adds_stride_one_convs(depth):
-    model = tiny(disc_depth=depth, spectral_norm=True)
-    convs = [m for m in model.discriminator.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert sum(m.stride == (2, 2) for m in convs) == 2  # 16 -> 8 -> 4
-    assert sum(m.stride == (1, 1) for m in convs) == 2 * (depth - 1)
-    assert model.discriminator(torch.rand(3, 1, 16, 16)).shape == (3,)
