@@ -1,13 +1,16 @@
 """DCGAN-style GAN (Radford et al. 2016) with a choice of loss and an EMA generator.
 
-Generator: z (B, latent_dim) ~ N(0, I) -> linear -> small feature map -> stride-2 transposed convs with
+Generator: z (B, latent_dim) ~ N(0, I) -> linear -> small feature map -> per stage a 2x upsampling
+(``upsample="transposed"``: a stride-2 transposed conv; ``"nearest"``: nearest-neighbour resize then a 3x3
+conv, which avoids the transposed conv's checkerboard, plus a last 3x3 conv at full resolution) with
 BatchNorm + ReLU -> tanh, mapped to [0, 1] inside the model. Discriminator: stride-2 convs with LeakyReLU
 and no normalisation (BatchNorm would couple the samples of a batch, which breaks the per-sample
 gradient penalty of WGAN-GP), optionally spectrally normalised (Miyato et al. 2018).
 
 Losses (``loss``): ``"nonsaturating"`` (the original GAN with the -log D(G(z)) generator loss),
 ``"hinge"`` (Lim & Ye 2017; Miyato et al. 2018) and ``"wgan-gp"`` (Gulrajani et al. 2017, penalty weight
-``gp_weight``). Each step is two phases, ``"disc"`` then ``"gen"``, each with its own Adam.
+``gp_weight``). Any of them can add the R1 penalty on real images (Mescheder et al. 2018,
+``r1_weight``), which keeps a discriminator from winning outright. Each step is two phases, ``"disc"`` then ``"gen"``, each with its own Adam.
 
 An exponential moving average of the generator's weights (``generator_ema``) is updated in
 :meth:`GAN.after_step`; ``decode``/``sample`` use it in eval mode, where it usually gives better samples
@@ -18,6 +21,7 @@ A GAN has no encoder: ``has_encoder = False`` and :meth:`GAN.encode` raises ``No
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +51,7 @@ from latentforge.models.blocks import (
 )
 
 LOSSES = ("nonsaturating", "hinge", "wgan-gp")
+UPSAMPLES = ("nearest", "transposed")
 EMA_STATS_BATCH = 64  # noise draws per step that refresh the EMA generator's BatchNorm statistics
 
 
@@ -57,7 +62,9 @@ class GANConfig(ModelConfig):
     ``gen_channels`` / ``disc_channels``: width of the last generator / first discriminator stage (doubled
     per stage towards the latent end, capped at 8x). ``lr_g`` / ``lr_d``: per-phase learning rates
     (``None`` = ``lr``); both Adams use ``betas=(beta1, beta2)``. ``ema_decay``: decay of the EMA
-    generator (0 = a plain copy of the live one).
+    generator (0 = a plain copy of the live one). ``upsample``: ``"transposed"`` (DCGAN) or ``"nearest"``
+    (resize + 3x3 conv). ``r1_weight``: gamma of the R1 penalty gamma/2 * E||grad_x D(x)||^2 on real
+    images (0 = off).
     """
 
     latent_dim: int = 100
@@ -71,13 +78,17 @@ class GANConfig(ModelConfig):
     beta1: float = 0.5
     beta2: float = 0.999
     ema_decay: float = 0.999
+    upsample: str = "transposed"
+    r1_weight: float = 0.0
 
     def validate(self) -> None:
         super().validate()
         require_positive(self, "latent_dim", "gen_channels", "disc_channels")
         require_choice(self, "loss", LOSSES)
-        if self.gp_weight < 0:
-            raise ConfigError(f"{type(self).__name__}.gp_weight must be >= 0, got {self.gp_weight!r}")
+        require_choice(self, "upsample", UPSAMPLES)
+        for name in ("gp_weight", "r1_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{type(self).__name__}.{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("lr_g", "lr_d"):
             if getattr(self, name) is not None:
                 require_positive(self, name)
@@ -109,10 +120,16 @@ class Generator(nn.Module):
             nn.ReLU(),
         )
         layers: list[nn.Module] = []
-        for w_in, w_out in zip(widths, widths[1:]):
-            layers += [nn.ConvTranspose2d(w_in, w_out, 4, 2, 1, bias=False), nn.BatchNorm2d(w_out), nn.ReLU()]
-        layers += [nn.ConvTranspose2d(widths[-1], config.channels, 4, 2, 1), nn.Tanh()]
-        self.convs = nn.Sequential(*layers)
+        if config.upsample == "transposed":
+            for w_in, w_out in zip(widths, widths[1:]):
+                layers += [nn.ConvTranspose2d(w_in, w_out, 4, 2, 1, bias=False), nn.BatchNorm2d(w_out), nn.ReLU()]
+            layers += [nn.ConvTranspose2d(widths[-1], config.channels, 4, 2, 1)]
+        else:
+            for w_in, w_out in zip(widths, widths[1:] + widths[-1:]):
+                layers += [nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(w_in, w_out, 3, 1, 1, bias=False)]
+                layers += [nn.BatchNorm2d(w_out), nn.ReLU()]
+            layers += [nn.Conv2d(widths[-1], config.channels, 3, 1, 1)]
+        self.convs = nn.Sequential(*layers, nn.Tanh())
         _dcgan_init(self)
 
     def forward(self, z: Tensor) -> Tensor:
@@ -221,7 +238,11 @@ class GAN(PretrainedModel):
 
         with torch.no_grad():
             fake = self.generator(z)
-        d_real, d_fake = self.discriminator(real).float(), self.discriminator(fake).float()
+        r1 = self.config.r1_weight > 0
+        real = real.detach().requires_grad_(r1)
+        with torch.enable_grad() if r1 else contextlib.nullcontext():
+            d_real = self.discriminator(real).float()
+        d_fake = self.discriminator(fake).float()
         logs: dict[str, Tensor] = {"d_real": d_real.mean().detach(), "d_fake": d_fake.mean().detach()}
         if loss_type == "nonsaturating":
             loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
@@ -231,7 +252,18 @@ class GAN(PretrainedModel):
             gp = self.gradient_penalty(real, fake)
             loss = d_fake.mean() - d_real.mean() + self.config.gp_weight * gp
             logs["gp"] = gp.detach()
+        if r1:
+            penalty = self.r1_penalty(real, d_real)
+            loss = loss + 0.5 * self.config.r1_weight * penalty
+            logs["r1"] = penalty.detach()
         return LossOutput(loss=loss, logs=logs)
+
+    @staticmethod
+    def r1_penalty(real: Tensor, d_real: Tensor) -> Tensor:
+        """R1 (Mescheder et al. 2018): E[||grad_x D(x)||^2] on real images x (B, C, H, W), a scalar that
+        stays differentiable w.r.t. the discriminator. ``real`` must require grad before ``d_real`` (B,)."""
+        (grad,) = torch.autograd.grad(d_real.sum(), real, create_graph=True)
+        return grad.flatten(1).square().sum(1).mean()
 
     def gradient_penalty(self, real: Tensor, fake: Tensor) -> Tensor:
         """WGAN-GP: E[(||grad_x D(x_hat)|| - 1)^2] on random interpolates of real and fake, a scalar

@@ -208,7 +208,8 @@ def test_sizes_follow_image_size(size, channels):
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"image_size": 30}, {"image_size": 2}, {"loss": "lsgan"}, {"ema_decay": 1.0}, {"gp_weight": -1.0}, {"lr_d": 0.0}],
+    [{"image_size": 30}, {"image_size": 2}, {"loss": "lsgan"}, {"ema_decay": 1.0}, {"gp_weight": -1.0}, {"lr_d": 0.0},
+     {"upsample": "bilinear"}, {"r1_weight": -1.0}],
 )
 def test_bad_config_is_a_config_error(overrides):
     with pytest.raises(ConfigError):
@@ -271,3 +272,40 @@ def test_validation_diversity_uses_a_fixed_noise_batch():
     b = model.validation_step(batch)
     assert float(a["diversity"]) == float(b["diversity"]) > 0
     assert float(a["mmd"]) != float(b["mmd"])  # the mmd draws fresh noise
+
+
+@pytest.mark.parametrize("upsample", ["nearest", "transposed"])
+def test_generator_upsampling(upsample):
+    model = tiny(upsample=upsample, image_size=32, channels=3).eval()
+    kinds = {type(m) for m in model.generator.modules()}
+    assert (torch.nn.Upsample in kinds) == (upsample == "nearest")
+    assert (torch.nn.ConvTranspose2d in kinds) == (upsample == "transposed")
+    images = model.sample(2, generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (2, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
+
+
+def test_r1_penalty_is_the_squared_gradient_norm_on_real_images():
+    model = tiny()
+    real = torch.rand(4, 1, 16, 16).requires_grad_(True)
+    penalty = GAN.r1_penalty(real, model.discriminator(real))
+    (grad,) = torch.autograd.grad(model.discriminator(real).sum(), real)
+    assert float(penalty) == pytest.approx(float(grad.square().sum((1, 2, 3)).mean()), rel=1e-5)
+    assert penalty.requires_grad  # differentiable w.r.t. the discriminator
+
+
+def test_r1_weight_enters_the_disc_loss_and_trains():
+    batch = make_batch()
+    losses = {}
+    for w in (0.0, 10.0):
+        model = tiny(r1_weight=w)
+        torch.manual_seed(1)
+        out = model(batch, phase="disc")
+        losses[w] = (float(out.loss.detach()), out.logs)
+    assert "r1" not in losses[0.0][1]
+    assert losses[10.0][0] - losses[0.0][0] == pytest.approx(5.0 * float(losses[10.0][1]["r1"]), abs=1e-6)
+    model = tiny(r1_weight=10.0)
+    opt = model.configure_optimizers()
+    for step in range(3):
+        logs = train_step(model, opt, make_batch(seed=step), step)
+    assert "disc/r1" in logs and all(math.isfinite(v) for v in logs.values())
+
