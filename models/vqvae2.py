@@ -61,6 +61,8 @@ class VQVAE2Config(ModelConfig):
     ``vq_steps``: 0 trains the autoencoder and the priors together at every step; N > 0 trains the
     autoencoder alone for the first N steps, then only the priors, on its frozen codes (see the module
     docstring).
+    ``bottom_dropout``: the fraction of training images whose bottom codes the decoder does not see (zeros
+    instead), so that the top codes must carry the image's global content (see ``forward``).
     """
 
     image_size: int = 28
@@ -81,6 +83,7 @@ class VQVAE2Config(ModelConfig):
     prior_heads: int = 4
     prior_lr: float = 3e-4
     vq_steps: int = 0
+    bottom_dropout: float = 0.0
 
     def validate(self) -> None:
         super().validate()
@@ -96,6 +99,8 @@ class VQVAE2Config(ModelConfig):
             raise ConfigError(f"VQVAE2Config.decay must be in [0, 1), got {self.decay}")
         if self.dead_threshold < 0:
             raise ConfigError(f"VQVAE2Config.dead_threshold must be >= 0, got {self.dead_threshold}")
+        if not 0.0 <= self.bottom_dropout < 1.0:
+            raise ConfigError(f"VQVAE2Config.bottom_dropout must be in [0, 1), got {self.bottom_dropout}")
         if self.vq_steps < 0:
             raise ConfigError(f"VQVAE2Config.vq_steps must be >= 0, got {self.vq_steps}")
         for name in ("bottom_factor", "top_factor"):
@@ -282,6 +287,18 @@ class VQVAE2(PretrainedModel):
             return True, True
         return step < n, step >= n
 
+    def _drop_bottom(self, q_b: Tensor) -> Tensor:
+        """q_b (B, code_dim, hb, wb) with the maps of a random ``bottom_dropout`` fraction of the images
+        zeroed (training only). Without it the 16x16 bottom map alone reconstructs the image and the
+        decoder ignores the top codes, so the top prior and the bottom prior's condition carry nothing
+        and the bottom prior must draw the whole image; images that must be decoded from their top codes
+        alone force the top level to hold the global content (shape, colour, size, position)."""
+        p = self.config.bottom_dropout
+        if not (self.training and p > 0):
+            return q_b
+        keep = (torch.rand(q_b.shape[0], 1, 1, 1, device=q_b.device) >= p).to(q_b.dtype)
+        return q_b * keep
+
     def forward(self, batch: dict[str, Tensor], phase: str = "main", step: int = 0) -> LossOutput:
         """The loss of ``step``'s stages (:meth:`stages`): recon MSE + commitments (with the EMA codebook
         update in training mode) and/or top CE + bottom CE of the batch's codes (nats per code)."""
@@ -292,7 +309,7 @@ class VQVAE2(PretrainedModel):
         logs: dict[str, Tensor] = {}
         if train_vq:
             (q_t, idx_t, commit_t), (q_b, idx_b, commit_b) = self._quantize(x, update=self.training)
-            recon = F.mse_loss(self._decode_raw(q_t, q_b), x)
+            recon = F.mse_loss(self._decode_raw(q_t, self._drop_bottom(q_b)), x)
             loss = loss + recon + commit_t + commit_b
             logs.update({"recon": recon.detach(), "commit_top": commit_t.detach(), "commit_bottom": commit_b.detach()})
             for level, vq in (("top", self.vq_t), ("bottom", self.vq_b)):

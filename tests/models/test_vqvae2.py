@@ -74,6 +74,8 @@ def test_defaults_are_for_mnist():
         (dict(prior_dim=30, prior_heads=4), "multiple of prior_heads"),
         (dict(num_codes=2.5), "num_codes must be of type int"),
         (dict(vq_steps=-1), "vq_steps must be >= 0"),
+        (dict(bottom_dropout=1.0), "bottom_dropout must be in"),
+        (dict(bottom_dropout=-0.1), "bottom_dropout must be in"),
     ],
 )
 def test_bad_configs_raise_config_error(overrides, match):
@@ -179,6 +181,17 @@ def test_vq_steps_train_the_autoencoder_then_only_the_priors_on_frozen_codes():
         assert changed and all(k.startswith("prior_") for k in changed), changed - {k for k in changed if k.startswith("prior_")}
         assert "prior_ce_bottom" in logs and "recon" not in logs
         assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("prior_"))
+
+
+def test_bottom_dropout_hides_whole_bottom_maps_in_training_only():
+    model = _model(bottom_dropout=0.5).train()
+    q_b = torch.randn(64, 8, 8, 8)
+    dropped = model._drop_bottom(q_b)
+    zero = dropped.flatten(1).eq(0).all(1)
+    assert 0 < int(zero.sum()) < 64  # some images lose their whole bottom map ...
+    assert torch.equal(dropped[~zero], q_b[~zero])  # ... the others keep it untouched
+    assert torch.equal(model.eval()._drop_bottom(q_b), q_b)  # never at evaluation or sampling
+    assert torch.equal(_model().train()._drop_bottom(q_b), q_b)  # off by default
 
 
 def test_joint_training_keeps_the_prior_loss_off_the_autoencoder():
