@@ -25,8 +25,9 @@ $(STAMP): pyproject.toml
 
 demo: install
 	# A family whose newest version fails its promotion gates (params registry.policies) is not champion, so a
-	# later stage (train_text) fails too: either way `latentforge gates` then names the family and the figure.
-	dvc repro || { latentforge gates; exit 1; }
+	# later stage (train_text) fails too; the other families still run (--keep-going), then `latentforge gates`
+	# names the family and the figure.
+	dvc repro --keep-going || { latentforge gates; exit 1; }
 	latentforge gates
 	latentforge models
 	# Serve the champions, call every endpoint (images -> demo/), then keep serving the page until Ctrl-C.
