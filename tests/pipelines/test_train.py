@@ -30,14 +30,15 @@ def test_two_worker_ddp_run(project, local_ray, family):
     assert model.sample(2).images.shape == (2, 3, 16, 16)
     metrics = json.loads((Path(summary["model_dir"]).parent / "metrics.json").read_text())
     assert metrics["mlflow_run_id"] == summary["mlflow_run_id"] and metrics["epoch"] == 1
-    # train.sampler (params.yaml: a 20-component mixture): fitted to the VAE's encoded training images and
+    # train.sampler (params.yaml's Gaussian mixture): fitted to the VAE's encoded training images and
     # saved with the model; the GAN (no encoder) and VQ-VAE-2 (a grid of codes) have none, said once.
     if family == "vae":
         assert (Path(summary["model_dir"]) / "sampler").is_dir()
-        assert model.latent_sampler.kind == "gmm" and model.latent_sampler.config.components == 20
+        components = params["train"]["sampler"]["components"]
+        assert model.latent_sampler.kind == "gmm" and model.latent_sampler.config.components == components
         assert model.sample(2, sampler="gmm").images.shape == (2, 3, 16, 16)
         fit = metrics["sampler"]
-        assert fit["components"] == 20 and fit["latents"] == job.manifest["splits"]["train"]["count"]
+        assert fit["components"] == components and fit["latents"] == job.manifest["splits"]["train"]["count"]
         assert fit["dim"] == 4 and math.isfinite(fit["train_log_likelihood"]) and math.isfinite(fit["val_log_likelihood"])
         assert fit["seconds"] >= 0
     else:
