@@ -205,6 +205,10 @@ class VQVAE2(PretrainedModel):
 
     config_class = VQVAE2Config
     phases = ("main",)
+    # The checkpoint score: samples come from the priors, so the best checkpoint must be ranked by them too.
+    # Ranked by recon_mse alone, a staged run (vq_steps) ties on every prior-only epoch (the autoencoder is
+    # frozen) and could keep a checkpoint whose priors never trained.
+    val_metric = "checkpoint_score"
 
     def __init__(self, config: VQVAE2Config):
         super().__init__(config)
@@ -327,7 +331,7 @@ class VQVAE2(PretrainedModel):
 
     @torch.no_grad()
     def validation_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Held-out ``recon_mse`` (the checkpoint score), each prior's cross-entropy (nats per code),
+        """Held-out ``recon_mse``, each prior's cross-entropy (nats per code), their sum (the checkpoint score),
         and each level's code usage and perplexity on this batch. Never updates the codebooks."""
         x = batch["image"]
         (q_t, idx_t, _), (q_b, idx_b, _) = self._quantize(x, update=False)
@@ -337,6 +341,8 @@ class VQVAE2(PretrainedModel):
             "prior_ce_top": self.prior_top.loss(idx_t),
             "prior_ce_bottom": self.prior_bottom.loss(idx_b, cond=idx_t),
         }
+        # nats per code of the two priors plus the reconstruction MSE (which breaks ties among equal priors)
+        figures["checkpoint_score"] = figures["prior_ce_top"] + figures["prior_ce_bottom"] + figures["recon_mse"]
         for level, vq in (("top", self.vq_t), ("bottom", self.vq_b)):
             figures[f"usage_{level}"] = vq.last_usage
             figures[f"perplexity_{level}"] = vq.last_perplexity

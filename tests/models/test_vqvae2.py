@@ -243,9 +243,10 @@ def test_validation_step_reports_per_level_figures_and_changes_nothing():
     model = _model().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     figures = model.validation_step(_batch(8))
-    assert model.val_metric == "recon_mse"
+    assert model.val_metric == "checkpoint_score"
+    assert figures["checkpoint_score"] == figures["prior_ce_top"] + figures["prior_ce_bottom"] + figures["recon_mse"]
     assert set(figures) == {
-        "recon_mse", "prior_ce_top", "prior_ce_bottom", "usage_top", "usage_bottom", "perplexity_top", "perplexity_bottom",
+        "checkpoint_score", "recon_mse", "prior_ce_top", "prior_ce_bottom", "usage_top", "usage_bottom", "perplexity_top", "perplexity_bottom",
     }
     assert all(v.dim() == 0 and torch.isfinite(v) for v in figures.values())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
