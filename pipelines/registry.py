@@ -515,6 +515,16 @@ def _versions(client, name: str) -> dict[int, Any]:
     return {int(v.version): v for v in client.search_model_versions(f"name = '{_quote(name)}'")}
 
 
+def _versions_and_aliases(client, name: str, tracking_uri: str) -> tuple[dict[int, Any], dict[str, str]]:
+    """The versions (number -> version) and aliases (alias -> version) of registered model ``name``;
+    :class:`RegistryError` for an unknown model or one without versions."""
+    model = _registered_model(client, name, tracking_uri)
+    versions = _versions(client, name)
+    if not versions:
+        raise RegistryError(f"registered model {name!r} has no versions; `latentforge register` one first")
+    return versions, dict(model.aliases or {})
+
+
 def _version_metrics(version) -> dict[str, float]:
     """The finite evaluation metrics a version records (its ``metric.<name>`` tags)."""
     names = [k[len(METRIC_TAG_PREFIX):] for k in (version.tags or {}) if k.startswith(METRIC_TAG_PREFIX)]
@@ -542,11 +552,7 @@ def promote(name: str, tracking_uri: str, version: int | None = None, policy: Po
     for versions the policy cannot compare, and when the registry is unreachable.
     """
     client = connect(tracking_uri)
-    model = _registered_model(client, name, tracking_uri)
-    versions = _versions(client, name)
-    if not versions:
-        raise RegistryError(f"registered model {name!r} has no versions; `latentforge register` one first")
-    aliases = dict(model.aliases or {})
+    versions, aliases = _versions_and_aliases(client, name, tracking_uri)
     champion = int(aliases[CHAMPION]) if CHAMPION in aliases else None
     challenger = int(aliases[CHALLENGER]) if CHALLENGER in aliases else None
     result: dict[str, Any] = {"name": name, "previous_champion": champion, "changed": False}
@@ -634,11 +640,7 @@ def check_gates(name: str, tracking_uri: str, policy: Policy) -> dict[str, Any]:
     metric -> the version's value, None when not recorded) and ``failed`` (why, per failed gate).
     Moves nothing; :class:`RegistryError` for an unknown model or one without versions."""
     client = connect(tracking_uri)
-    model = _registered_model(client, name, tracking_uri)
-    versions = _versions(client, name)
-    if not versions:
-        raise RegistryError(f"registered model {name!r} has no versions; `latentforge register` one first")
-    aliases = dict(model.aliases or {})
+    versions, aliases = _versions_and_aliases(client, name, tracking_uri)
     champion = int(aliases[CHAMPION]) if CHAMPION in aliases else None
     roles: dict[int, list[str]] = {max(versions): ["newest"]}
     if champion is not None:
