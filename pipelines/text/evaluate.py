@@ -150,7 +150,8 @@ def evaluate_text(text_dir: str | Path, classifier_dir: str | Path, prepared_dir
                     if name == "free" and n > 1:
                         free_entropy(metrics, prefix, logits, n, manifest)
                 if f"{prefix}_paraphrase_per_factor" in metrics:
-                    metrics[f"{prefix}_paraphrase_drop"] = 100.0 * (metrics[f"{prefix}_seen_per_factor"] - metrics[f"{prefix}_paraphrase_per_factor"])
+                    seen, para = metrics[f"{prefix}_seen_per_factor"], metrics[f"{prefix}_paraphrase_per_factor"]
+                    metrics[f"{prefix}_paraphrase_drop"] = 100.0 * (seen - para)
         for name, (prompts, _, _) in sets.items():
             metrics[f"{name}_examples"] = prompts[:3]
     add_legacy_names(metrics)
