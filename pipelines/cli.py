@@ -176,7 +176,7 @@ def cmd_evaluate_text(args: argparse.Namespace) -> int:
 
     out, metrics = evaluate_text_from_params(_params(args), args.model)
     print(json.dumps({"metrics": str(out / "metrics.json"), **{k: v for k, v in metrics.items() if k.endswith(
-        ("per_factor", "all_factors", "drop", "aligned_size", "classifier_min_accuracy"))}}))
+        ("per_factor", "all_factors", "drop", "copy_rate", "entropy_ratio", "aligned_size", "classifier_min_accuracy"))}}))
     return 0
 
 
@@ -345,8 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-name", help="MLflow run name (default: <family>-<data>-text-<digest>)")
     p.set_defaults(func=cmd_train_text)
 
-    p = stage("evaluate-text", "score a text model's images with the attribute classifier: seen prompts, paraphrases, "
-              "held-out (shape, colour) combinations -> artifacts/evaluate/<family>-text/metrics.json")
+    p = stage("evaluate-text", "score a text model's images with the attribute classifier, per mode (generate, retrieve, "
+              "rerank) at temperature 0 and 1 (8 per prompt), with copy rates: seen prompts, paraphrases, held-out "
+              "(shape, colour) combinations of tiers a and b, free factors -> artifacts/evaluate/<family>-text/metrics.json")
     p.add_argument("--model", required=True, help="model family whose text model (artifacts/text/<family>) to evaluate")
     p.set_defaults(func=cmd_evaluate_text)
 

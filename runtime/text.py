@@ -1,12 +1,16 @@
 """Text-conditioned decoding without PyTorch: numpy + ONNX Runtime (+ ``tokenizers`` for MiniLM).
 
 ``TextDecoder.load(export_dir)`` reads a ``latentforge export-text`` directory (``manifest.json``, the
-f_tau graph, the frozen decoder's graph and the text encoder) and ``decoder(texts, n, seed)`` runs
+f_tau graph, the frozen decoder's graph and the text encoder) and ``decoder(texts, n, seed)`` generates
 
     text -> embedding (hashed n-grams in numpy, or MiniLM's ONNX graph) -> f_tau (ONNX)
-         -> latent noise around f_tau(y) / code sampling / a pick from the code bank, drawn by numpy
-            from ``seed`` -> decoder (ONNX)
-         -> images (T, n, C, H, W) float32 in [0, 1]
+         -> latent noise around f_tau(y) / codes sampled per position, drawn by numpy from ``seed``
+         -> decoder (ONNX) -> images (T, n, C, H, W) float32 in [0, 1]
+
+Two more things an export can offer (``modes``): ``retrieve`` (:meth:`TextDecoder.retrieve`, a VQ-VAE-2
+text model with a code bank) returns training images, the bank's code maps the text scores best, and
+their train-split row ids; it makes no new image. ``rerank`` (a text model with a captioner graph):
+generate k samples per text and keep the n the captioner's text/image cosine ranks best.
 
 Nothing here imports torch, so a serving replica stays small. The serving endpoint
 ``POST /v1/models/{name}/text-decode`` is a thin shell over :func:`validate_request` and
@@ -23,11 +27,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
-FORMAT_VERSION = 1
-# Request limits (the endpoint's 4xx): texts per request, characters per text, images per text.
+FORMAT_VERSION = 2  # 2: the bank is a retrieval mode with training row ids; the captioner graph for reranking
+# Request limits (the endpoint's 4xx): texts per request, characters per text, images per text, samples
+# drawn per text to rerank.
 MAX_TEXTS = 16
 MAX_TEXT_CHARS = 256
 MAX_N = 16
+MAX_RERANK = 32
+# text-decode's ``mode``: make new images, or return the training images the code bank scores best.
+MODES = ("generate", "retrieve")
 # Words f_tau's word attention reads per text (``pooling: attention``); later words are dropped.
 MAX_WORDS = 32
 
@@ -281,23 +289,37 @@ def gumbel_perturbed_np(logits: np.ndarray, temperature: float, rng: np.random.G
     return logits / temperature - np.log(-np.log(u))
 
 
+def project_np(embedding: np.ndarray, centre: np.ndarray | None, whiten: np.ndarray | None) -> np.ndarray:
+    """(B, E) embeddings -> unit rows in a retrieval space (``models.text.project``; only normalised without one)."""
+    unit = unit_rows(embedding)
+    return unit if whiten is None else unit_rows((unit - centre) @ whiten)
+
+
+def load_space(path: str | Path) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(centre, whiten) float32 of a retrieval space saved in an ``.npz`` (None, None without ``whiten``)."""
+    with np.load(path) as f:
+        return tuple(f[k].astype(np.float32) if "whiten" in f else None for k in ("centre", "whiten"))  # type: ignore[return-value]
+
+
 class CodeBankNp:
-    """:class:`models.text.CodeBank` in numpy (``bank.npz`` of an export): the code maps of the train images,
-    scored by f_tau's log-likelihood plus ``text_weight`` * positions * the caption-retrieval cosine (in the
-    bank's retrieval space when it has one: ``centre``, ``whiten``)."""
+    """:class:`models.text.CodeBank` in numpy (``bank.npz`` of an export): the code maps of the train images
+    and their train-split ``rows``, scored by f_tau's log-likelihood plus ``text_weight`` * positions * the
+    caption-retrieval cosine (in the bank's retrieval space when it has one: ``centre``, ``whiten``)."""
 
     def __init__(self, path: str | Path):
         with np.load(path) as f:
+            if "rows" not in f:
+                raise ValueError(f"{path}: the code bank records no training rows; re-run train-text and export-text")
             self.top, self.bottom = f["top"].astype(np.int64), f["bottom"].astype(np.int64)
+            self.rows = f["rows"].astype(np.int64)
             embedding = f["embedding"].astype(np.float32) if "embedding" in f else None
             self.text_weight = float(f["text_weight"])
-            self.centre, self.whiten = (f[k].astype(np.float32) if "whiten" in f else None for k in ("centre", "whiten"))
+        self.centre, self.whiten = load_space(path)
         self.keys = None if embedding is None else self.project(embedding)  # the bank side, projected once
 
     def project(self, embedding: np.ndarray) -> np.ndarray:
         """(B, E) embeddings -> unit rows in the bank's retrieval space (only normalised without one)."""
-        unit = unit_rows(embedding)
-        return unit if self.whiten is None else unit_rows((unit - self.centre) @ self.whiten)
+        return project_np(embedding, self.centre, self.whiten)
 
     def scores(self, top_logits: np.ndarray, bottom_logits: np.ndarray, text_embedding: np.ndarray | None) -> np.ndarray:
         """(B, N) scores of every bank map for B prompts."""
@@ -315,6 +337,29 @@ class CodeBankNp:
         return np.tile(picks, (1, -(-n // k)))[:, :n]
 
 
+class CaptionScorerNp:
+    """:class:`models.text.CaptionScorer` without torch: the captioner's ONNX graph (``images`` (B, C, H, W)
+    -> ``embedding`` (B, E)) and the retrieval space (``.npz``) the text/image cosine is taken in."""
+
+    def __init__(self, session: Any, space_path: str | Path):
+        self.session = session
+        self.centre, self.whiten = load_space(space_path)
+
+    def scores(self, text_embedding: np.ndarray, images: np.ndarray) -> np.ndarray:
+        """(T, k) cosines of T texts' embeddings (T, E) to each text's k images (T, k, C, H, W)."""
+        t, k = images.shape[:2]
+        keys = self.session.run(["embedding"], {"images": images.reshape(t * k, *images.shape[2:]).astype(np.float32)})[0]
+        keys = project_np(keys, self.centre, self.whiten).reshape(t, k, -1)
+        return np.einsum("te,tke->tk", project_np(text_embedding, self.centre, self.whiten), keys)
+
+
+def rerank_np(images: np.ndarray, scores: np.ndarray, n: int) -> np.ndarray:
+    """(T, n, ...) of (T, k, ...) ``images``: per text the n with the highest ``scores``, best first
+    (ties: the earlier sample), as ``models.text.rerank``."""
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :n]
+    return np.take_along_axis(images, order.reshape(*order.shape, *([1] * (images.ndim - 2))), axis=1)
+
+
 def _map_log_likelihood_np(logits: np.ndarray, codes: np.ndarray) -> np.ndarray:
     """(B, h, w, K) logits, (N, h, w) codes -> (B, N): sum over positions of log softmax(logits)[code]."""
     flat_logits = logits.reshape(logits.shape[0], -1, logits.shape[-1]).astype(np.float64)
@@ -328,7 +373,8 @@ def _map_log_likelihood_np(logits: np.ndarray, codes: np.ndarray) -> np.ndarray:
 
 
 class TextDecoder:
-    """A loaded text export: ``decoder(texts, n, seed, temperature)`` -> images (T, n, C, H, W) float32."""
+    """A loaded text export: ``decoder(texts, n, seed, temperature, rerank)`` -> generated images (T, n, C, H, W)
+    float32; ``decoder.retrieve(...)`` -> training images and their rows (a model with a code bank)."""
 
     def __init__(self, manifest: dict[str, Any], directory: Path):
         import onnxruntime as ort  # here, as in OnnxMiniLMEncoder: loaded only with a model
@@ -339,8 +385,9 @@ class TextDecoder:
         self.decoder = session(manifest["decoder_graph"]["file"])
         self.encoder = encoder_from_spec(manifest["text_encoder"], directory)
         self.kind = manifest["text_map"]["kind"]
-        sampling = manifest.get("sampling") or {}
-        self.bank = CodeBankNp(directory / sampling["file"]) if sampling.get("kind") == "bank" else None
+        retrieval, rerank = manifest.get("retrieval"), manifest.get("rerank")
+        self.bank = CodeBankNp(directory / retrieval["file"]) if retrieval else None
+        self.scorer = CaptionScorerNp(session(rerank["captioner"]), directory / rerank["space"]) if rerank else None
         self.name, self.version, self.alias = manifest.get("family", ""), "", None  # set by a server
 
     @classmethod
@@ -353,7 +400,8 @@ class TextDecoder:
             raise FileNotFoundError(f"{export_dir}: no manifest.json; is it a `latentforge export-text` directory?")
         manifest = json.loads(path.read_text())
         if manifest.get("kind") != "text" or manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: not a text export of format {FORMAT_VERSION} (kind {manifest.get('kind')!r})")
+            raise ValueError(f"{path}: not a text export of format {FORMAT_VERSION} (kind {manifest.get('kind')!r}, format "
+                             f"{manifest.get('format_version')!r}); re-run `latentforge export-text`")
         check_decoder(manifest, decoder_name, decoder_version)
         return cls(manifest, export_dir)
 
@@ -363,55 +411,91 @@ class TextDecoder:
         h, w, c = self.manifest["data"]["image_shape"]
         return (c, h, w)
 
+    @property
+    def modes(self) -> list[str]:
+        """The ``mode`` values text-decode takes: ``generate``, and ``retrieve`` with a code bank."""
+        return ["generate"] + (["retrieve"] if self.bank is not None else [])
+
     def embed(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """(T,) strings -> f_tau's inputs: ``embedding`` (T, E) float32, or (T, L, E) and ``mask`` (T, L)."""
         return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self.encoder.inputs(texts).items()}
 
-    def __call__(self, texts: Sequence[str], n: int = 1, seed: int | None = None, temperature: float = 1.0) -> np.ndarray:
-        """Images (T, n, C, H, W) float32 in [0, 1]; the same ``seed`` gives the same images. Validates
-        the request first (:func:`validate_request`). ``temperature`` 0 gives the mode n times."""
+    def __call__(self, texts: Sequence[str], n: int = 1, seed: int | None = None, temperature: float = 1.0,
+                 rerank: int | None = None) -> np.ndarray:
+        """Generated images (T, n, C, H, W) float32 in [0, 1]; the same ``seed`` gives the same images.
+        ``temperature`` 0 gives the mode n times. ``rerank`` k: draw k samples per text and keep the n the
+        captioner's cosine ranks best. Never reads the code bank. Validates the request first
+        (:func:`validate_request`, :func:`check_rerank`)."""
         texts, n, seed = validate_request(texts, n, seed)
+        check_rerank(rerank, n, self.scorer is not None)
         rng = np.random.default_rng(seed)
         inputs = self.embed(texts)
         out = self.text_map.run(None, inputs)
-        images = self.decoder.run(["images"], decoder_feed(self.manifest, self.bank, out, inputs, n, temperature, rng))[0]
-        return images.reshape(len(texts), n, *images.shape[1:])
+        draws = rerank or n
+        images = self.decoder.run(["images"], decoder_feed(self.manifest, out, draws, temperature, rng))[0]
+        images = images.reshape(len(texts), draws, *images.shape[1:])
+        if rerank:
+            images = rerank_np(images, self.scorer.scores(inputs["embedding"], np.clip(images, 0.0, 1.0)), n)
+        return images
+
+    def retrieve(self, texts: Sequence[str], n: int = 1, seed: int | None = None, temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        """(images (T, n, C, H, W), rows (T, n) int64): the decoder's renderings of the training code maps
+        the bank scores best for each text (the n best at ``temperature`` 0, drawn above) and the
+        train-split rows they come from. :class:`TextRequestError` (``mode``) without a bank."""
+        texts, n, seed = validate_request(texts, n, seed)
+        if self.bank is None:
+            raise TextRequestError("mode", f"retrieve needs a code bank, which this text model has not; modes: {', '.join(self.modes)}")
+        rng = np.random.default_rng(seed)
+        inputs = self.embed(texts)
+        out = self.text_map.run(None, inputs)
+        embedding = inputs["embedding"] if inputs["embedding"].ndim == 2 else None
+        picks = self.bank.pick(self.bank.scores(out[0], out[1], embedding), n, temperature, rng)
+        flat = picks.reshape(-1)
+        images = self.decoder.run(["images"], {"top_indices": self.bank.top[flat], "bottom_indices": self.bank.bottom[flat]})[0]
+        return images.reshape(len(texts), n, *images.shape[1:]), self.bank.rows[picks]
 
     # -- what a serving endpoint needs ------------------------------------------------------------------
 
     capabilities = ["text-decode"]
 
     def text_decode(self, body: dict[str, Any]) -> dict[str, Any]:
-        """One ``POST /v1/models/{name}/text-decode`` body -> ``{"seed", "images"}``.
+        """One ``POST /v1/models/{name}/text-decode`` body -> ``{"seed", "mode", "images"}`` (+ ``"rows"``
+        for retrieve).
 
         ``body``: ``texts`` (list of strings), ``n`` (default 1), ``seed`` (default: drawn here and
-        returned, so the response can be reproduced), ``temperature`` (default 1; 0 = the mode). Images:
-        (T, n, C, H, W) float32 in [0, 1]. Raises :class:`TextRequestError` naming the field (a 4xx).
+        returned, so the response can be reproduced), ``temperature`` (default 1; 0 = the mode), ``mode``
+        (``generate``, the default, or ``retrieve``), ``rerank`` (generate only: k samples per text, the
+        best n kept). Images: (T, n, C, H, W) float32 in [0, 1]; rows: (T, n) train-split row ids.
+        Raises :class:`TextRequestError` naming the field (a 4xx).
         """
-        texts, n, seed, temperature = parse_text_decode(body)
-        if seed is None:
-            seed = int(np.random.default_rng().integers(0, 2**63 - 1))
-        return {"seed": seed, "images": self(texts, n=n, seed=seed, temperature=temperature)}
+        req = parse_text_decode(body)
+        if req["mode"] not in self.modes:
+            raise TextRequestError("mode", f"{req['mode']} is not a mode of this text model; its modes: {', '.join(self.modes)}")
+        seed = req["seed"] if req["seed"] is not None else int(np.random.default_rng().integers(0, 2**63 - 1))
+        if req["mode"] == "retrieve":
+            images, rows = self.retrieve(req["texts"], req["n"], seed, req["temperature"])
+            return {"seed": seed, "mode": "retrieve", "images": images, "rows": rows}
+        images = self(req["texts"], req["n"], seed, req["temperature"], req["rerank"])
+        return {"seed": seed, "mode": "generate", "images": images}
 
     def describe(self) -> dict[str, Any]:
-        """What is served, for ``GET /v1/models``."""
+        """What is served, for ``GET /v1/models``: among it the ``modes`` and whether it can ``rerank``."""
         m = self.manifest
         return {"name": self.name, "version": self.version, "alias": self.alias, "family": m["family"], "kind": "text",
-                "capabilities": self.capabilities, "image_shape": list(self.image_shape),
-                "text_encoder": m["text_encoder"]["kind"], "sampling": (m.get("sampling") or {}).get("kind"),
+                "capabilities": self.capabilities, "modes": self.modes,
+                "rerank": {"max_k": MAX_RERANK} if self.scorer is not None else None,
+                "image_shape": list(self.image_shape), "text_encoder": m["text_encoder"]["kind"],
+                "sampling": (m.get("sampling") or {}).get("kind"),
+                "retrieval": {k: v for k, v in (m.get("retrieval") or {}).items() if k != "file"} or None,
                 "decoder": {k: m["decoder"].get(k) for k in ("name", "version", "sha256")},
                 "aligned_size": m["aligned"]["aligned_size"], "limits": m.get("limits"), "metrics": m.get("metrics") or {}}
 
 
-def decoder_feed(manifest: dict[str, Any], bank: CodeBankNp | None, out: list[np.ndarray], inputs: dict[str, np.ndarray],
-                 n: int, temperature: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """The decoder graph's inputs for n images per text from f_tau's outputs ``out`` (``inputs``: f_tau's
-    inputs): picks from the code ``bank``, latents with noise (``latent`` (T * n, *latent)), or sampled
-    codes (``top_indices``, ``bottom_indices``), by the export's ``manifest``."""
-    if bank is not None:
-        embedding = inputs["embedding"] if inputs["embedding"].ndim == 2 else None
-        picks = bank.pick(bank.scores(out[0], out[1], embedding), n, temperature, rng).reshape(-1)
-        return {"top_indices": bank.top[picks], "bottom_indices": bank.bottom[picks]}
+def decoder_feed(manifest: dict[str, Any], out: list[np.ndarray], n: int, temperature: float,
+                 rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The decoder graph's inputs for n generated images per text from f_tau's outputs ``out``: latents
+    with noise (``latent`` (T * n, *latent)) or codes sampled per position (``top_indices``,
+    ``bottom_indices``), by the export's ``manifest``."""
     if manifest["text_map"]["kind"] == "latent":
         z = np.repeat(out[0], n, axis=0)
         if temperature > 0:
@@ -421,17 +505,38 @@ def decoder_feed(manifest: dict[str, Any], bank: CodeBankNp | None, out: list[np
     return {"top_indices": top, "bottom_indices": bottom}
 
 
-def parse_text_decode(body: dict[str, Any]) -> tuple[list[str], int, int | None, float]:
-    """A text-decode request body -> ``(texts, n, seed, temperature)``, or :class:`TextRequestError`
-    naming the field: an unknown field, a temperature outside [0, 10], or what :func:`validate_request` refuses."""
-    unknown = sorted(set(body) - {"texts", "n", "seed", "temperature", "format"})
+def check_rerank(rerank: Any, n: int, available: bool) -> None:
+    """Raise :class:`TextRequestError` (``rerank``) unless ``rerank`` is None or an int k with n <= k <=
+    :data:`MAX_RERANK` on a model that can rerank (``available``)."""
+    if rerank is None:
+        return
+    if isinstance(rerank, bool) or not isinstance(rerank, int):
+        raise TextRequestError("rerank", f"must be null or an integer, got {rerank!r}")
+    if not n <= rerank <= MAX_RERANK:
+        raise TextRequestError("rerank", f"must be between n ({n}) and {MAX_RERANK}, got {rerank}")
+    if not available:
+        raise TextRequestError("rerank", "this text model has no captioner to rank samples with (trained without pseudo-captions)")
+
+
+def parse_text_decode(body: dict[str, Any]) -> dict[str, Any]:
+    """A text-decode request body -> ``{texts, n, seed, temperature, mode, rerank}``, or
+    :class:`TextRequestError` naming the field: an unknown field, a temperature outside [0, 10], a mode
+    not in :data:`MODES`, rerank with mode retrieve or out of range, or what :func:`validate_request` refuses."""
+    unknown = sorted(set(body) - {"texts", "n", "seed", "temperature", "format", "mode", "rerank"})
     if unknown:
         raise TextRequestError(unknown[0], "unknown field")
     temperature = body.get("temperature", 1.0)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 10:
         raise TextRequestError("temperature", f"must be a number in [0, 10], got {temperature!r}")
+    mode = "generate" if body.get("mode") is None else body["mode"]
+    if mode not in MODES:
+        raise TextRequestError("mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
     texts, n, seed = validate_request(body.get("texts"), body.get("n", 1), body.get("seed"))
-    return texts, n, seed, float(temperature)
+    rerank = body.get("rerank")
+    if rerank is not None and mode != "generate":
+        raise TextRequestError("rerank", "reranks generated samples: only with mode generate")
+    check_rerank(rerank, n, True)
+    return {"texts": texts, "n": n, "seed": seed, "temperature": float(temperature), "mode": mode, "rerank": rerank}
 
 
 def check_decoder(manifest: dict[str, Any], name: str | None, version: int | str | None) -> None:

@@ -98,7 +98,15 @@ def run_demo(url: str, images: np.ndarray, out_dir: str | Path, timeout: float =
                        "a medium green triangle in the bottom right", "a large yellow diamond in the center"]
             out = post(name, "text-decode", {"texts": prompts, "n": 4, "seed": 0})
             path = _save([png for row in out["images"] for png in row], out_dir / f"{name}-text-decode.png", columns=4)
-            lines.append(f"{tag} text-decode: {len(prompts)} prompts x 4 images (one row each) -> {path}")
+            lines.append(f"{tag} text-decode (generate): {len(prompts)} prompts x 4 images (one row each) -> {path}")
+            if model.get("rerank"):  # 16 samples per prompt, the 4 the captioner ranks best
+                out = post(name, "text-decode", {"texts": prompts, "n": 4, "seed": 0, "rerank": 16})
+                path = _save([png for row in out["images"] for png in row], out_dir / f"{name}-text-rerank.png", columns=4)
+                lines.append(f"{tag} text-decode (generate, rerank 16): {len(prompts)} prompts x 4 images -> {path}")
+            if "retrieve" in model.get("modes", []):
+                out = post(name, "text-decode", {"texts": prompts, "n": 4, "seed": 0, "mode": "retrieve"})
+                path = _save([png for row in out["images"] for png in row], out_dir / f"{name}-text-retrieve.png", columns=4)
+                lines.append(f"{tag} text-decode (retrieve): training rows {out['rows']} -> {path}")
         if "anomaly-score" in can:
             out = post(name, "anomaly-score", {"images": pngs})
             scores = ", ".join(f"{s:.4f}" for s in out["scores"])

@@ -43,14 +43,17 @@ async def generate(rt: ModelRuntime, p: dict, run: Run, draw: Draw) -> dict:
 
 
 async def text_decode(rt, p: dict, run: Run, draw: Draw) -> dict:
-    """Images for texts (``rt``: a :class:`runtime.text.TextDecoder`); per text its ``n`` images."""
-    body = {k: p[k] for k in ("texts", "n", "seed", "temperature") if p.get(k) is not None}
+    """Images for texts (``rt``: a :class:`runtime.text.TextDecoder`); per text its ``n`` images, generated
+    or (``mode`` retrieve) training images with their train-split ``rows``."""
+    body = {k: p[k] for k in ("texts", "n", "seed", "temperature", "mode", "rerank") if p.get(k) is not None}
     try:
         out = await asyncio.to_thread(rt.text_decode, body)
     except TextRequestError as exc:
         raise BadInput(exc.field, exc.reason) from None
     images = np.clip(out["images"], 0.0, 1.0)
-    return {"seed": out["seed"], "format": p["format"], "images": [codec.encode_images(im, p["format"]) for im in images]}
+    rows = out["rows"].tolist() if "rows" in out else None
+    return {"seed": out["seed"], "mode": out["mode"], "rows": rows, "format": p["format"],
+            "images": [codec.encode_images(im, p["format"]) for im in images]}
 
 
 async def encode(rt: ModelRuntime, p: dict, run: Run, draw: Draw) -> dict:

@@ -113,8 +113,8 @@ class DecodeRequest(_Request):
 
 
 class TextDecodeRequest(_Request):
-    """Text-conditioned decoding (a ``<family>-<data>-text`` model). The texts, ``n`` and ``seed`` are
-    checked by :func:`runtime.text.validate_request` (a 4xx naming the field)."""
+    """Text-conditioned decoding (a ``<family>-<data>-text`` model). The texts, ``n``, ``seed``, ``mode``
+    and ``rerank`` are checked by :func:`runtime.text.parse_text_decode` (a 4xx naming the field)."""
 
     texts: list[Any] = Field(description="prompts: 1 to 16 non-blank strings of at most 256 characters")
     n: Any = Field(1, description="images per text, 1 to 16")
@@ -122,6 +122,10 @@ class TextDecodeRequest(_Request):
                                 "omitted: the server draws one and returns it")
     temperature: float = Field(1.0, ge=0, le=10, allow_inf_nan=False,
                                description="spread of the latent noise / code sampling; 0 gives the mode")
+    mode: Any = Field(None, description="generate (default: new images from the text) or retrieve (the training "
+                      "images a code bank scores best, with their row ids); GET /v1/models lists each model's modes")
+    rerank: Any = Field(None, description="generate only: draw k samples per text (n <= k <= limits.max_rerank) and "
+                        "return the n that the captioner's text/image cosine ranks best; models with rerank in GET /v1/models")
     format: Format = "png"
 
 
@@ -162,6 +166,8 @@ class TextDecodeResponse(_Response):
     images: list[list[Any]] = Field(description="per text, its n images")
     format: Format
     seed: int
+    mode: str = Field(description="generate or retrieve: whether the images are new or training images")
+    rows: Optional[list[list[int]]] = Field(None, description="retrieve: per text, the train-split row id of each image")
 
 
 class EncodeResponse(_Response):

@@ -1,6 +1,6 @@
 """On the workers: the image captioner that pseudo-captions the unlabelled train images
-(``text.pseudo_ratio``), and the code bank of every train image's code maps (``text.bank``) that it
-captions for retrieval."""
+(``text.pseudo_ratio``), its retrieval space (the cosine that both the bank and reranking score by),
+and the code bank of the train images' code maps (``text.bank``) that it captions for retrieval."""
 
 from __future__ import annotations
 
@@ -47,26 +47,35 @@ def caption(captioner: ImageCaptioner, images: np.ndarray) -> np.ndarray:
         return np.concatenate([captioner(batch_to_tensor(images[i:i + 512])).numpy() for i in range(0, len(images), 512)]).astype(np.float32)
 
 
+def scoring_space(arrays: dict[str, np.ndarray], captioner: ImageCaptioner, whitening: float | None,
+                  space: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(centre, whiten) of the retrieval space of the aligned pairs (:func:`models.text.retrieval_space`):
+    their captions' residuals from the captioner (``space`` residuals) or the captions themselves
+    (captions); (None, None) for a plain cosine (``whitening`` None)."""
+    if whitening is None:
+        return None, None
+    captions = torch.from_numpy(arrays["embedding"])
+    predictions = torch.from_numpy(caption(captioner, arrays["image"])) if space == "residuals" else None
+    return retrieval_space(captions, whitening, predictions)
+
+
 def code_bank(arrays: dict[str, np.ndarray], captioner: ImageCaptioner | None, text_weight: float,
-              whitening: float | None, space: str) -> CodeBank:
-    """:class:`models.text.CodeBank` of every train image the job has (aligned and unlabelled): their
-    code maps and, when a captioner was trained, its embeddings of them (else the bank scores by f_tau's
-    likelihood alone) and (``whitening`` not None) the retrieval space of the aligned pairs: their
-    captions' residuals from the captioner (``space`` residuals) or the captions themselves (captions)."""
+              space_of: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)) -> CodeBank:
+    """:class:`models.text.CodeBank` of every train image the job has (aligned and unlabelled; the tier (b)
+    combinations are not among them, :func:`pipelines.text.aligned.prepare_arrays`): their code maps, the
+    train-split row of each, and, when a captioner was trained, its embeddings of them (else the bank
+    scores by f_tau's likelihood alone) in the retrieval space ``space_of`` (:func:`scoring_space`)."""
 
     def both(key: str) -> np.ndarray:
         return np.concatenate([arrays[key], arrays[f"pseudo_{key}"]]) if f"pseudo_{key}" in arrays else arrays[key]
 
-    top, bottom = both("top"), both("bottom")
+    top, bottom, rows = both("top"), both("bottom"), both("row")
     # One entry per distinct code map: a repeated map is the same latent, and n picks should be n images.
     _, keep = np.unique(np.concatenate([top.reshape(len(top), -1), bottom.reshape(len(bottom), -1)], 1), axis=0, return_index=True)
     keep = np.sort(keep)
+    codes = (torch.from_numpy(top[keep]), torch.from_numpy(bottom[keep]))
+    row_ids = torch.from_numpy(rows[keep].astype(np.int64))
     if captioner is None:
-        return CodeBank(torch.from_numpy(top[keep]), torch.from_numpy(bottom[keep]))
+        return CodeBank(*codes, rows=row_ids)
     embedding = torch.from_numpy(caption(captioner, both("image")[keep]))
-    space_of = (None, None)
-    if whitening is not None:
-        captions = torch.from_numpy(arrays["embedding"])
-        predictions = torch.from_numpy(caption(captioner, arrays["image"])) if space == "residuals" else None
-        space_of = retrieval_space(captions, whitening, predictions)
-    return CodeBank(torch.from_numpy(top[keep]), torch.from_numpy(bottom[keep]), embedding, text_weight, *space_of)
+    return CodeBank(*codes, embedding, text_weight, *space_of, rows=row_ids)

@@ -8,13 +8,18 @@ Graphs (``B`` is the dynamic batch):
   ``bottom_indices`` int64 -> ``images``;
 * ``text_encoder`` (MiniLM only): ``input_ids``, ``attention_mask`` (B, T) int64 -> ``sentence_embedding``
   (B, 384), mean-pooled and L2-normalised, beside its ``tokenizer.json`` (run by ``tokenizers``).
-  The hashed encoder needs no file: its settings are in the manifest.
+  The hashed encoder needs no file: its settings are in the manifest;
+* ``captioner`` (a text model trained with pseudo-captions, one embedding per text): ``images``
+  (B, C, H, W) -> ``embedding`` (B, E), beside ``scorer_space.npz`` (its retrieval space): what
+  ``rerank`` scores generated samples with (manifest ``rerank``).
 
 No graph draws random numbers: the latent noise and the code sampling are drawn by numpy in
 :class:`runtime.text.TextDecoder`. A text model with a code bank (``text.bank``) also gets
-``bank.npz`` (the train images' code maps and captioner embeddings), scored in numpy. Parity: each graph against PyTorch on the aligned captions
-(max abs difference <= ``atol``), then the whole torch-free path (:class:`TextDecoder`, mode) against
-:meth:`models.text.TextMap.generate`. Written to a temporary sibling and renamed on success only.
+``bank.npz`` (the train images' code maps, their train-split rows and captioner embeddings), scored in
+numpy for the ``retrieve`` mode (manifest ``retrieval``). Parity: each graph against PyTorch on the
+aligned captions (max abs difference <= ``atol``), then the whole torch-free path (:class:`TextDecoder`,
+the mode) against :meth:`models.text.TextMap.generate` and, with a bank, :meth:`models.text.TextMap.retrieve`
+(the same rows). Written to a temporary sibling and renamed on success only.
 """
 
 from __future__ import annotations
@@ -33,9 +38,11 @@ from latentforge.pipelines.common.files import atomic_directory
 from latentforge.pipelines.common.params import section
 from latentforge.pipelines.onnx_graphs import OPSET, Decoder, Graph, IndexDecoder, compare, export_graphs
 from latentforge.pipelines.text.encoders import load_minilm, minilm_dir, text_tensors
-from latentforge.pipelines.text.outputs import load_text_model
+from latentforge.pipelines.text.outputs import load_scorer, load_text_model, text_modes
 from latentforge.runtime.images import ExportError
-from latentforge.runtime.text import FORMAT_VERSION, MAX_N, MAX_TEXT_CHARS, MAX_TEXTS, OnnxMiniLMEncoder, TextDecoder
+from latentforge.runtime.text import (
+    FORMAT_VERSION, MAX_N, MAX_RERANK, MAX_TEXT_CHARS, MAX_TEXTS, OnnxMiniLMEncoder, TextDecoder,
+)
 
 PARITY_TEXTS = 16
 
@@ -54,6 +61,17 @@ class _WordTextMapGraph(_TextMapGraph):
 
     def forward(self, embedding: Tensor, mask: Tensor):  # type: ignore[override]
         return self.text_map(embedding, mask)
+
+
+class _CaptionerGraph(nn.Module):
+    """``images`` (B, C, H, W) -> the captioner's unit ``embedding`` (B, E)."""
+
+    def __init__(self, captioner: nn.Module):
+        super().__init__()
+        self.captioner = captioner
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.captioner(images)
 
 
 class _MiniLMGraph(nn.Module):
@@ -75,10 +93,14 @@ def export_text(text_dir: str | Path, out_dir: str | Path, metrics: dict | None 
     """Export the train-text output in ``text_dir`` to ``out_dir``; return the manifest (see the module doc)."""
     text_dir, out_dir = Path(text_dir), Path(out_dir)
     text_map, decoder, record = load_text_model(text_dir)
+    modes = text_modes(record)
+    scorer = load_scorer(text_dir, record) if "rerank" in modes else None
     c = text_map.config
     prompts = _parity_prompts(record)
     inputs = text_tensors(record["text_encoder"], prompts)
     graphs = [_text_map_graph(text_map, inputs), _decoder_graph(text_map, decoder, inputs, record["data"]["image_shape"])]
+    if scorer is not None:
+        graphs.append(_captioner_graph(scorer, text_map, decoder, inputs))
 
     with atomic_directory(out_dir) as tmp:
         export_graphs(graphs, tmp, atol)
@@ -87,7 +109,7 @@ def export_text(text_dir: str | Path, out_dir: str | Path, metrics: dict | None 
         if spec["kind"] == "minilm":
             spec.update(graph="text_encoder.onnx", tokenizer="tokenizer.json")
             parity["text_encoder"] = export_minilm(tmp, prompts, atol)
-        text_map_graph, decoder_graph = graphs
+        text_map_graph, decoder_graph = graphs[:2]
         manifest = {
             "format_version": FORMAT_VERSION,
             "kind": "text",
@@ -97,10 +119,12 @@ def export_text(text_dir: str | Path, out_dir: str | Path, metrics: dict | None 
             "text_map": {"file": "text_map.onnx", "kind": c.kind, "inputs": {k: v[0] for k, v in text_map_graph.inputs.items()},
                          "outputs": {k: v[0] for k, v in text_map_graph.outputs.items()}},
             "decoder_graph": {"file": "decoder.onnx", "inputs": {k: v[0] for k, v in decoder_graph.inputs.items()}},
-            "sampling": _sampling(c, record, text_dir, tmp),
+            "sampling": {"kind": "latent_noise", "sample_std": c.sample_std} if c.kind == "latent" else {"kind": "codes"},
+            "retrieval": _retrieval(record, text_dir, tmp) if "retrieve" in modes else None,
+            "rerank": _rerank(scorer, tmp) if scorer is not None else None,
             "decoder": {k: record["decoder"].get(k) for k in ("source", "name", "version", "sha256", "state_sha256", "path")},
             "aligned": {k: record["aligned"][k] for k in ("aligned_size", "holdout")},
-            "limits": {"max_texts": MAX_TEXTS, "max_text_chars": MAX_TEXT_CHARS, "max_n": MAX_N},
+            "limits": {"max_texts": MAX_TEXTS, "max_text_chars": MAX_TEXT_CHARS, "max_n": MAX_N, "max_rerank": MAX_RERANK},
             "parity": parity,
             "parity_atol": atol,
             "metrics": dict(metrics or {}),
@@ -108,7 +132,7 @@ def export_text(text_dir: str | Path, out_dir: str | Path, metrics: dict | None 
             "opset": OPSET,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")  # TextDecoder.load reads it
-        parity["text_decode"] = _check_text_decode(tmp, text_map, decoder, prompts, inputs, atol)
+        parity.update(_check_text_decode(tmp, text_map, decoder, prompts, inputs, atol))
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -167,30 +191,61 @@ def _decoder_graph(text_map: nn.Module, decoder: nn.Module, inputs: dict[str, Te
                  check_codes)
 
 
-def _check_text_decode(export_dir: Path, text_map, decoder, prompts: list[str], inputs: dict[str, Tensor], atol: float) -> float:
-    """The whole torch-free path (:class:`TextDecoder` over ``export_dir``) against PyTorch's
-    ``text_map.generate``, at the mode (no randomness to line up); the max abs difference, at most ``atol``."""
-    emb, mask = inputs["embedding"], inputs.get("mask")
-    got = TextDecoder.load(export_dir)(prompts[:MAX_TEXTS], n=1, temperature=0.0)
+def _captioner_graph(scorer, text_map, decoder, inputs: dict[str, Tensor]) -> Graph:
+    """The ``captioner`` graph (images -> embedding), its parity checked on what the text model generates
+    for ``inputs`` (the mode and one sample per text)."""
     with torch.no_grad():
-        ref = text_map.generate(decoder, emb[:MAX_TEXTS], 1, 0.0, mask=None if mask is None else mask[:MAX_TEXTS]).numpy()
-    diff = float(np.abs(got - ref).max())
-    if diff > atol:
-        raise ExportError(f"parity: text_decode (ONNX Runtime) differs from PyTorch by {diff:.3g} > {atol}")
-    return diff
+        images = torch.cat([text_map.generate(decoder, inputs["embedding"], 1, t, torch.Generator().manual_seed(0))[:, 0]
+                            for t in (0.0, 1.0)])
+    c, h, w = images.shape[1:]
+
+    def check_captioner(session, atol):
+        ref = {"embedding": scorer.captioner(images)}
+        return compare("captioner", session, {"images": images}, ref, atol, "generated images"), {}
+
+    return Graph("captioner", _CaptionerGraph(scorer.captioner), {"images": ([None, c, h, w], "float32")},
+                 {"embedding": ([None, scorer.captioner.layout["embed_dim"]], "float32")}, (images[:2],), {"images": 0},
+                 check_captioner)
 
 
-def _sampling(c, record: dict[str, Any], text_dir: Path, out: Path) -> dict[str, Any]:
-    """The manifest's ``sampling``: latent noise, per-position codes, or the text model's code bank
-    (its ``bank.npz`` copied to ``out``, its facts from ``text.json``)."""
-    if c.kind == "latent":
-        return {"kind": "latent_noise", "sample_std": c.sample_std}
-    bank = record.get("bank")
-    if not bank:
-        return {"kind": "codes"}
+def _check_text_decode(export_dir: Path, text_map, decoder, prompts: list[str], inputs: dict[str, Tensor], atol: float) -> dict[str, float]:
+    """The whole torch-free path (:class:`TextDecoder` over ``export_dir``) against PyTorch at the mode (no
+    randomness to line up): ``text_decode``, generate against ``text_map.generate``; with a bank,
+    ``text_retrieve``, retrieve against ``text_map.retrieve`` (the same training rows, the same images).
+    The max abs differences, each at most ``atol``."""
+    emb, mask = inputs["embedding"][:MAX_TEXTS], None if inputs.get("mask") is None else inputs["mask"][:MAX_TEXTS]
+    runtime = TextDecoder.load(export_dir)
+    got = runtime(prompts[:MAX_TEXTS], n=1, temperature=0.0)
+    with torch.no_grad():
+        ref = text_map.generate(decoder, emb, 1, 0.0, mask=mask).numpy()
+    diffs = {"text_decode": float(np.abs(got - ref).max())}
+    if runtime.bank is not None:
+        got, rows = runtime.retrieve(prompts[:MAX_TEXTS], n=2, temperature=0.0)
+        with torch.no_grad():
+            ref, ref_rows = text_map.retrieve(decoder, emb, 2, 0.0, mask=mask)
+        if not np.array_equal(rows, ref_rows.numpy()):
+            raise ExportError("parity: text_retrieve (numpy bank) picks other training rows than PyTorch's CodeBank")
+        diffs["text_retrieve"] = float(np.abs(got - ref.numpy()).max())
+    for name, diff in diffs.items():
+        if diff > atol:
+            raise ExportError(f"parity: {name} (ONNX Runtime) differs from PyTorch by {diff:.3g} > {atol}")
+    return diffs
+
+
+def _retrieval(record: dict[str, Any], text_dir: Path, out: Path) -> dict[str, Any]:
+    """The manifest's ``retrieval``: the text model's code bank (its ``bank.npz`` copied to ``out``, its
+    facts from ``text.json``)."""
+    bank = record["bank"]
     shutil.copy2(text_dir / bank["file"], out / "bank.npz")
-    return {"kind": "bank", "file": "bank.npz", **{k: bank[k] for k in ("size", "text_weight", "captioned")},
+    return {"file": "bank.npz", **{k: bank[k] for k in ("size", "text_weight", "captioned")},
             "whitened": bool(bank.get("whitened")), "space": bank.get("space")}
+
+
+def _rerank(scorer, out: Path) -> dict[str, Any]:
+    """The manifest's ``rerank``: the captioner graph and its retrieval space (``scorer_space.npz``)."""
+    space = {} if scorer.whiten is None else {"centre": scorer.centre.numpy(), "whiten": scorer.whiten.numpy()}
+    np.savez(out / "scorer_space.npz", **space)
+    return {"captioner": "captioner.onnx", "space": "scorer_space.npz", "whitened": scorer.whiten is not None, "max_k": MAX_RERANK}
 
 
 def _parity_prompts(record: dict[str, Any]) -> list[str]:

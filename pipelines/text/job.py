@@ -24,6 +24,7 @@ TEXT_SCHEMA: dict[str, Any] = {
     "hashed_dim": int,
     "aligned_fraction": (int, float),
     "holdout": list,
+    "holdout_strict": list,
     "epochs": int,
     "batch_size": int,
     "lr": (int, float),
@@ -89,6 +90,17 @@ def holdout_pairs(holdout: list, manifest: dict[str, Any]) -> list[tuple[int, in
     return pairs
 
 
+def check_holdouts(text: dict[str, Any], manifest: dict[str, Any]) -> None:
+    """Validate ``text.holdout`` (tier a: held out of the aligned pairs) and ``text.holdout_strict`` (tier
+    b: also of the pseudo-captions and the bank); a combination in both is a ParamsError."""
+    tier_a = holdout_pairs(text["holdout"], manifest)
+    both = set(tier_a) & set(holdout_pairs(text["holdout_strict"], manifest))
+    if both:
+        values = manifest["factor_values"]
+        names = [[values["shape"][s], values["colour"][c]] for s, c in sorted(both)]
+        raise ParamsError(f"params text.holdout and text.holdout_strict both name {names}: a combination is in one tier")
+
+
 def resolve_text_job(params: dict[str, Any], model: str, overrides: list[str] | None = None,
                      num_workers: int | None = None, run_name: str | None = None) -> TextJob:
     """Check params, the decoder and the data before Ray starts. ``overrides``: ``key=value`` of the
@@ -109,7 +121,7 @@ def resolve_text_job(params: dict[str, Any], model: str, overrides: list[str] | 
     data_dir = Path(data["output_dir"]) / data["name"]
     manifest = read_manifest(data_dir)
     check_data(decoder_dir, meta, ref, data_dir, manifest)
-    holdout_pairs(text["holdout"], manifest)  # validates the names
+    check_holdouts(text, manifest)
 
     digest_key = {k: text[k] for k in TEXT_SCHEMA if k not in ("num_workers", "cpus_per_worker", "output_dir", "eval_prompts")}
     digest_key.update(decoder=ref.get("sha256"), data=manifest["data_hash"])

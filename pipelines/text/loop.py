@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from latentforge.models import PretrainedModel
-from latentforge.models.text import TextMap, TextMapConfig, freeze, state_digest
+from latentforge.models.text import CaptionScorer, TextMap, TextMapConfig, freeze, state_digest
 from latentforge.pipelines.imaging import batch_to_tensor
-from latentforge.pipelines.text.captioner import caption, code_bank, fit_captioner
+from latentforge.pipelines.text.captioner import caption, code_bank, fit_captioner, scoring_space
 
 
 def text_loop_per_worker(cfg: dict[str, Any]) -> None:
@@ -161,7 +161,8 @@ def _log_epoch(logger, cfg: dict[str, Any], epoch: int, epoch_logs: dict[str, fl
 def _report_final(rank: int, cfg: dict[str, Any], text_map: TextMap, decoder, captioner, state: dict[str, Any],
                   metrics: dict[str, Any]) -> None:
     """The one ``ray.train.report``: rank 0 attaches the checkpoint (``text_map/``, ``decoder/``,
-    ``bank.npz`` with ``bank``, ``state.json``: ``state`` and the decoder's digest now)."""
+    ``captioner.safetensors`` when a captioner was trained (reranking scores with it), ``bank.npz`` with
+    ``bank``, ``state.json``: ``state`` and the decoder's digest now)."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -169,9 +170,12 @@ def _report_final(rank: int, cfg: dict[str, Any], text_map: TextMap, decoder, ca
         if rank == 0:
             text_map.eval().save_pretrained(Path(tmp) / "text_map")
             decoder.save_pretrained(Path(tmp) / "decoder")
+            space_of = (None, None)
+            if captioner is not None:
+                space_of = scoring_space(cfg["arrays"], captioner, cfg["bank_whitening"], cfg["bank_space"])
+                CaptionScorer(captioner, *space_of).save(Path(tmp) / "captioner.safetensors")
             if cfg["bank"]:
-                code_bank(cfg["arrays"], captioner, cfg["bank_text_weight"], cfg["bank_whitening"],
-                          cfg["bank_space"]).save(Path(tmp) / "bank.npz")
+                code_bank(cfg["arrays"], captioner, cfg["bank_text_weight"], space_of).save(Path(tmp) / "bank.npz")
             (Path(tmp) / "state.json").write_text(json.dumps({**state, "decoder_after": state_digest(decoder)}))
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=ckpt)

@@ -1,6 +1,6 @@
 """The ``train-text`` stage output ``<text.output_dir>/<family>/``: written from the final checkpoint
-(``text_map/``, ``decoder/``, ``bank.npz``, ``text.json``, ``metrics.json``), loaded back, and its
-prompt grid (``prompts.png``, ``prompts.json``)."""
+(``text_map/``, ``decoder/``, ``captioner.safetensors``, ``bank.npz``, ``text.json``, ``metrics.json``),
+loaded back, and its prompt grid (``prompts.png``, ``prompts.json``)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from latentforge.models import PretrainedModel
-from latentforge.models.text import CodeBank, TextMap, freeze
+from latentforge.models.text import CaptionScorer, CodeBank, TextMap, freeze
 from latentforge.pipelines.common.files import atomic_directory
 from latentforge.pipelines.data import SHAPE_FACTORS
 from latentforge.pipelines.imaging import make_grid, save_png, tensor_to_uint8
@@ -33,15 +33,21 @@ def write_outputs(job: TextJob, ckpt: Path, info: dict, state: dict, run_id: str
         if (ckpt / "bank.npz").is_file():
             shutil.copy2(ckpt / "bank.npz", tmp / "bank.npz")
             bank = _bank_record(CodeBank.load(tmp / "bank.npz"), job.text["bank_space"])
+        scorer = None
+        if (ckpt / "captioner.safetensors").is_file():
+            shutil.copy2(ckpt / "captioner.safetensors", tmp / "captioner.safetensors")
+            scorer = {"file": "captioner.safetensors", "whitened": CaptionScorer.load(tmp / "captioner.safetensors").whiten is not None}
         record = {
             "family": job.family,
             "data": {"name": job.manifest["name"], "data_hash": job.manifest["data_hash"], "image_shape": job.manifest["image_shape"]},
             # Fine-tuned: the decoder/ here (and in the export) is no longer the referenced version's weights.
             "decoder": {**job.decoder_ref, "state_sha256": state["decoder_after"], "finetuned": job.text["finetune_decoder"]},
             "text_encoder": info["text_encoder"],
-            "aligned": {k: info[k] for k in ("aligned_size", "pseudo_count", "train_count", "holdout", "sample_captions", "aligned_rows")},
+            "aligned": {k: info[k] for k in ("aligned_size", "pseudo_count", "train_count", "holdout", "holdout_strict",
+                                             "sample_captions", "aligned_rows", "unlabelled_rows")},
             "settings": job.text,
             "bank": bank,
+            "captioner": scorer,
             "run_name": job.run_name,
             "mlflow_run_id": run_id,
         }
@@ -59,7 +65,8 @@ def write_outputs(job: TextJob, ckpt: Path, info: dict, state: dict, run_id: str
 def _bank_record(bank: CodeBank, space: str) -> dict[str, Any]:
     """What ``text.json`` says about the code bank (``bank.npz``)."""
     return {"file": "bank.npz", "size": len(bank), "text_weight": bank.text_weight, "captioned": bank.embedding is not None,
-            "whitened": bank.whiten is not None, "space": space if bank.whiten is not None else None}
+            "whitened": bank.whiten is not None, "space": space if bank.whiten is not None else None,
+            "rows": bank.rows is not None}
 
 
 def load_text_model(directory: str | Path) -> tuple[TextMap, PretrainedModel, dict[str, Any]]:
@@ -73,6 +80,25 @@ def load_text_model(directory: str | Path) -> tuple[TextMap, PretrainedModel, di
         text_map.bank = CodeBank.load(directory / record["bank"]["file"])
     decoder = freeze(PretrainedModel.from_pretrained(directory / "decoder"))
     return text_map, decoder, record
+
+
+def load_scorer(directory: str | Path, record: dict[str, Any]) -> CaptionScorer | None:
+    """The text model's :class:`models.text.CaptionScorer` (what reranking scores with), or None for a
+    text model trained without a captioner (``text.pseudo_ratio`` 0)."""
+    scorer = record.get("captioner") or {}
+    return CaptionScorer.load(Path(directory) / scorer["file"]) if scorer.get("file") else None
+
+
+def text_modes(record: dict[str, Any]) -> list[str]:
+    """The decoding modes a train-text output offers: ``generate`` always; ``retrieve`` with a code bank
+    that records its training rows; ``rerank`` (generate, then keep the best by the captioner's cosine)
+    with a captioner and one embedding per text (word attention has none to score)."""
+    modes = ["generate"]
+    if (record.get("bank") or {}).get("rows"):
+        modes.append("retrieve")
+    if (record.get("captioner") or {}).get("file") and record["text_encoder"].get("pooling") != "attention":
+        modes.append("rerank")
+    return modes
 
 
 def grid_prompts(manifest: dict[str, Any], info: dict[str, Any], count: int = 8) -> list[str]:

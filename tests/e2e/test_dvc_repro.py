@@ -91,7 +91,7 @@ def test_dvc_repro_twice_then_push(repo_copy):
     assert (repo_copy / "artifacts" / "export-text" / "vae" / "text_map.onnx").is_file()
     text_champion = client.get_model_version_by_alias("vae-shapes-text", "champion")
     assert text_champion.tags["decoder_version"] == "1"
-    seen = json.loads((repo_copy / "artifacts" / "evaluate" / "vae-text" / "metrics.json").read_text())["seen_per_factor"]
+    seen = json.loads((repo_copy / "artifacts" / "evaluate" / "vae-text" / "metrics.json").read_text())["generate_t1_seen_per_factor"]
     assert float(text_champion.tags["primary_metric_value"]) == seen  # evaluate_text's figure, shown by `models`
 
     second = sh("dvc", "repro", cwd=repo_copy)

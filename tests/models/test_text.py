@@ -135,7 +135,8 @@ def _tiny_bank(decoder, count: int, embed_dim: int = 0, text_weight: float = 0.0
     x = torch.rand(count, decoder.config.channels, decoder.config.image_size, decoder.config.image_size)
     top, bottom = decoder.encode(x).indices
     embedding = torch.nn.functional.normalize(torch.randn(count, embed_dim), dim=-1) if embed_dim else None
-    return CodeBank(top, bottom, embedding, text_weight)
+    rows = 3 * torch.arange(count) + 5  # train-split rows, not bank positions
+    return CodeBank(top, bottom, embedding, text_weight, rows=rows)
 
 
 def test_code_bank_scores_whole_maps_by_f_tau_likelihood_plus_retrieval(tmp_path):
@@ -169,7 +170,9 @@ def test_code_bank_scores_whole_maps_by_f_tau_likelihood_plus_retrieval(tmp_path
     bank.save(tmp_path / "bank.npz")
     again = CodeBank.load(tmp_path / "bank.npz")
     assert torch.equal(again.top, bank.top) and torch.equal(again.bottom, bank.bottom) and again.text_weight == 0.5
-    assert torch.allclose(again.embedding, bank.embedding, atol=1e-3)
+    assert torch.allclose(again.embedding, bank.embedding, atol=1e-3) and torch.equal(again.rows, bank.rows)
+    with pytest.raises(ValueError, match="rows"):
+        CodeBank(bank.top, bank.bottom, rows=bank.rows[:3])
 
 
 def test_retrieval_space_whitens_the_captions_and_the_bank_scores_in_it(tmp_path):
@@ -215,7 +218,7 @@ def test_retrieval_space_whitens_the_captions_and_the_bank_scores_in_it(tmp_path
     decoder = freeze(MODELS["vqvae2"](MODELS["vqvae2"].config_class.tiny()))
     plain = _tiny_bank(decoder, 7, embed_dim=6, text_weight=0.5)
     centre, whiten = retrieval_space(e, ridge=0.1)
-    bank = CodeBank(plain.top, plain.bottom, plain.embedding, 0.5, centre, whiten)
+    bank = CodeBank(plain.top, plain.bottom, plain.embedding, 0.5, centre, whiten, plain.rows)
     k = decoder.config.num_codes
     top_logits, bottom_logits = torch.randn(3, *decoder.top_shape, k), torch.randn(3, *decoder.bottom_shape, k)
     text = torch.randn(3, 6)
@@ -237,14 +240,68 @@ def test_retrieval_space_whitens_the_captions_and_the_bank_scores_in_it(tmp_path
     assert np.allclose(served, expected.numpy(), rtol=1e-4, atol=1e-2)
 
 
-def test_generate_with_a_bank_decodes_the_best_scoring_bank_map():
+def test_retrieve_decodes_the_best_scoring_bank_maps_and_returns_their_rows():
     torch.manual_seed(0)
     decoder = freeze(MODELS["vqvae2"](MODELS["vqvae2"].config_class.tiny()))
     text_map = text_map_for(decoder, 6, hidden_dim=16).eval()
-    text_map.bank = _tiny_bank(decoder, 9, embed_dim=6, text_weight=1.0)
     emb = torch.randn(2, 6)
+    with pytest.raises(ValueError, match="cannot retrieve"):
+        text_map.retrieve(decoder, emb)
+    text_map.bank = _tiny_bank(decoder, 9, embed_dim=6, text_weight=1.0)
     with torch.no_grad():
-        images = text_map.generate(decoder, emb, n=2, temperature=0.0)
-        best = text_map.bank.scores(*text_map(emb), emb).argsort(1, descending=True)[:, :2].flatten()
-        expected = decoder.decode_indices(text_map.bank.top[best], text_map.bank.bottom[best]).images
+        images, rows = text_map.retrieve(decoder, emb, n=2, temperature=0.0)
+        best = text_map.bank.scores(*text_map(emb), emb).argsort(1, descending=True)[:, :2]
+        expected = decoder.decode_indices(text_map.bank.top[best.flatten()], text_map.bank.bottom[best.flatten()]).images
     assert torch.equal(images.flatten(0, 1), expected)
+    assert torch.equal(rows, 3 * best + 5)  # the bank's recorded train rows, not its positions
+
+
+class _Untouchable:
+    """A bank that fails the test on any read."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"generate read the bank ({name})")
+
+
+def test_generate_never_reads_the_bank():
+    torch.manual_seed(0)
+    decoder = freeze(MODELS["vqvae2"](MODELS["vqvae2"].config_class.tiny()))
+    text_map = text_map_for(decoder, 6, hidden_dim=16).eval()
+    emb = torch.randn(2, 6)
+    without = text_map.generate(decoder, emb, 3, 1.0, torch.Generator().manual_seed(4))
+    text_map.bank = _Untouchable()
+    with_bank = text_map.generate(decoder, emb, 3, 1.0, torch.Generator().manual_seed(4))
+    assert torch.equal(without, with_bank)
+    mode = text_map.generate(decoder, emb, 1, 0.0)[:, 0]  # the mode: per-position argmax codes, decoded
+    top, bottom = (t.argmax(-1) for t in text_map(emb))
+    assert torch.equal(mode, decoder.decode_indices(top, bottom).images)
+
+
+def test_caption_scorer_scores_saves_and_reranks(tmp_path):
+    from latentforge.models.text import CaptionScorer, ImageCaptioner, rerank, retrieval_space
+
+    torch.manual_seed(0)
+    captioner = ImageCaptioner(channels=3, embed_dim=8, width=4, colour_width=4).eval()
+    centre, whiten = retrieval_space(torch.randn(20, 8), ridge=0.1)
+    scorer = CaptionScorer(captioner, centre, whiten)
+    images, text = torch.rand(2, 5, 3, 16, 16), torch.randn(2, 8)
+    scores = scorer.scores(text, images)
+    with torch.no_grad():
+        proj = lambda x: torch.nn.functional.normalize((torch.nn.functional.normalize(x, dim=-1) - centre) @ whiten, dim=-1)  # noqa: E731
+        expected = torch.stack([proj(captioner(images[b])) @ proj(text[b:b + 1])[0] for b in range(2)])
+    assert scores.shape == (2, 5) and torch.allclose(scores, expected, atol=1e-5)
+    scorer.save(tmp_path / "captioner.safetensors")
+    again = CaptionScorer.load(tmp_path / "captioner.safetensors")
+    assert torch.allclose(again.scores(text, images), scores, atol=1e-6) and again.captioner.layout == captioner.layout
+    assert CaptionScorer.load(_saved(CaptionScorer(captioner), tmp_path / "plain.safetensors")).whiten is None
+    # rerank: the n best per row, best first
+    kept = rerank(images, scores, 2)
+    order = scores.argsort(1, descending=True)[:, :2]
+    assert torch.equal(kept, torch.stack([images[b, order[b]] for b in range(2)]))
+    with pytest.raises(ValueError, match="n <= k"):
+        rerank(images, scores, 6)
+
+
+def _saved(scorer, path):
+    scorer.save(path)
+    return path

@@ -165,7 +165,13 @@ def test_train_text_logs_to_mlflow(trained, text_params):
     assert record["decoder"]["source"] == "checkpoint" and record["aligned"]["aligned_size"] == summary["aligned_size"]
     # pseudo_ratio 1 (the fixture): every other train image was captioned by the captioner, which fit the
     # aligned captions better than chance (a random unit vector's cosine is ~0)
-    assert record["aligned"]["pseudo_count"] == job.manifest["splits"]["train"]["count"] - summary["aligned_size"]
+    # aligned images, and those of the tier (b) combinations (text.holdout_strict), are not pseudo-captioned
+    from latentforge.pipelines.text.aligned import combination_rows
+    from latentforge.pipelines.text.job import holdout_pairs
+
+    factors = load_split(job.data_dir, "train")["factors"]
+    tier_b = int(combination_rows(factors, job.manifest, holdout_pairs(job.text["holdout_strict"], job.manifest)).sum())
+    assert record["aligned"]["pseudo_count"] == job.manifest["splits"]["train"]["count"] - summary["aligned_size"] - tier_b
     assert run.data.params["pseudo_count"] == str(record["aligned"]["pseudo_count"])
     assert 0.2 < run.data.metrics["captioner/cosine"] <= 1.0
 
@@ -192,6 +198,33 @@ def test_train_text_cli_bad_input_is_one_line_exit_2(text_params, tmp_path, caps
         assert field in capsys.readouterr().err
 
 
+def test_tier_b_combinations_never_reach_pseudo_captions_or_the_bank(trained):
+    """Tier (b) (text.holdout_strict): no aligned pair, no pseudo-captioned image and no bank entry shows
+    those combinations; tier (a) (text.holdout) images stay among the unlabelled ones."""
+    from latentforge.models.text import CodeBank
+    from latentforge.pipelines.text.aligned import combination_rows, prepare_arrays
+    from latentforge.pipelines.text.job import holdout_pairs
+
+    job, summary = trained["vqvae2"]
+    train = load_split(job.data_dir, "train")
+    strict = holdout_pairs(job.text["holdout_strict"], job.manifest)
+    tier_a = holdout_pairs(job.text["holdout"], job.manifest)
+    assert strict and combination_rows(train["factors"], job.manifest, strict).any()  # the split has such images
+    arrays, info = prepare_arrays(job, echo=lambda s: None)
+    shown = lambda rows, pairs: combination_rows(train["factors"][rows], job.manifest, pairs)  # noqa: E731
+    assert not shown(arrays["row"], strict).any() and not shown(arrays["row"], tier_a).any()
+    assert not shown(arrays["pseudo_row"], strict).any() and shown(arrays["pseudo_row"], tier_a).any()
+    assert np.array_equal(arrays["pseudo_image"], np.array(train["images"][arrays["pseudo_row"]]))
+    record = json.loads((Path(summary["output_dir"]) / "text.json").read_text())
+    assert record["aligned"]["unlabelled_rows"] == arrays["pseudo_row"].tolist() == info["unlabelled_rows"]
+    bank = CodeBank.load(Path(summary["output_dir"]) / "bank.npz")
+    assert not shown(bank.rows.numpy(), strict).any()
+    with pytest.raises(Exception, match="one tier"):
+        from latentforge.pipelines.text.job import check_holdouts
+
+        check_holdouts({"holdout": [["circle", "red"]], "holdout_strict": [["circle", "red"]]}, job.manifest)
+
+
 # -- export and the torch-free runtime ------------------------------------------------------------------
 
 
@@ -199,10 +232,16 @@ def test_train_text_cli_bad_input_is_one_line_exit_2(text_params, tmp_path, caps
 def test_export_parity_and_text_decode(exported, family):
     out, manifest = exported[family]
     assert all(v <= 1e-4 for v in manifest["parity"].values()) and "text_decode" in manifest["parity"]
-    if family == "vqvae2":  # text.bank (the default): decoded from the train images' distinct code maps
-        assert manifest["sampling"]["kind"] == "bank" and manifest["sampling"]["captioned"] and manifest["sampling"]["whitened"]
-        assert manifest["sampling"]["space"] == "residuals"
-        assert (out / "bank.npz").is_file() and 1 < manifest["sampling"]["size"] <= manifest["aligned"]["aligned_size"] * 2
+    if family == "vqvae2":  # text.bank (the default): a retrieval mode over the train images' distinct code maps
+        assert manifest["sampling"]["kind"] == "codes"  # generate samples codes per position
+        retrieval = manifest["retrieval"]
+        assert retrieval["captioned"] and retrieval["whitened"] and retrieval["space"] == "residuals"
+        assert (out / "bank.npz").is_file() and 1 < retrieval["size"] <= manifest["aligned"]["aligned_size"] * 2
+        assert "text_retrieve" in manifest["parity"]
+    else:
+        assert manifest["retrieval"] is None and manifest["sampling"]["kind"] == "latent_noise"
+    # pseudo_ratio 1 (the fixture): a captioner, exported for reranking
+    assert manifest["rerank"]["captioner"] == "captioner.onnx" and manifest["parity"]["captioner"] <= 1e-4
     decoder = TextDecoder.load(out)
     texts = ["a large red circle in the center", "small blue square, top left"]
     images = decoder(texts, n=3, seed=7)
@@ -216,6 +255,44 @@ def test_export_parity_and_text_decode(exported, family):
         decoder([" "], n=1)
 
 
+class _Untouchable:
+    """A code bank that fails the test on any read."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"generate read the bank ({name})")
+
+
+def test_generate_mode_never_reads_the_bank(exported):
+    decoder = TextDecoder.load(exported["vqvae2"][0])
+    texts = ["a large red circle in the center", "small blue square, top left"]
+    expected = decoder(texts, n=3, seed=2)
+    decoder.bank = _Untouchable()
+    assert np.array_equal(decoder(texts, n=3, seed=2), expected)
+    assert np.array_equal(decoder.text_decode({"texts": texts, "n": 3, "seed": 2})["images"], expected)
+
+
+def test_retrieve_returns_training_images_and_their_rows(exported, trained, text_params):
+    """Each retrieved image is the decoder's rendering of the code map of the train image whose row id
+    comes with it (and so a row that exists in the train split)."""
+    _, params = text_params
+    out, _ = exported["vqvae2"]
+    decoder = TextDecoder.load(out)
+    assert decoder.describe()["modes"] == ["generate", "retrieve"] and decoder.describe()["rerank"]["max_k"] >= 16
+    body = decoder.text_decode({"texts": ["a large red circle in the center", "a small blue square"], "n": 3, "seed": 1, "mode": "retrieve"})
+    rows = body["rows"]
+    assert body["mode"] == "retrieve" and rows.shape == (2, 3) and len(set(rows[0].tolist())) == 3
+    prepared = Path(params["data"]["output_dir"]) / params["data"]["name"]
+    train = load_split(prepared, "train")
+    assert ((0 <= rows) & (rows < len(train["images"]))).all()
+    model = PretrainedModel.from_pretrained(Path(trained["vqvae2"][1]["output_dir"]) / "decoder").eval()
+    with torch.no_grad():
+        x = batch_to_tensor(np.array(train["images"][rows.reshape(-1)]))
+        rendered = model.decode_indices(*model.encode(x).indices).images.numpy()
+    assert np.allclose(body["images"].reshape(rendered.shape), rendered, atol=1e-4)
+    generated = decoder.text_decode({"texts": ["a large red circle in the center"], "n": 2, "seed": 1})
+    assert generated["mode"] == "generate" and "rows" not in generated
+
+
 def test_text_decode_request_body(exported):
     decoder = TextDecoder.load(exported["vae"][0])
     out = decoder.text_decode({"texts": ["a red circle", "a blue square"], "n": 2})
@@ -223,11 +300,26 @@ def test_text_decode_request_body(exported):
     again = decoder.text_decode({"texts": ["a red circle", "a blue square"], "n": 2, "seed": out["seed"]})
     assert np.array_equal(out["images"], again["images"])  # the returned seed reproduces the response
     for body, field in (({"texts": ["ok"], "colour": 1}, "colour"), ({"texts": ["ok"], "temperature": "hot"}, "temperature"),
-                        ({"n": 1}, "texts"), ({"texts": ["ok"], "n": 100}, "n")):
+                        ({"n": 1}, "texts"), ({"texts": ["ok"], "n": 100}, "n"),
+                        ({"texts": ["ok"], "mode": "dream"}, "mode"), ({"texts": ["ok"], "mode": 3}, "mode"),
+                        ({"texts": ["ok"], "mode": "retrieve"}, "mode"),  # a VAE has no bank
+                        ({"texts": ["ok"], "n": 4, "rerank": 3}, "rerank"), ({"texts": ["ok"], "rerank": 33}, "rerank"),
+                        ({"texts": ["ok"], "rerank": "many"}, "rerank")):
         with pytest.raises(TextRequestError) as err:
             decoder.text_decode(body)
         assert err.value.field == field
-    assert decoder.describe()["capabilities"] == ["text-decode"]
+    assert decoder.describe()["capabilities"] == ["text-decode"] and decoder.describe()["modes"] == ["generate"]
+
+
+def test_rerank_keeps_the_samples_the_captioner_ranks_best(exported):
+    decoder = TextDecoder.load(exported["vae"][0])
+    texts = ["a large red circle in the center", "a small blue square in the top left"]
+    drawn = decoder(texts, n=8, seed=3)
+    kept = decoder.text_decode({"texts": texts, "n": 3, "seed": 3, "rerank": 8})["images"]
+    scores = decoder.scorer.scores(decoder.embed(texts)["embedding"], drawn)
+    best = np.argsort(-scores, axis=1, kind="stable")[:, :3]
+    assert np.array_equal(kept, np.stack([drawn[t, best[t]] for t in range(2)]))  # the same draws, the best 3
+    assert all(scores[t, best[t]].min() >= np.delete(scores[t], best[t]).max() for t in range(2))
 
 
 def test_text_decode_runs_without_torch(exported):
@@ -288,7 +380,7 @@ def test_register_text_version_names_its_decoder(exported, text_params):
     assert version.name == "vae-shapes-text" and version.tags["kind"] == "text"
     assert version.tags["decoder_sha256"] == manifest["decoder"]["sha256"]
     assert version.tags["decoder_version"] == "None"  # trained from a checkpoint directory, not a registered version
-    assert version.tags["primary_metric"] == "seen_per_factor"  # what `latentforge models` lists
+    assert version.tags["primary_metric"] == "generate_t1_seen_per_factor"  # what `latentforge models` lists
     assert manifest["metrics"] == {} and "primary_metric_value" not in version.tags  # exported before evaluation
     import mlflow
 
@@ -298,10 +390,15 @@ def test_register_text_version_names_its_decoder(exported, text_params):
         import pandas as pd
 
         out1 = model.predict(pd.DataFrame({"text": ["a large red circle in the center"]}), params={"n": 2, "seed": 3})
+        reranked = model.predict(pd.DataFrame({"text": ["a large red circle in the center"]}), params={"n": 2, "seed": 3, "rerank": 6})
+        with pytest.raises(TextRequestError) as err:
+            model.predict(pd.DataFrame({"text": ["a red circle"]}), params={"mode": "retrieve"})  # a VAE text model has no bank
     finally:
         mlflow.set_tracking_uri(None)
-    assert out1["images"].shape == (1, 2, 3, 16, 16)
-    assert np.array_equal(out1["images"], TextDecoder.load(out)(["a large red circle in the center"], n=2, seed=3))
+    assert out1["images"].shape == (1, 2, 3, 16, 16) and err.value.field == "mode"
+    local = TextDecoder.load(out)
+    assert np.array_equal(out1["images"], local(["a large red circle in the center"], n=2, seed=3))
+    assert np.array_equal(reranked["images"], local(["a large red circle in the center"], n=2, seed=3, rerank=6))
 
 
 # -- evaluation -----------------------------------------------------------------------------------------
@@ -328,13 +425,54 @@ def test_evaluate_text_reports_every_set(trained, text_params):
     save_model(clf, str(cdir / "model.safetensors"))
     _, summary = trained["vae"]
     metrics = evaluate_text(summary["output_dir"], cdir, prepared, count=40, echo=lambda s: None)
-    for name in ("seen", "paraphrase", "heldout"):
-        for factor in manifest["factor_names"]:
-            assert 0.0 <= metrics[f"{name}_acc_{factor}"] <= 1.0
-        assert metrics[f"{name}_all_factors"] <= metrics[f"{name}_per_factor"]
-    assert metrics["aligned_size"] == summary["aligned_size"]
+    assert metrics["modes"] == ["generate", "rerank"] and metrics["classifier_trained_on"] == "train split"
+    for prefix in ("generate_t0", "generate_t1", "rerank_t1"):
+        for name in ("seen", "paraphrase", "heldout_a", "heldout_b"):
+            for factor in manifest["factor_names"]:
+                assert 0.0 <= metrics[f"{prefix}_{name}_acc_{factor}"] <= 1.0
+            assert metrics[f"{prefix}_{name}_all_factors"] <= metrics[f"{prefix}_{name}_per_factor"]
+            assert 0.0 <= metrics[f"{prefix}_{name}_copy_rate"] <= 1.0
+        assert {f"{prefix}_free_acc_shape", f"{prefix}_free_acc_colour"} <= set(metrics)
+        assert f"{prefix}_free_acc_size" not in metrics  # "a red circle" states no size
+    for factor in ("size", "hpos", "vpos"):
+        assert 0.0 <= metrics[f"generate_t1_free_entropy_{factor}"] <= 1.0
+        assert f"generate_t0_free_entropy_{factor}" not in metrics  # one image per prompt at the mode
+    # the earlier names: the generate mode at temperature 0 on seen, paraphrase and tier (a)
+    assert metrics["seen_per_factor"] == metrics["generate_t0_seen_per_factor"]
+    assert metrics["heldout_all_factors"] == metrics["generate_t0_heldout_a_all_factors"]
+    assert metrics["aligned_size"] == summary["aligned_size"] and metrics["copy_threshold"] > 0
     assert metrics["ceiling_method"] == "encode" and metrics["ceiling_all_factors"] <= metrics["ceiling_per_factor"]
-    assert "paraphrase_drop" in metrics and set(metrics["targets"]) == {"seen_per_factor>=0.90", "heldout_all_factors>=0.75", "paraphrase_drop<=5"}
+    assert "paraphrase_drop" in metrics and set(metrics["targets"]) == {
+        "generate_t1_seen_per_factor>=0.85", "generate_t1_paraphrase_drop<=5", "generate_t1_heldout_b_all_factors>=0.5",
+        "generate_t1_free_entropy_ratio>=0.6"}
+
+
+def test_free_entropy_on_constructed_readings():
+    """A prompt whose 8 samples split evenly over a factor's 2 values scores 1, one whose samples agree 0."""
+    from latentforge.pipelines.text.evaluate import FREE_FACTORS, free_entropy
+
+    manifest = {"factor_values": {f: ["a", "b"] for f in FREE_FACTORS}}
+    even, same = [0, 1] * 4, [1] * 8
+    logits = {f"factor_{f}": torch.nn.functional.one_hot(torch.tensor(even + same), 2).float() for f in FREE_FACTORS}
+    metrics: dict = {}
+    free_entropy(metrics, "generate_t1", logits, 8, manifest)
+    assert all(metrics[f"generate_t1_free_entropy_{f}"] == pytest.approx(0.5) for f in FREE_FACTORS)
+    assert metrics["generate_t1_free_entropy_ratio"] == pytest.approx(0.5)
+
+
+def test_copy_rate_on_constructed_images():
+    """Outputs that are training images are all copies; noise is none (threshold: a reconstruction-sized MSE)."""
+    from latentforge.pipelines.text.evaluate import copy_rate, nearest_mse
+
+    gen = torch.Generator().manual_seed(0)
+    train = torch.rand(50, 3, 16, 16, generator=gen)
+    pixels = train.flatten(1)
+    assert copy_rate(train[[3, 7, 7, 41]], pixels, threshold=1e-3) == 1.0
+    assert copy_rate(torch.rand(20, 3, 16, 16, generator=gen), pixels, threshold=1e-3) == 0.0
+    nudged = (train[:10] + 0.01).clamp(0, 1)  # MSE ~1e-4: below a 1e-3 threshold, above a 1e-5 one
+    assert copy_rate(nudged, pixels, 1e-3) == 1.0 and copy_rate(nudged, pixels, 1e-5) == 0.0
+    brute = torch.stack([((train - x) ** 2).flatten(1).mean(1).min() for x in nudged])
+    assert torch.allclose(nearest_mse(nudged, pixels), brute, atol=1e-6)
 
 
 def test_paraphrases_are_never_training_captions(project):
@@ -412,9 +550,10 @@ def test_word_attention_trains_exports_and_serves(text_params, local_ray, tmp_pa
 
     manifest = export_text(summary["output_dir"], tmp_path / "export")
     assert manifest["text_map"]["inputs"] == {"embedding": [None, MAX_WORDS, 384], "mask": [None, MAX_WORDS]}
-    # no captioner (pseudo_ratio 0): the bank (every train image's map) scores by f_tau's likelihood alone
-    assert manifest["sampling"]["kind"] == "bank" and not manifest["sampling"]["captioned"] and not manifest["sampling"]["whitened"]
-    assert manifest["sampling"]["text_weight"] == 0.0 and manifest["sampling"]["size"] > record["aligned"]["aligned_size"]
+    # no captioner (pseudo_ratio 0): the bank (every train image's map) scores by f_tau's likelihood alone, no reranking
+    assert manifest["retrieval"] and not manifest["retrieval"]["captioned"] and not manifest["retrieval"]["whitened"]
+    assert manifest["retrieval"]["text_weight"] == 0.0 and manifest["retrieval"]["size"] > record["aligned"]["aligned_size"]
+    assert manifest["rerank"] is None
     assert max(manifest["parity"].values()) <= manifest["parity_atol"]
     runtime = TextDecoder.load(tmp_path / "export")
     texts = ["a small blue square at the top left", "Please draw me a large red circle near the center."]
