@@ -462,7 +462,11 @@ def fit_sampler(model_dir: Path, data_dir: str | Path, settings: dict[str, Any],
     if latents is None:
         echo(f"latent sampler: none for {type(model).__name__} (no flat latent with an encoder or learned codes)")
         return None
-    config = GaussianMixtureConfig.from_dict({k: v for k, v in settings.items() if k not in ("kind", "max_images")})
+    values = {k: v for k, v in settings.items() if k not in ("kind", "max_images")}
+    if values["components"] > len(latents):  # a small data set: a mixture cannot have more components than latents
+        echo(f"latent sampler: {len(latents)} latents, so {len(latents)} components instead of {values['components']}")
+        values["components"] = len(latents)
+    config = GaussianMixtureConfig.from_dict(values)
     model.latent_sampler = GaussianMixtureSampler.fit(latents, config)
     model.save_pretrained(model_dir)
     fit = {
