@@ -25,9 +25,9 @@ from torch import Tensor, nn
 from latentforge.models.base import (
     DecoderOutput,
     EncoderOutput,
+    FlatLatentModel,
     LossOutput,
     ModelConfig,
-    PretrainedModel,
     require_choice,
     require_positive,
 )
@@ -84,7 +84,7 @@ class AAEConfig(ModelConfig):
         )
 
 
-class AAE(PretrainedModel):
+class AAE(FlatLatentModel):
     """Adversarial autoencoder. Latent: (B, latent_dim), matched to N(0, prior_std^2 I)."""
 
     config_class = AAEConfig
@@ -154,17 +154,8 @@ class AAE(PretrainedModel):
         return DecoderOutput(images=torch.sigmoid(self.decoder(z)))
 
     @torch.no_grad()
-    def sample(
-        self, n: int, generator: torch.Generator | None = None, noise: Tensor | None = None,
-        sampler: str = "prior", uniform: Tensor | None = None,
-    ) -> DecoderOutput:
-        """Decode n latents. ``sampler="prior"``: prior_std * N(0, I), ``noise`` (n, latent_dim), standard
-        normal, replaces the draw. ``sampler="gmm"``: z from the fitted ``latent_sampler``
-        (models/samplers.py); ``noise`` and ``uniform`` (n,) together replace its draw."""
-        if sampler != "prior":
-            return self.sample_latent_sampler(sampler, n, generator, noise, uniform)
-        if uniform is not None:
-            raise ValueError("sample: uniform is only used by a fitted latent sampler (sampler='gmm')")
+    def sample_prior(self, n: int, generator: torch.Generator | None = None, noise: Tensor | None = None) -> DecoderOutput:
+        """n images decoded from z ~ prior_std * N(0, I); ``noise`` (n, latent_dim), standard normal, replaces the draw."""
         like = next(self.parameters())
         z = standard_normal(n, self.config.latent_dim, like, generator, noise) * self.config.prior_std
         return self.decode(z)

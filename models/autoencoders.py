@@ -31,9 +31,9 @@ from latentforge.models.base import (
     ConfigError,
     DecoderOutput,
     EncoderOutput,
+    FlatLatentModel,
     LossOutput,
     ModelConfig,
-    PretrainedModel,
     require_choice,
     require_divisible,
     require_positive,
@@ -87,7 +87,7 @@ def _validate_fc(config: ModelConfig) -> None:
 # The shared surface
 
 
-class CodeAutoEncoder(PretrainedModel):
+class CodeAutoEncoder(FlatLatentModel):
     """What every autoencoder here shares: a flat code, a sigmoid output and sampling from ``self.codes``.
 
     A subclass builds its networks and ``self.codes`` (a :class:`~models.blocks.RunningGaussian` over
@@ -124,18 +124,9 @@ class CodeAutoEncoder(PretrainedModel):
     def latent_shape(self) -> tuple[int, ...]:
         return (self.config.latent_dim,)
 
-    def sample(
-        self, n: int, generator: torch.Generator | None = None, noise: Tensor | None = None,
-        sampler: str = "prior", uniform: Tensor | None = None,
-    ) -> DecoderOutput:
-        """n images. ``sampler="prior"``: decoded from codes drawn from the running Gaussian of training
-        codes (module doc); ``noise``: (n, latent_dim) standard normal, else drawn from ``generator``.
-        ``sampler="gmm"``: codes from the fitted ``latent_sampler`` (models/samplers.py); ``noise`` and
-        ``uniform`` (n,) together replace its draw."""
-        if sampler != "prior":
-            return self.sample_latent_sampler(sampler, n, generator, noise, uniform)
-        if uniform is not None:
-            raise ValueError("sample: uniform is only used by a fitted latent sampler (sampler='gmm')")
+    def sample_prior(self, n: int, generator: torch.Generator | None = None, noise: Tensor | None = None) -> DecoderOutput:
+        """n images decoded from codes drawn from the running Gaussian of training codes (module doc);
+        ``noise``: (n, latent_dim) standard normal, else drawn from ``generator``."""
         codes = self.codes.sample(n, generator, noise)
         # Variants without a code activation (conv, LSTM, linear) have unbounded codes: nothing to clip.
         return self.decode(_clip_codes(codes, getattr(self.config, "activation", "identity")))

@@ -341,6 +341,28 @@ class PretrainedModel(nn.Module):
         return model
 
 
+class FlatLatentModel(PretrainedModel):
+    """A family with a flat latent (latent_dim,) and a prior of its own, which a fitted ex-post latent
+    sampler (models/samplers.py) can replace: :meth:`sample` picks one, :meth:`sample_prior` is the family's."""
+
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, noise: Tensor | None = None,
+        sampler: str = "prior", uniform: Tensor | None = None,
+    ) -> DecoderOutput:
+        """n images (n, C, H, W) in [0, 1]. ``sampler="prior"``: :meth:`sample_prior` (``noise`` (n, latent_dim),
+        standard normal, replaces its draw). ``sampler="gmm"``: z from the fitted ``latent_sampler``; ``noise``
+        and ``uniform`` (n,) together replace its draw."""
+        if sampler != "prior":
+            return self.sample_latent_sampler(sampler, n, generator, noise, uniform)
+        if uniform is not None:
+            raise ValueError("sample: uniform is only used by a fitted latent sampler (sampler='gmm')")
+        return self.sample_prior(n, generator, noise)
+
+    def sample_prior(self, n: int, generator: torch.Generator | None = None, noise: Tensor | None = None) -> DecoderOutput:
+        """n images decoded from the family's own prior; ``noise`` (n, latent_dim) replaces its standard normal draw."""
+        raise NotImplementedError(f"{type(self).__name__} has no prior of its own")
+
+
 def train_step(
     model: PretrainedModel,
     optimizers: dict[str, torch.optim.Optimizer],

@@ -23,9 +23,9 @@ from latentforge.models.base import (
     ConfigError,
     DecoderOutput,
     EncoderOutput,
+    FlatLatentModel,
     LossOutput,
     ModelConfig,
-    PretrainedModel,
     require_choice,
     require_positive,
 )
@@ -120,7 +120,7 @@ def laplacian_l1(pred: Tensor, target: Tensor, levels: int) -> Tensor:
     return total
 
 
-class GLO(PretrainedModel):
+class GLO(FlatLatentModel):
     """Generative Latent Optimization: a decoder and one unit-norm code per training image.
     Latent: (B, latent_dim) on the unit sphere."""
 
@@ -256,17 +256,8 @@ class GLO(PretrainedModel):
         return F.normalize(self.codes.weight.detach(), dim=1)
 
     @torch.no_grad()
-    def sample(
-        self, n: int, generator: torch.Generator | None = None, noise: Tensor | None = None,
-        sampler: str = "prior", uniform: Tensor | None = None,
-    ) -> DecoderOutput:
-        """Decode n latents. ``sampler="prior"``: draws from the Gaussian fitted to the learned codes,
-        ``noise`` (n, latent_dim), standard normal, replaces the draw. ``sampler="gmm"``: z from the fitted
-        ``latent_sampler`` (a mixture over :meth:`learned_codes`); ``noise`` and ``uniform`` (n,) together
-        replace its draw. Either way decode projects z onto the sphere."""
-        if sampler != "prior":
-            return self.sample_latent_sampler(sampler, n, generator, noise, uniform)
-        if uniform is not None:
-            raise ValueError("sample: uniform is only used by a fitted latent sampler (sampler='gmm')")
+    def sample_prior(self, n: int, generator: torch.Generator | None = None, noise: Tensor | None = None) -> DecoderOutput:
+        """n images decoded from the Gaussian fitted to the learned codes; ``noise`` (n, latent_dim), standard
+        normal, replaces the draw. Decode projects z onto the sphere (a gmm sample's too)."""
         noise = standard_normal(n, self.config.latent_dim, self.codes.weight, generator, noise)
         return self.decode(self.latent_from_noise(noise))

@@ -34,9 +34,9 @@ from latentforge.models.base import (
     ConfigError,
     DecoderOutput,
     EncoderOutput,
+    FlatLatentModel,
     LossOutput,
     ModelConfig,
-    PretrainedModel,
     require_choice,
     require_positive,
 )
@@ -97,7 +97,7 @@ class VAEConfig(ModelConfig):
         )
 
 
-class VAE(PretrainedModel):
+class VAE(FlatLatentModel):
     """Gaussian-latent variational autoencoder. Latent: (B, latent_dim); prior N(0, I)."""
 
     config_class = VAEConfig
@@ -136,17 +136,8 @@ class VAE(PretrainedModel):
         return torch.sigmoid(out) if self.config.likelihood == "bernoulli" else out
 
     @torch.no_grad()
-    def sample(
-        self, n: int, generator: torch.Generator | None = None, noise: Tensor | None = None,
-        sampler: str = "prior", uniform: Tensor | None = None,
-    ) -> DecoderOutput:
-        """Decode n latents. ``sampler="prior"``: z ~ N(0, I), ``noise`` (n, latent_dim) replaces the draw.
-        ``sampler="gmm"``: z from the fitted ``latent_sampler`` (models/samplers.py); ``noise`` and
-        ``uniform`` (n,) together replace its draw."""
-        if sampler != "prior":
-            return self.sample_latent_sampler(sampler, n, generator, noise, uniform)
-        if uniform is not None:
-            raise ValueError("sample: uniform is only used by a fitted latent sampler (sampler='gmm')")
+    def sample_prior(self, n: int, generator: torch.Generator | None = None, noise: Tensor | None = None) -> DecoderOutput:
+        """n images decoded from z ~ N(0, I); ``noise`` (n, latent_dim) replaces the draw."""
         like = next(self.parameters())
         return self.decode(standard_normal(n, self.config.latent_dim, like, generator, noise))
 
