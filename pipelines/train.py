@@ -81,6 +81,7 @@ DATA_FIELDS = ("image_size", "channels", "num_samples")
 # train.sampler: the kinds of ex-post latent sampler, and its keys besides the GaussianMixtureConfig fields.
 SAMPLER_KINDS = ("gmm",)
 SAMPLER_MAX_IMAGES = 10_000  # default of train.sampler.max_images: training images encoded for the fit
+LATENTS_PER_COMPONENT = 10  # the fewest latents per mixture component the fit accepts (fit_sampler)
 
 
 @dataclass
@@ -463,9 +464,13 @@ def fit_sampler(model_dir: Path, data_dir: str | Path, settings: dict[str, Any],
         echo(f"latent sampler: none for {type(model).__name__} (no flat latent with an encoder or learned codes)")
         return None
     values = {k: v for k, v in settings.items() if k not in ("kind", "max_images")}
-    if values["components"] > len(latents):  # a small data set: a mixture cannot have more components than latents
-        echo(f"latent sampler: {len(latents)} latents, so {len(latents)} components instead of {values['components']}")
-        values["components"] = len(latents)
+    # A small data set: each component needs latents enough to estimate more than its mean (with one latent
+    # apiece its covariance is the regulariser alone); at most one component per LATENTS_PER_COMPONENT latents.
+    most = max(1, len(latents) // LATENTS_PER_COMPONENT)
+    if values["components"] > most:
+        echo(f"latent sampler: {len(latents)} latents, so {most} components instead of {values['components']} "
+             f"(at least {LATENTS_PER_COMPONENT} latents each)")
+        values["components"] = most
     config = GaussianMixtureConfig.from_dict(values)
     model.latent_sampler = GaussianMixtureSampler.fit(latents, config)
     model.save_pretrained(model_dir)
