@@ -40,6 +40,10 @@ What is computed, where the family allows it:
   model's own sampler gives the unprefixed figures; each ex-post sampler it carries (``sections.
   EXTRA_SAMPLERS``) the same figures prefixed ``<name>_``;
 * ``probe_accuracy``: logistic regression on train latents -> labels, scored on test latents;
+* the few-label curve: ``probe_accuracy_labels_<n>`` (the same probe fitted on the latents of only n
+  labelled train images, n in ``probe_labels``, mean over ``probe_repeats`` draws) beside
+  ``pixel_probe_accuracy_labels_<n>`` (the probe on those images' pixels): do the latents, learned from
+  the unlabelled train split, generalise from few labels better than pixels?
 * ``anomaly_auroc_class_<c>``: AUROC of per-image reconstruction MSE, class c (``anomaly_class``) vs the
   other classes, on the test split, and ``anomaly_threshold``: the ``anomaly_percentile`` percentile of
   the other classes' errors on the val split (the threshold serving flags anomalies with). NB: the model
@@ -53,6 +57,7 @@ What is computed, where the family allows it:
 Plots: ``samples.png`` (64 samples), ``samples_nearest.png`` (those samples beside their nearest training
 images in the classifier's feature space; both ``<name>_`` prefixed per ex-post sampler),
 ``reconstructions.png``, ``interpolation.png``, ``tsne.png`` (test latents coloured by label),
+``label_efficiency.png`` (the few-label curve),
 ``loss_curves.png`` (``train/*loss`` and ``epoch/val_score`` from the MLflow run).
 
 Layout: this module is the orchestrator; ``job`` resolves and checks the inputs and talks to the

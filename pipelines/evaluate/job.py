@@ -32,6 +32,8 @@ EVALUATE_SCHEMA: dict[str, Any] = {
     "interp_steps": int,
     "anomaly_class": int,
     "anomaly_percentile": float,
+    "probe_labels": list,
+    "probe_repeats": int,
     "seed": int,
     "output_dir": str,
 }
@@ -114,13 +116,16 @@ def _check_settings(params: dict[str, Any]) -> dict[str, Any]:
     """The ``evaluate`` section, typed by EVALUATE_SCHEMA and range-checked."""
     settings = check_keys(section(params, "evaluate"), EVALUATE_SCHEMA, "evaluate")
     for key in ("iwae_k", "iwae_images", "num_samples", "split_images", "validation_images",
-                "tsne_points", "optimised_encode_images", "interp_pairs", "interp_steps"):
+                "tsne_points", "optimised_encode_images", "interp_pairs", "interp_steps", "probe_repeats"):
         if settings[key] <= 0:
             raise ParamsError(f"params evaluate.{key} must be > 0, got {settings[key]}")
     if settings["encode_steps"] < 0:
         raise ParamsError(f"params evaluate.encode_steps must be >= 0, got {settings['encode_steps']}")
     if settings["interp_steps"] < 2:
         raise ParamsError(f"params evaluate.interp_steps must be >= 2, got {settings['interp_steps']}")
+    counts = settings["probe_labels"]
+    if not counts or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 2 for n in counts):
+        raise ParamsError(f"params evaluate.probe_labels must be a non-empty list of label counts >= 2, got {counts!r}")
     if not 0 < settings["anomaly_percentile"] <= 100:
         raise ParamsError(f"params evaluate.anomaly_percentile must be in (0, 100], got {settings['anomaly_percentile']}")
     return settings

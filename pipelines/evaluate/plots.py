@@ -68,6 +68,26 @@ def tsne_png(latents: np.ndarray, labels: np.ndarray, class_names: list[str], se
     plt.close(fig)
 
 
+def label_efficiency_png(points: list[tuple[int, float, float]], classes: int, family: str, path: Path) -> None:
+    """Test accuracy of the linear probe on latents and on pixels against the labels it was fitted on,
+    from ``[(labels, latent_accuracy, pixel_accuracy), ...]``, above the chance level of ``classes``."""
+    plt = _pyplot()
+    n, latent, pixel = zip(*sorted(points))
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot(n, latent, marker="o", label=f"{family} latents")
+    ax.plot(n, pixel, marker="s", label="pixels")
+    ax.axhline(1 / classes, color="grey", ls="--", lw=1, label=f"chance (1/{classes})")
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled train images")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{family}: linear probe with few labels")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def loss_png(history: dict[str, list[tuple[int, float]]], family: str, path: Path) -> None:
     """Training losses (left) and the validation score (right) from ``key -> [(step, value), ...]``."""
     plt = _pyplot()

@@ -40,7 +40,7 @@ from latentforge.pipelines.evaluate.inference import (
     validation_figures,
 )
 from latentforge.pipelines.evaluate.job import EvalJob, loss_history, primary_metric
-from latentforge.pipelines.evaluate.plots import grid_png, loss_png, pair_grid_png, tsne_png
+from latentforge.pipelines.evaluate.plots import grid_png, label_efficiency_png, loss_png, pair_grid_png, tsne_png
 from latentforge.pipelines.imaging import batch_to_tensor, tensor_to_uint8
 from latentforge.pipelines.prepare import load_split
 
@@ -73,6 +73,8 @@ class Evaluation:
     test_recons: torch.Tensor | None = None  # (n, C, H, W) their reconstructions
     test_indices: list[np.ndarray] | None = None  # code indices, one (n, h, w) array per level (quantised families)
     errors: np.ndarray | None = None  # (n,) per-image reconstruction MSE
+    probe_rows: np.ndarray | None = None  # (k,) rows of the train split the probe is fitted on
+    probe_latents: torch.Tensor | None = None  # (k, ...) their latents
     samples: dict[str, torch.Tensor] = field(default_factory=dict)  # sampler -> (m, C, H, W) samples in [0, 1]
     sample_features: dict[str, np.ndarray] = field(default_factory=dict)  # sampler -> (m, D) classifier features
 
@@ -389,6 +391,7 @@ def linear_probe(ev: Evaluation) -> bool:
     rows = subset(np.random.default_rng(ev.seed + 6), len(train["images"]), ev.cap)
     kwargs = encode_kwargs(ev.model, ev.settings, ev.generator(6))
     train_latents = encode_images(ev.model, train["images"][rows], kwargs)[0]
+    ev.probe_rows, ev.probe_latents = rows, train_latents
     ev.metrics["probe_accuracy"] = M.linear_probe_accuracy(
         train_latents.flatten(1).numpy(), train["labels"][rows],
         ev.test_latents.flatten(1).numpy(), ev.test["labels"][ev.test_rows], seed=ev.seed,
@@ -396,6 +399,54 @@ def linear_probe(ev: Evaluation) -> bool:
     dims = int(ev.test_latents[0].numel())
     ev.info["probe"] = {"train_images": int(len(rows)), "test_images": int(len(ev.test_rows)), "latent_dims": dims,
                         "pca_dims": 256 if dims > 256 else None, "model": "standardise + logistic regression"}
+    return True
+
+
+def label_efficiency(ev: Evaluation) -> bool:
+    """The few-label curve: for each n of ``probe_labels``, ``probe_accuracy_labels_<n>`` (the linear probe
+    on the latents of n labelled train images) beside ``pixel_probe_accuracy_labels_<n>`` (the same probe
+    on their pixels), test accuracy averaged over ``probe_repeats`` seeded draws of the n images (one draw
+    when n takes every labelled image). Both probes see the same images and labels; only the latents
+    saw the unlabelled rest of the train split (through training), which is the notes' claim to measure."""
+    if ev.probe_latents is None:
+        return False
+    s = ev.settings
+    labels = ev.train["labels"][ev.probe_rows]
+    labelled = np.flatnonzero(labels >= 0)
+    latents = ev.probe_latents.flatten(1).numpy()
+    pixels = batch_to_tensor(ev.train["images"][ev.probe_rows]).flatten(1).numpy()
+    test_latents = ev.test_latents.flatten(1).numpy()
+    test_pixels = ev.x_test.flatten(1).numpy()
+    test_labels = ev.test["labels"][ev.test_rows]
+    curve: dict[str, dict[str, Any]] = {}
+    for n in s["probe_labels"]:
+        if n > len(labelled):
+            continue
+        repeats = 1 if n == len(labelled) else s["probe_repeats"]
+        rng = np.random.default_rng(ev.seed + 60 + n)
+        scores: dict[str, list[float]] = {"latents": [], "pixels": []}
+        for _ in range(repeats):
+            pick = rng.choice(labelled, size=n, replace=False)
+            if len(np.unique(labels[pick])) < 2:
+                continue  # a draw with one class fits no probe
+            for name, train_x, test_x in (("latents", latents, test_latents), ("pixels", pixels, test_pixels)):
+                scores[name].append(M.linear_probe_accuracy(train_x[pick], labels[pick], test_x, test_labels, seed=ev.seed))
+        if not scores["latents"]:
+            continue
+        ev.metrics[f"probe_accuracy_labels_{n}"] = float(np.mean(scores["latents"]))
+        ev.metrics[f"pixel_probe_accuracy_labels_{n}"] = float(np.mean(scores["pixels"]))
+        curve[str(n)] = {"draws": len(scores["latents"]),
+                         "latents_std": float(np.std(scores["latents"])), "pixels_std": float(np.std(scores["pixels"]))}
+    if not curve:
+        return False
+    ev.info["label_efficiency"] = {
+        "labelled_pool": int(len(labelled)), "per_label_count": curve,
+        "probe": "standardise (+ PCA to 256 dims when wider, fitted on the n images) + logistic regression, "
+                 "on latents and on pixels in [0, 1]",
+    }
+    points = [(int(n), ev.metrics[f"probe_accuracy_labels_{n}"], ev.metrics[f"pixel_probe_accuracy_labels_{n}"])
+              for n in curve]
+    ev.plots["label_efficiency.png"] = lambda p, points=points: label_efficiency_png(points, len(ev.class_names), ev.job.family, p)
     return True
 
 
@@ -534,6 +585,7 @@ SECTIONS: tuple[tuple[str, Callable[[Evaluation], bool]], ...] = (
     ("sample metrics", sample_quality),
     ("nearest training images", nearest_training),
     ("linear probe", linear_probe),
+    ("label efficiency", label_efficiency),
     ("anomaly", anomaly),
     ("interpolation", interpolation),
     ("mig", disentanglement),

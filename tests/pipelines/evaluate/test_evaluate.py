@@ -95,7 +95,7 @@ def evaluated(project, tmp_path_factory, monkeypatch_module):
     test = load_split(data_dir, "test")
     params["evaluate"].update(
         iwae_k=4, iwae_images=8, num_samples=20, split_images=64, validation_images=16,
-        tsne_points=20, interp_pairs=3, interp_steps=4,
+        tsne_points=20, interp_pairs=3, interp_steps=4, probe_labels=[10, 64, 1000], probe_repeats=2,
         anomaly_class=int(test["labels"][0]), output_dir=str(root / "evaluate"),
     )
     params_path = root / "params-eval.yaml"
@@ -162,6 +162,7 @@ def test_evaluate_writes_metrics_and_plots(evaluated):
         "sample_validity", "sample_validity_real", "sample_coverage", "sample_coverage_real",
         "classifier_accuracy", "features_trusted", "probe_accuracy",
         f"anomaly_auroc_class_{c}", "anomaly_threshold", "interp_min_confidence", "mig", "mig_shape",
+        "probe_accuracy_labels_10", "pixel_probe_accuracy_labels_10", "probe_accuracy_labels_64", "pixel_probe_accuracy_labels_64",
     }
     assert expected <= set(out), expected - set(out)
     assert 0 <= out["recon_mse"] <= 1 and -1 <= out["recon_ssim"] <= 1
@@ -170,6 +171,14 @@ def test_evaluate_writes_metrics_and_plots(evaluated):
     assert 0 <= out["sample_precision"] <= 1 and 0 <= out["sample_recall"] <= 1 and out["fd_classifier"] >= 0
     assert 0 <= out["sample_validity"] <= 1 and out["sample_precision_real"] > 0
     assert out["fd_classifier_ratio"] == pytest.approx(out["fd_classifier"] / out["fd_classifier_floor"])
+    # The few-label curve: 1,000 labels exceed the 64 encoded train images and are left out; 64 takes them
+    # all (one draw), 10 is drawn twice; the full-pool point is the plain probe on the same images.
+    assert "probe_accuracy_labels_1000" not in out
+    assert out["probe_accuracy_labels_64"] == pytest.approx(out["probe_accuracy"])
+    assert all(0 <= out[f"{kind}probe_accuracy_labels_{n}"] <= 1 for kind in ("", "pixel_") for n in (10, 64))
+    curve = out["info"]["label_efficiency"]
+    assert curve["labelled_pool"] == 64 and curve["per_label_count"]["64"]["draws"] == 1
+    assert 1 <= curve["per_label_count"]["10"]["draws"] <= 2
     # A one-epoch classifier on 240 images reads labels badly: its figures are marked untrusted.
     accuracy = json.loads((Path(params["classifier"]["output_dir"]) / "shapes" / "metrics.json").read_text())["test_accuracy_label"]
     assert out["classifier_accuracy"] == pytest.approx(accuracy) and out["features_trusted"] == float(accuracy >= 0.9)
@@ -181,7 +190,8 @@ def test_evaluate_writes_metrics_and_plots(evaluated):
     assert info["counts"]["iwae_images"] == 8 and info["counts"]["samples"] == 20 and info["iwae_k"] == 4
     assert info["counts"]["validation_step"] == 16 and info["counts"]["reconstruction"] == 24
     plots = {p.name for p in (folder / "plots").iterdir()}
-    assert plots == {"samples.png", "samples_nearest.png", "reconstructions.png", "interpolation.png", "tsne.png", "loss_curves.png"}
+    assert plots == {"samples.png", "samples_nearest.png", "reconstructions.png", "interpolation.png", "tsne.png",
+                     "loss_curves.png", "label_efficiency.png"}
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
     assert any("iwae" in line for line in lines)
 
@@ -275,6 +285,11 @@ def test_resolve_rejects_bad_evaluate_params(evaluated):
     bad["evaluate"]["anomaly_class"] = 40  # shapes has 40 classes
     with pytest.raises(ParamsError, match="anomaly_class=40"):
         resolve_evaluation(bad, "vae")
+    for counts in ([], [1, 10], [10.5]):
+        bad = copy.deepcopy(params)
+        bad["evaluate"]["probe_labels"] = counts
+        with pytest.raises(ParamsError, match="probe_labels"):
+            resolve_evaluation(bad, "vae")
     bad = copy.deepcopy(params)
     bad["evaluate"]["tsne_points"] = "many"
     with pytest.raises(ParamsError, match="tsne_points"):
