@@ -176,7 +176,7 @@ def cmd_evaluate_text(args: argparse.Namespace) -> int:
 
     out, metrics = evaluate_text_from_params(_params(args), args.model)
     print(json.dumps({"metrics": str(out / "metrics.json"), **{k: v for k, v in metrics.items() if k.endswith(
-        ("per_factor", "all_factors", "drop", "copy_rate", "entropy_ratio", "aligned_size", "classifier_min_accuracy"))}}))
+        ("per_factor", "all_factors", "drop", "copy_rate", "copy_rate_real", "entropy_ratio", "aligned_size", "classifier_min_accuracy"))}}))
     return 0
 
 

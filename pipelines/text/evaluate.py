@@ -21,7 +21,10 @@ would all be the mode) and ``<mode>_t1_<set>_*`` temperature 1 with :data:`SAMPL
   prompt states (shape and colour only for ``free``);
 * ``copy_rate``: the fraction of the images whose pixel MSE to the nearest train image is below
   ``copy_threshold``, the median MSE of the decoder's reconstructions of train images (as close to a
-  training image as the decoder's own rendering of one); retrieval copies by construction;
+  training image as the decoder's own rendering of one); retrieval copies by construction. Beside it
+  ``copy_rate_real``: the same fraction for held-out real images (the val split), what a generator that
+  draws new real images scores (high on data whose held-out images repeat train images, as ``shapes``'
+  do); the threshold depends on the decoder, so copy rates compare modes of one decoder, not decoders;
 * ``<mode>_t1_free_entropy_<factor>`` and ``<mode>_t1_free_entropy_ratio``: for the factors ``free``
   prompts leave open, the entropy of what the samples of one prompt show over the uniform entropy,
   averaged over prompts (0: always the same, 1: uniform);
@@ -64,6 +67,7 @@ CLASSIFIER_MIN_ACCURACY = 0.98
 SAMPLES = 8      # images per prompt at temperature 1
 RERANK_K = 16    # samples drawn per prompt for mode rerank, of which SAMPLES are kept
 CHUNK = 128      # prompts per decoding call
+REAL_COPY_IMAGES = 500  # held-out real images the copy rate of real data is measured on
 # The issue's generation-mode targets per family: (seen per-factor at T=1, tier (b) all factors at T=1);
 # a family not named here is held to the VAE's.
 FAMILY_TARGETS = {"vqvae2": (0.95, 0.75), "vae": (0.85, 0.50), "gan": (0.80, 0.40)}
@@ -133,6 +137,10 @@ def evaluate_text(text_dir: str | Path, classifier_dir: str | Path, prepared_dir
             targets = train["factors"] if names else train["labels"][:, None]
             score(metrics, "ceiling", read(classifier, ceiling), targets[rows], heads)
             threshold = float(((ceiling.flatten(1) - train_pixels[torch.from_numpy(rows)]) ** 2).mean(1).median())
+            # What a perfect generator scores: held-out real images under the same threshold. On a data set
+            # with few distinct images (shapes repeats train images in val) a real new image is often a "copy".
+            val = load_split(prepared_dir, "val")["images"][:REAL_COPY_IMAGES]
+            metrics["copy_rate_real"] = copy_rate(batch_to_tensor(np.array(val)), train_pixels, threshold)
         metrics["copy_threshold"] = threshold
         generator = torch.Generator().manual_seed(seed)
         for mode in modes:

@@ -441,6 +441,7 @@ def test_evaluate_text_reports_every_set(trained, text_params):
     assert metrics["seen_per_factor"] == metrics["generate_t0_seen_per_factor"]
     assert metrics["heldout_all_factors"] == metrics["generate_t0_heldout_a_all_factors"]
     assert metrics["aligned_size"] == summary["aligned_size"] and metrics["copy_threshold"] > 0
+    assert 0.0 <= metrics["copy_rate_real"] <= 1.0
     assert metrics["ceiling_method"] == "encode" and metrics["ceiling_all_factors"] <= metrics["ceiling_per_factor"]
     assert "paraphrase_drop" in metrics and set(metrics["targets"]) == {
         "generate_t1_seen_per_factor>=0.85", "generate_t1_paraphrase_drop<=5", "generate_t1_heldout_b_all_factors>=0.5",
