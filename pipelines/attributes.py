@@ -9,7 +9,8 @@ the model (its posterior mean for a VAE). The export stores them (``attributes.n
 
 Params (``edit``): ``labels_per_value`` (labelled train images per value, default 50), ``method``
 (``translate`` or ``difference``, :data:`runtime.images.EDIT_METHODS`), ``seed``, and for ``evaluate``
-``eval_labels`` (the label counts it compares) and ``eval_images`` (test images edited per factor).
+``eval_labels`` (the label counts it compares), ``eval_images`` (test images edited per factor) and
+``eval_strength`` (the strength it edits at).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from latentforge.pipelines.common.errors import ParamsError
 from latentforge.pipelines.common.params import check_keys
 from latentforge.pipelines.imaging import batch_to_tensor
 from latentforge.pipelines.prepare import load_split
-from latentforge.runtime.images import ATTRIBUTES_FILE, EDIT_METHODS, Attributes
+from latentforge.runtime.images import ATTRIBUTES_FILE, EDIT_METHODS, MAX_EDIT_STRENGTH, Attributes
 
 EDIT_SCHEMA: dict[str, Any] = {
     "labels_per_value": int,
@@ -32,9 +33,10 @@ EDIT_SCHEMA: dict[str, Any] = {
     "seed": int,
     "eval_labels": list,
     "eval_images": int,
+    "eval_strength": float,
 }
 EDIT_DEFAULTS: dict[str, Any] = {"labels_per_value": 50, "method": "translate", "seed": 0,
-                                 "eval_labels": [5, 50, 500], "eval_images": 50}
+                                 "eval_labels": [5, 50, 500], "eval_images": 50, "eval_strength": 1.0}
 LABEL_FACTOR = "label"  # the factor of a data set with classes and no factors
 
 
@@ -50,6 +52,8 @@ def edit_settings(params: dict[str, Any]) -> dict[str, Any]:
         raise ParamsError(f"params edit.eval_labels must be a non-empty list of positive ints, got {labels!r}")
     if settings["eval_images"] <= 0:
         raise ParamsError(f"params edit.eval_images must be > 0, got {settings['eval_images']}")
+    if not 0 <= settings["eval_strength"] <= MAX_EDIT_STRENGTH:
+        raise ParamsError(f"params edit.eval_strength must be in [0, {MAX_EDIT_STRENGTH:g}], got {settings['eval_strength']}")
     return settings
 
 

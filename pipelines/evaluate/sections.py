@@ -517,13 +517,13 @@ def editing(ev: Evaluation) -> bool:
 
     For each label count ``n`` of ``edit.eval_labels`` (and ``edit.labels_per_value``, the exported one),
     the mean latents of ``n`` seeded train images per value; each of ``edit.eval_images`` test latents is
-    moved (strength 1) to every other value of each factor and decoded. ``edit_success_<factor>_n<n>``:
-    the fraction of edits whose factor the classifier reads as the target value;
-    ``edit_preservation_<factor>_n<n>``: the fraction whose other factors read as on the unedited
-    reconstruction; means over factors without ``<factor>_``. At ``labels_per_value`` with ``edit.method``
-    the same figures unsuffixed (``edit_success_<factor>``, ``edit_success``), the other ways of editing
-    (:data:`EDIT_VARIANTS`) as ``edit_success_by_<variant>``, and ``edit_source_accuracy_<factor>``: how
-    often the nearest value mean is the test image's true value.
+    moved (``edit.eval_strength``) to every other value of each factor and decoded (:func:`_edit_figures`):
+    ``edit_success_<factor>_n<n>`` (the factor reads as the target value), ``edit_preservation_<factor>_n<n>``
+    (the other factors read as on the unedited reconstruction), ``edit_clean_<factor>_n<n>`` (both at
+    once), and their means over factors (without ``<factor>_``). At ``labels_per_value`` with
+    ``edit.method``: the same figures unsuffixed (``edit_success_<factor>``, ``edit_success``); each way of
+    editing of :data:`EDIT_VARIANTS` as ``edit_<figure>_by_<variant>``; ``edit_source_accuracy_<factor>``:
+    how often the nearest value mean is the test image's true value.
     """
     if ev.test_latents is None or ev.test_indices is not None or ev.slow:
         return False
@@ -552,31 +552,32 @@ def editing(ev: Evaluation) -> bool:
         attrs, _ = mean_latents(train_columns, latent_of_rows, n, s["seed"], s["method"])
         variants = EDIT_VARIANTS if n == default else {s["method"]: (s["method"], False)}
         for variant, (method, known) in variants.items():
-            figures = {f: _edit_figures(ev, attrs, f, z, truth, recon_reads, heads, method, known) for f in attrs.values}
-            edits += sum(count for _, _, count in figures.values())
-            success = {f: v[0] for f, v in figures.items()}
-            preservation = {f: v[1] for f, v in figures.items() if np.isfinite(v[1])}
+            figures = {f: _edit_figures(ev, attrs, f, z, truth, recon_reads, heads, s["eval_strength"], method, known)
+                       for f in attrs.values}
+            edits += sum(v.pop("edits") for v in figures.values())
             if variant == s["method"]:
-                _put_edit_figures(ev.metrics, f"_n{n}", success, preservation)
+                _put_edit_figures(ev.metrics, f"_n{n}", figures)
                 if n == default:
-                    _put_edit_figures(ev.metrics, "", success, preservation)
+                    _put_edit_figures(ev.metrics, "", figures)
             if n == default:
-                ev.metrics[f"edit_success_by_{variant}"] = float(np.mean(list(success.values())))
-                if preservation:
-                    ev.metrics[f"edit_preservation_by_{variant}"] = float(np.mean(list(preservation.values())))
+                for name in ("success", "preservation", "clean"):
+                    values = [v[name] for v in figures.values() if np.isfinite(v[name])]
+                    if values:
+                        ev.metrics[f"edit_{name}_by_{variant}"] = float(np.mean(values))
         if n == default:
             accuracy = {f: _source_accuracy(ev, attrs, f, z, truth[f]) for f in attrs.values}
             ev.metrics.update({f"edit_source_accuracy_{f}": v for f, v in accuracy.items()})
             ev.metrics["edit_source_accuracy"] = float(np.mean(list(accuracy.values())))
-            ev.plots["edits.png"] = _edits_plot(ev, attrs, z[:EDIT_ROWS_PER_FACTOR])
+            ev.plots["edits.png"] = _edits_plot(ev, attrs, z[:EDIT_ROWS_PER_FACTOR], s["eval_strength"])
     series = {f: [(n, ev.metrics.get(f"edit_success_{f}_n{n}"), ev.metrics.get(f"edit_preservation_{f}_n{n}")) for n in counts]
               for f in train_columns}
     ev.plots["edit_labels.png"] = lambda p, series=series: edit_labels_png(series, p)
     ev.info["edit"] = {
-        "labels_per_value": default, "label_counts": counts, "method": s["method"], "strength": 1.0,
+        "labels_per_value": default, "label_counts": counts, "method": s["method"], "strength": s["eval_strength"],
         "test_images": int(k), "edits": int(edits), "factors": list(train_columns),
         "success": "the classifier's head of the factor reads the target value",
         "preservation": "every other factor head reads as on the unedited reconstruction",
+        "clean": "both: the target value and every other factor as before",
         "source": "read from the latent (the nearest value mean), as serving does; translate_known: the true label",
     }
     return True
@@ -589,27 +590,30 @@ def _head_reads(ev: Evaluation, images: torch.Tensor, heads: dict[str, str]) -> 
 
 
 def _edit_figures(ev: Evaluation, attrs: Attributes, factor: str, z: np.ndarray, truth: dict[str, np.ndarray],
-                  recon_reads: dict[str, np.ndarray], heads: dict[str, str], method: str, known: bool) -> tuple[float, float, int]:
-    """(success, preservation, edits) of moving each latent z (k, *latent) with a known value of ``factor``
-    to every other value ``attrs`` has; preservation NaN when there is no other factor."""
+                 recon_reads: dict[str, np.ndarray], heads: dict[str, str], strength: float = 1.0,
+                 method: str = "translate", known: bool = False) -> dict[str, float]:
+    """Move each latent z (k, *latent) with a known value of ``factor`` (``truth``: factor -> (k,) value
+    rows, -1 unknown) to every other value ``attrs`` has, decode and read: ``success``, ``preservation``
+    (NaN without another factor), ``clean`` (both) as fractions of the edits, and ``edits``, their number.
+    ``known``: translate from the true value instead of the one read from the latent."""
     names = attrs.values[factor]
     all_names = _value_names(ev, factor)
     value_rows = np.array([names.index(all_names[t]) if t >= 0 and all_names[t] in names else -1 for t in truth[factor]])
-    hits, kept, count = [], [], 0
+    others = [f for f in heads if f != factor]
+    hits, kept = [], []
     for target, name in enumerate(names):
         sel = np.flatnonzero((value_rows >= 0) & (value_rows != target))
         if not len(sel):
             continue
-        source = value_rows[sel] if known else None
-        edited, _ = attrs.shift(factor, name, z[sel], 1.0, source, method)
+        edited, _ = attrs.shift(factor, name, z[sel], strength, value_rows[sel] if known else None, method)
         reads = _head_reads(ev, decode(ev.model, torch.from_numpy(edited)), heads)
         hits.append(reads[factor] == all_names.index(name))
-        others = [f for f in heads if f != factor]
-        kept.append(np.all([reads[f] == recon_reads[f][sel] for f in others], axis=0) if others else np.full(len(sel), np.nan))
-        count += len(sel)
-    if not count:
-        return float("nan"), float("nan"), 0
-    return float(np.concatenate(hits).mean()), float(np.concatenate(kept).mean()), count
+        kept.append(np.all([reads[f] == recon_reads[f][sel] for f in others], axis=0) if others else np.ones(len(sel), bool))
+    if not hits:
+        return {"success": float("nan"), "preservation": float("nan"), "clean": float("nan"), "edits": 0}
+    hit, keep = np.concatenate(hits), np.concatenate(kept)
+    return {"success": float(hit.mean()), "preservation": float(keep.mean()) if others else float("nan"),
+            "clean": float((hit & keep).mean()), "edits": int(len(hit))}
 
 
 def _value_names(ev: Evaluation, factor: str) -> list[str]:
@@ -626,26 +630,25 @@ def _source_accuracy(ev: Evaluation, attrs: Attributes, factor: str, z: np.ndarr
     return float(np.mean(np.array(names)[attrs.read(factor, z[known])] == true[known])) if known.any() else float("nan")
 
 
-def _put_edit_figures(metrics: dict[str, float], suffix: str, success: dict[str, float], preservation: dict[str, float]) -> None:
-    """``edit_success_<factor><suffix>`` and ``edit_preservation_<factor><suffix>``, and their means over factors."""
-    for f, v in success.items():
-        metrics[f"edit_success_{f}{suffix}"] = v
-    for f, v in preservation.items():
-        metrics[f"edit_preservation_{f}{suffix}"] = v
-    metrics[f"edit_success{suffix}"] = float(np.nanmean(list(success.values())))
-    if preservation:
-        metrics[f"edit_preservation{suffix}"] = float(np.mean(list(preservation.values())))
+def _put_edit_figures(metrics: dict[str, float], suffix: str, figures: dict[str, dict[str, float]]) -> None:
+    """``edit_<figure>_<factor><suffix>`` of each factor's :func:`_edit_figures` and ``edit_<figure><suffix>``,
+    their mean over factors, for the figures success, preservation and clean."""
+    for name in ("success", "preservation", "clean"):
+        values = {f: v[name] for f, v in figures.items() if np.isfinite(v[name])}
+        metrics.update({f"edit_{name}_{f}{suffix}": v for f, v in values.items()})
+        if values:
+            metrics[f"edit_{name}{suffix}"] = float(np.mean(list(values.values())))
 
 
-def _edits_plot(ev: Evaluation, attrs: Attributes, z: np.ndarray) -> Callable[[Path], None]:
+def _edits_plot(ev: Evaluation, attrs: Attributes, z: np.ndarray, strength: float) -> Callable[[Path], None]:
     """``edits.png``: per factor and test image a row: the image, its reconstruction, then its edit
-    (strength 1) to each value of the factor in order; black tiles pad the shorter rows."""
+    (at ``strength``) to each value of the factor in order; black tiles pad the shorter rows."""
     x = ev.x_test[: len(z)]
     recon = ev.test_recons[: len(z)]
     width = 2 + max(len(v) for v in attrs.values.values())
     rows = []
     for factor, names in attrs.values.items():
-        edited = [decode(ev.model, torch.from_numpy(attrs.shift(factor, name, z, 1.0)[0])) for name in names]
+        edited = [decode(ev.model, torch.from_numpy(attrs.shift(factor, name, z, strength)[0])) for name in names]
         for i in range(len(z)):
             tiles = [x[i], recon[i], *(e[i] for e in edited)]
             tiles += [torch.zeros_like(x[i])] * (width - len(tiles))

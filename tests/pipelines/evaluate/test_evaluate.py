@@ -98,7 +98,8 @@ def evaluated(project, tmp_path_factory, monkeypatch_module):
         tsne_points=20, interp_pairs=3, interp_steps=4,
         anomaly_class=int(test["labels"][0]), output_dir=str(root / "evaluate"),
     )
-    params["edit"] = {"labels_per_value": 50, "method": "translate", "seed": 0, "eval_labels": [5, 50, 500], "eval_images": 8}
+    params["edit"] = {"labels_per_value": 50, "method": "translate", "seed": 0, "eval_labels": [5, 50, 500], "eval_images": 8,
+                      "eval_strength": 1.0}
     params_path = root / "params-eval.yaml"
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
     monkeypatch_module.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -165,6 +166,7 @@ def test_evaluate_writes_metrics_and_plots(evaluated):
         f"anomaly_auroc_class_{c}", "anomaly_threshold", "interp_min_confidence", "mig", "mig_shape",
         "edit_success", "edit_preservation", "edit_success_shape", "edit_preservation_colour", "edit_success_hpos_n5",
         "edit_success_n500", "edit_success_by_difference", "edit_success_by_translate_known", "edit_source_accuracy_vpos",
+        "edit_clean", "edit_clean_size_n5", "edit_clean_by_difference",
     }
     assert expected <= set(out), expected - set(out)
     assert 0 <= out["recon_mse"] <= 1 and -1 <= out["recon_ssim"] <= 1
