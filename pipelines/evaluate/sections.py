@@ -653,8 +653,9 @@ def _edits_plot(ev: Evaluation, attrs: Attributes, z: np.ndarray, strength: floa
             tiles = [x[i], recon[i], *(e[i] for e in edited)]
             tiles += [torch.zeros_like(x[i])] * (width - len(tiles))
             rows.append(torch.stack(tiles))
-    grid = tensor_to_uint8(torch.cat(rows))
-    return lambda p, grid=grid, width=width: grid_png(grid, p, nrow=width)
+    # A dark grey frame per tile: on black backgrounds the grid's padding would not show where tiles end.
+    tiles = np.pad(tensor_to_uint8(torch.cat(rows)), ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=64)
+    return lambda p, tiles=tiles, width=width: grid_png(tiles, p, nrow=width)
 
 
 # ----------------------------------------------------------------------------------------------------
