@@ -25,15 +25,15 @@ Graphs (inputs -> outputs; ``B`` is the dynamic batch):
 The manifest's ``sampling`` names the samplers an export offers (``samplers``: ``["prior", "gmm"]``),
 the one to use when a caller names none (``default_sampler``: the fitted one where there is one, since
 it draws latents where the decoder was trained) and each one's graph (``sampler_graphs``).
-
-A family with a continuous latent and an encoder graph (VAE, the autoencoders, AAE) on data with
-factors or classes also gets its attribute vectors (:mod:`pipelines.attributes`): ``attributes.npz``
-and the manifest's ``attributes`` entry, which serving's ``edit`` reads.
 * vqvae2: ``prior_top_step`` (``prev_token`` (B,), ``position`` () int64, ``cache``) -> ``logits``
   (B, K), ``new_kv`` (2, layers, B, heads, 1, hd): this position's keys and values, which the sampler
   writes into slot ``position`` of its cache (manifest ``step_output: new_kv``; exports before it output
   the whole ``new_cache``); ``prior_bottom_step`` (the same plus ``cond_emb``); ``prior_bottom_condition``
   (``top_indices`` -> ``cond_emb``).
+
+A family with a continuous latent and an encoder graph (VAE, the autoencoders, AAE) on data with
+factors or classes also gets its attribute vectors (:mod:`pipelines.attributes`): ``attributes.npz``
+and the manifest's ``attributes`` entry, which serving's ``edit`` reads.
 """
 
 from __future__ import annotations

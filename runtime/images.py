@@ -238,8 +238,7 @@ class Attributes:
         if method == "translate":
             delta = means[target][None] - means[rows]
         elif method == "difference":
-            others = np.delete(means, target, axis=0)
-            delta = np.broadcast_to(means[target] - (others.mean(0) if len(others) else means[target]), latents.shape)
+            delta = np.broadcast_to(means[target] - np.delete(means, target, axis=0).mean(0), latents.shape)
         else:
             raise ValueError(f"unknown edit method {method!r}; choose one of: {', '.join(EDIT_METHODS)}")
         return (latents + np.float32(strength) * delta).astype(np.float32), rows
@@ -444,5 +443,6 @@ class ModelRuntime:
             "data": m.get("data"),
             "metrics": m.get("metrics") or {},
             "anomaly_threshold": self.anomaly_threshold,
-            "edit": self.attributes.describe() if self.attributes is not None and "edit" in self.capabilities else None,
+            "edit": ({**self.attributes.describe(), "labels_per_value": m["attributes"].get("labels_per_value")}
+                     if self.attributes is not None and "edit" in self.capabilities else None),
         }

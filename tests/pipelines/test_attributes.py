@@ -123,8 +123,14 @@ def test_labelled_rows_are_nested_and_the_params_are_checked():
     few, many = labelled_rows(column, 3, 5, seed=1), labelled_rows(column, 3, 50, seed=1)
     for v in range(3):
         assert len(few[v]) == 5 and (many[v][:5] == few[v]).all() and (column[many[v]] == v).all()
+    # A labelled data set without factors edits its classes, under the factor "label".
+    split = {"labels": np.array([0, 1, -1, 1]), "factors": np.zeros((4, 0), np.int64)}
+    columns = factor_columns(split, {"factor_names": [], "class_names": ["even", "odd"]})
+    assert list(columns) == ["label"] and columns["label"][0] == ["even", "odd"]
+    assert factor_columns(split, {"factor_names": [], "class_names": []}) == {}
     assert edit_settings({})["labels_per_value"] == 50
     for bad, words in (({"labels_per_value": 0}, "labels_per_value"), ({"method": "rotate"}, "method"),
-                       ({"eval_labels": [5, 0]}, "eval_labels"), ({"strength": 1}, "unknown key")):
+                       ({"eval_labels": [5, 0]}, "eval_labels"), ({"eval_strength": 4}, "eval_strength"),
+                       ({"strength": 1}, "unknown key")):
         with pytest.raises(ParamsError, match=words):
             edit_settings({"edit": bad})
