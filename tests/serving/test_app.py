@@ -240,6 +240,7 @@ def test_edit_matches_the_runtime_and_models_list_what_it_takes(server, direct, 
     models = {m["name"]: m for m in requests.get(f"{server}/v1/models", timeout=30).json()["models"]}
     edit = models[VAE]["edit"]
     assert edit["factors"]["hpos"] == ["left", "center", "right"] and edit["strength"] == [0.0, 3.0]
+    assert (edit["method"], edit["labels_per_value"]) == ("translate", 50)
     assert models[GAN]["edit"] is None and "edit" not in models[VQ]["capabilities"]
     rt = direct["vae-1"]
     body = ok(post(server, VAE, "edit", {"images": pngs, "factor": "hpos", "value": "left", "strength": 1.5, "format": "array"}))
