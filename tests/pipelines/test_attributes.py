@@ -17,6 +17,7 @@ from latentforge.pipelines.cli import main
 from latentforge.pipelines.common.errors import ParamsError
 from latentforge.pipelines.export import export_model
 from latentforge.pipelines.imaging import batch_to_tensor
+from latentforge.pipelines.onnx_graphs import torch_threads
 from latentforge.pipelines.prepare import load_split, read_manifest
 from latentforge.runtime.images import ATTRIBUTES_FILE, EditRequestError, ModelRuntime
 from latentforge.serving.codec import encode_png
@@ -38,18 +39,19 @@ def edited(project, tmp_path_factory):
     config = {**tiny_section("vae"), "image_size": 16, "channels": 3, "latent_dim": 8, "likelihood": "gaussian", "decoder_std": 0.1}
     model = MODELS["vae"](MODELS["vae"].config_class.from_dict(config))
     optimizers = model.configure_optimizers()
-    for step in range(TRAIN_STEPS):
-        rows = torch.randint(0, len(x), (32,))
-        train_step(model, optimizers, {"image": x[rows], "label": torch.zeros(32, dtype=torch.int64), "index": rows}, step)
+    heads = {f"factor_{f}": len(manifest["factor_values"][f]) for f in manifest["factor_names"]}
+    targets = {f"factor_{f}": np.array(train["factors"][:, j]) for j, f in enumerate(manifest["factor_names"])}
+    with torch_threads(1):  # batches of 32 tiny images: a thread pool only adds barriers, worse on a busy machine
+        for step in range(TRAIN_STEPS):
+            rows = torch.randint(0, len(x), (32,))
+            train_step(model, optimizers, {"image": x[rows], "label": torch.zeros(32, dtype=torch.int64), "index": rows}, step)
+        classifier = train_classifier(np.array(train["images"]), targets, heads, epochs=40, batch_size=32, widths=(8, 16),
+                                      feature_dim=32)
     model.eval()
     out = tmp_path_factory.mktemp("attributes")
     model_dir = model.save_pretrained(out / "model")
     export_dir = out / "export"
     export_model(model_dir, prepared, export_dir, edit={"labels_per_value": 20})
-    heads = {f"factor_{f}": len(manifest["factor_values"][f]) for f in manifest["factor_names"]}
-    targets = {f"factor_{f}": np.array(train["factors"][:, j]) for j, f in enumerate(manifest["factor_names"])}
-    classifier = train_classifier(np.array(train["images"]), targets, heads, epochs=40, batch_size=32, widths=(8, 16),
-                                  feature_dim=32)
     return prepared, manifest, model, export_dir, classifier
 
 
