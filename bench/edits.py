@@ -17,10 +17,12 @@ Writes ``bench/results/edits.json`` and ``bench/results/edits-<family>-s<strengt
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import common  # noqa: E402  (puts the repository root on sys.path)
 
+from latentforge.pipelines.common.errors import UserError
 from latentforge.pipelines.common.params import load_params
 from latentforge.pipelines.evaluate import open_training_run, resolve_evaluation
 from latentforge.pipelines.evaluate.sections import EDIT_VARIANTS, editing, load_evaluation, reconstruction
@@ -65,7 +67,10 @@ def main() -> None:
     args = parser.parse_args()
     labels = [int(n) for n in args.labels.split(",")]
     strengths = [float(s) for s in args.strengths.split(",")]
-    results = {family: [run(family, labels, args.images, s, args.params) for s in strengths] for family in args.family or ["vae"]}
+    try:
+        results = {family: [run(family, labels, args.images, s, args.params) for s in strengths] for family in args.family or ["vae"]}
+    except UserError as exc:  # no trained model, classifier or prepared data: say which command makes it
+        sys.exit(f"edits: {exc}")
     path = common.write_json({"environment": common.environment(), "commit": common.git_commit(), "labels": labels,
                               "images": args.images, "families": results}, common.RESULTS / "edits.json")
     print(f"-> {common.rel(path)}")
