@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import shutil
 import sys
 from pathlib import Path
 
-from latentforge.pipelines.common.errors import UserError
+from latentforge.pipelines.common.errors import DataError, UserError
 from latentforge.pipelines.common.params import DEFAULT_PARAMS, ParamsError, apply_overrides, load_params, section
 from latentforge.pipelines.common.tracking import tracking_uri
 from latentforge.pipelines.prepare import load_split, prepare
 from latentforge.pipelines.submit import submit_training
-from latentforge.runtime.images import ExportError
+from latentforge.runtime.images import EditRequestError, ExportError
 from latentforge.serving.demo import run_demo
 from latentforge.serving.launch import ServeError, resolve_config, serve_forever
 
@@ -65,6 +66,32 @@ def cmd_export(args: argparse.Namespace) -> int:
     figures = ", ".join(f"{name} {diff:.2g}" for name, diff in manifest["parity"].items())
     print(f"exported {manifest['family']} ({len(manifest['graphs'])} graphs, opset {manifest['opset']}) -> {out_dir}; "
           f"parity max |onnx - torch|: {figures}")
+    return 0
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from latentforge.runtime.images import ModelRuntime
+    from latentforge.serving.codec import BadInput, decode_png, encode_png
+
+    export_dir = args.export_dir
+    if export_dir is None:
+        if not args.model:
+            raise ParamsError("edit: give --model <family> (its export under artifacts/export) or --export-dir")
+        export_dir = Path((_params(args).get("export") or {}).get("output_dir") or "artifacts/export") / args.model
+    rt = ModelRuntime.from_export(export_dir)
+    if "edit" not in rt.capabilities:
+        raise ExportError(f"{export_dir}: this {rt.manifest['family']} export cannot edit (no attribute vectors: a "
+                          f"continuous latent with an encoder, exported by `latentforge export` on data with factors or classes)")
+    try:
+        image = decode_png(base64.b64encode(args.image.read_bytes()).decode("ascii"), "--image", rt.image_shape)
+    except BadInput as exc:
+        raise DataError(f"--image {args.image}: {exc.reason}") from None
+    edited, source = rt.edit(image[None], args.factor, args.value, args.strength, args.source)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(f".{args.out.name}.tmp")
+    tmp.write_bytes(base64.b64decode(encode_png(edited[0])))
+    tmp.replace(args.out)
+    print(f"edited {args.image}: {args.factor} {source[0]} -> {args.value} (strength {args.strength:g}) -> {args.out}")
     return 0
 
 
@@ -308,6 +335,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: artifacts/evaluate/<family>/metrics.json when present)")
     p.set_defaults(func=cmd_export)
 
+    p = stage("edit", "edit a PNG in the latent space of an export: encode, move along an attribute vector, decode")
+    p.add_argument("--model", help="model family whose export (<export.output_dir or artifacts/export>/<family>) to use")
+    p.add_argument("--export-dir", type=Path, help="the export directory instead of --model's")
+    p.add_argument("--image", type=Path, required=True, help="a PNG of the model's size and channels")
+    p.add_argument("--factor", required=True, help="the factor to change (the export's manifest lists them), e.g. shape")
+    p.add_argument("--value", required=True, help="the value it should show, e.g. square")
+    p.add_argument("--strength", type=float, default=1.0, help="0 to 3: how far along the attribute vector (default 1)")
+    p.add_argument("--source", help="the image's current value when known (default: read from its latent)")
+    p.add_argument("--out", type=Path, required=True, help="where to write the edited PNG")
+    p.set_defaults(func=cmd_edit)
+
     p = stage("register", "register a family's ONNX export (artifacts/export/<family>) as a new MLflow model version")
     p.add_argument("--model", required=True, help="model family, e.g. vae, vqvae2, gan")
     p.add_argument("--export-dir", type=Path, help="the export directory (default: <export.output_dir>/<family>)")
@@ -394,7 +432,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     are all :class:`UserError`; the others come from the layers that cannot import pipelines."""
     from latentforge.models.base import ConfigError  # imports torch: only once a command has failed
 
-    return (UserError, ServeError, ConfigError, FileNotFoundError, ExportError)
+    return (UserError, ServeError, ConfigError, FileNotFoundError, ExportError, EditRequestError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,10 @@ it draws latents where the decoder was trained) and each one's graph (``sampler_
   writes into slot ``position`` of its cache (manifest ``step_output: new_kv``; exports before it output
   the whole ``new_cache``); ``prior_bottom_step`` (the same plus ``cond_emb``); ``prior_bottom_condition``
   (``top_indices`` -> ``cond_emb``).
+
+A family with a continuous latent and an encoder graph (VAE, the autoencoders, AAE) on data with
+factors or classes also gets its attribute vectors (:mod:`pipelines.attributes`): ``attributes.npz``
+and the manifest's ``attributes`` entry, which serving's ``edit`` reads.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from latentforge.models import MODELS, ConfigError, PretrainedModel
 from latentforge.models.glo import GLO
 from latentforge.models.text import latent_shape_of
 from latentforge.models.vqvae2 import VQVAE2
+from latentforge.pipelines.attributes import edit_settings, train_attributes, write_attributes
 from latentforge.pipelines.common.errors import DataError
 from latentforge.pipelines.common.files import atomic_directory
 from latentforge.pipelines.common.params import section
@@ -169,6 +174,7 @@ def export_model(
     metrics: dict | None = None,
     source: dict | None = None,
     atol: float = 1e-4,
+    edit: dict | None = None,
 ) -> dict:
     """Export the model in ``model_dir`` to ONNX graphs + ``manifest.json`` in ``out_dir``; returns the manifest.
 
@@ -176,14 +182,20 @@ def export_model(
     its manifest gives the data set's name and hash). ``metrics`` (evaluation figures) and ``source``
     (``mlflow_run_id``, ``git_commit`` ...) are recorded in the manifest as given. ``atol``: the largest
     allowed absolute difference between ONNX Runtime and PyTorch on any float output; indices must
-    match exactly (but for exact ties between two codes, see :func:`_check_codes`). Raises
-    :class:`ExportError` on any failure, having written nothing.
+    match exactly (but for exact ties between two codes, see :func:`_check_codes`). ``edit``: the
+    ``edit`` params of the attribute vectors (:func:`pipelines.attributes.edit_settings`; None: the
+    defaults). Raises :class:`ExportError` on any failure, having written nothing.
     """
+    edit = edit_settings({"edit": edit})
     model_dir, prepared_dir, out_dir = Path(model_dir), Path(prepared_dir), Path(out_dir)
     model, family, data_manifest = _load_model(model_dir, prepared_dir)
     images = _parity_images(prepared_dir)
     with torch.no_grad():
         graphs, latent, sampling = _plan(model, images)
+        attributes = None
+        if latent["kind"] != "codes" and any(g.name == "encoder" for g in graphs):
+            attributes = train_attributes(model, prepared_dir, data_manifest, edit["labels_per_value"], edit["seed"],
+                                          edit["method"])
 
     with atomic_directory(out_dir) as tmp:
         export_graphs(graphs, tmp, atol, external=_weight_bytes(model) > EXTERNAL_DATA_BYTES)
@@ -211,6 +223,8 @@ def export_model(
             "source": dict(source or {}),
             "opset": OPSET,
         }
+        if attributes is not None:
+            manifest["attributes"] = write_attributes(tmp, *attributes, edit["labels_per_value"])
         # Not key-sorted: a graph's inputs and outputs are listed in the graph's own order.
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -590,7 +604,7 @@ def export_from_params(
     if out is None:
         out = Path(((params.get("export") or {}).get("output_dir")) or "artifacts/export") / family
     out = Path(out)
-    manifest = export_model(model_dir, prepared_dir, out, metrics=metrics, source=source)
+    manifest = export_model(model_dir, prepared_dir, out, metrics=metrics, source=source, edit=params.get("edit"))
     return out, manifest
 
 

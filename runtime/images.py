@@ -3,12 +3,13 @@
 An export directory (``pipelines.export.export_model``) holds ``manifest.json`` and the ONNX graphs.
 :func:`load_sessions` opens one ``onnxruntime.InferenceSession`` per graph; :class:`ModelRuntime` wraps
 them with the operations serving offers (generate, encode, decode, reconstruct, interpolate,
-anomaly-score), each a few numpy lines over the graphs. Which operations a model offers follows from
+anomaly-score, edit), each a few numpy lines over the graphs. Which operations a model offers follows from
 its manifest (:data:`CAPABILITIES`), and so do its samplers (:func:`samplers`): ``"prior"`` and, where
 one was fitted after training, an ex-post latent sampler such as ``"gmm"``, whose graph takes
 ``noise`` and ``uniform`` drawn here. VQ-VAE-2 samples by running its prior's single-step graphs in a
 loop here (:func:`sample_codes`), the randomness drawn by numpy and fed in: no graph draws random
-numbers.
+numbers. Editing translates an encoded latent along the difference of the mean latents of labelled
+examples (:class:`Attributes`, stored with the export as ``attributes.npz``), then decodes.
 
 The exporter imports the loading and sampling functions from here, so the code that parity-checked an
 export is the code that serves it.
@@ -17,6 +18,7 @@ export is the code that serves it.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -171,6 +173,95 @@ def sample_vqvae2_onnx(
 
 
 # ----------------------------------------------------------------------------------------------------
+# Editing by attribute vectors
+
+ATTRIBUTES_FILE = "attributes.npz"
+MAX_EDIT_STRENGTH = 3.0
+# translate: z + s (mu_target - mu_source), the source value given or read as the nearest mean;
+# difference: z + s (mu_target - the mean of the other values' means), whatever the image shows.
+EDIT_METHODS = ("translate", "difference")
+
+
+class EditRequestError(ValueError):
+    """A bad edit: ``field`` is the request field at fault (``factor``, ``value``, ``source``, ``strength``)."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field, self.reason = field, reason
+
+
+@dataclass(frozen=True)
+class Attributes:
+    """Mean latents of labelled examples per value of each factor: what an edit translates along.
+
+    ``values``: factor -> the value names that had labelled examples; ``means``: factor -> (V, *latent)
+    float32, row i the mean latent of the examples of ``values[factor][i]``; ``method``: one of
+    :data:`EDIT_METHODS`.
+    """
+
+    values: dict[str, list[str]]
+    means: dict[str, np.ndarray]
+    method: str = "translate"
+
+    def index(self, factor: str, value: str, field: str = "value") -> int:
+        """The row of ``value`` in ``means[factor]``; an :class:`EditRequestError` naming the known ones."""
+        if factor not in self.values:
+            raise EditRequestError("factor", f"unknown factor {factor!r}; known: {', '.join(self.values)}")
+        if value not in self.values[factor]:
+            raise EditRequestError(field, f"{factor} has no value {value!r}; known: {', '.join(self.values[factor])}")
+        return self.values[factor].index(value)
+
+    def read(self, factor: str, latents: np.ndarray) -> np.ndarray:
+        """The value each latent (B, *latent) is nearest to, by mean: (B,) int64 rows of ``values[factor]``."""
+        means = self.means[factor].reshape(len(self.means[factor]), -1).astype(np.float64)
+        flat = latents.reshape(len(latents), -1).astype(np.float64)
+        distances = (flat**2).sum(1, keepdims=True) - 2 * flat @ means.T + (means**2).sum(1)[None]
+        return np.argmin(distances, axis=1).astype(np.int64)
+
+    def shift(self, factor: str, value: str, latents: np.ndarray, strength: float = 1.0,
+              source: str | np.ndarray | None = None, method: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(edited latents (B, *latent) float32, source rows (B,) int64)``: ``latents`` moved towards
+        ``value`` of ``factor`` by ``strength`` (0 to :data:`MAX_EDIT_STRENGTH`; 1 is the whole mean
+        difference). ``source``: the images' current value (a name for all, or (B,) rows), read with
+        :meth:`read` when None; ``method`` (default: :attr:`method`) see :data:`EDIT_METHODS`."""
+        target = self.index(factor, value)
+        if not 0.0 <= float(strength) <= MAX_EDIT_STRENGTH:
+            raise EditRequestError("strength", f"{strength} is out of range [0, {MAX_EDIT_STRENGTH:g}]")
+        means = self.means[factor]
+        if source is None:
+            rows = self.read(factor, latents)
+        elif isinstance(source, str):
+            rows = np.full(len(latents), self.index(factor, source, "source"), dtype=np.int64)
+        else:
+            rows = np.asarray(source, dtype=np.int64)
+        method = method or self.method
+        if method == "translate":
+            delta = means[target][None] - means[rows]
+        elif method == "difference":
+            delta = np.broadcast_to(means[target] - np.delete(means, target, axis=0).mean(0), latents.shape)
+        else:
+            raise ValueError(f"unknown edit method {method!r}; choose one of: {', '.join(EDIT_METHODS)}")
+        return (latents + np.float32(strength) * delta).astype(np.float32), rows
+
+    def describe(self) -> dict[str, Any]:
+        """What ``edit`` accepts, for ``GET /v1/models``."""
+        return {"factors": self.values, "strength": [0.0, MAX_EDIT_STRENGTH], "method": self.method}
+
+
+def load_attributes(export_dir: str | Path, manifest: dict) -> Attributes | None:
+    """The export's :class:`Attributes` (its manifest's ``attributes`` entry and file), None without."""
+    entry = manifest.get("attributes")
+    if not entry:
+        return None
+    path = Path(export_dir) / entry["file"]
+    if not path.is_file():
+        raise ExportError(f"{path}: missing; the manifest names it as the attribute vectors' file")
+    with np.load(path, allow_pickle=False) as arrays:
+        means = {factor: arrays[factor].astype(np.float32) for factor in entry["values"]}
+    return Attributes(values={f: list(v) for f, v in entry["values"].items()}, means=means, method=entry["method"])
+
+
+# ----------------------------------------------------------------------------------------------------
 # What a model offers, from its manifest
 
 # Operation -> whether an export's manifest supports it. The HTTP routes ask this before running
@@ -184,6 +275,9 @@ CAPABILITIES: dict[str, Callable[[dict], bool]] = {
     # Paths between latents need a continuous latent space: VQ-VAE-2's decoder takes code indices.
     "interpolate": lambda m: "decoder" in m["graphs"] and m["latent"]["kind"] != "codes",
     "anomaly-score": lambda m: "encoder" in m["graphs"] and "decoder" in m["graphs"],
+    # Attribute vectors are mean latents: a continuous latent, encoded and decoded, that has them.
+    "edit": lambda m: "encoder" in m["graphs"] and "decoder" in m["graphs"] and m["latent"]["kind"] != "codes"
+    and bool(m.get("attributes")),
 }
 
 
@@ -216,8 +310,9 @@ class ModelRuntime:
     registered version this is.
     """
 
-    def __init__(self, manifest: dict, sessions: dict[str, Any], name: str = "", version: str = "", alias: str | None = None):
-        self.manifest, self.sessions = manifest, sessions
+    def __init__(self, manifest: dict, sessions: dict[str, Any], name: str = "", version: str = "", alias: str | None = None,
+                 attributes: Attributes | None = None):
+        self.manifest, self.sessions, self.attributes = manifest, sessions, attributes
         self.name, self.version, self.alias = name, str(version), alias
         h, w, c = manifest["data"]["image_shape"]
         self.image_shape = (int(c), int(h), int(w))  # CHW, as the graphs take it
@@ -230,7 +325,7 @@ class ModelRuntime:
     def from_export(cls, export_dir: str | Path, name: str = "", version: str = "", alias: str | None = None,
                     threads: int = 0) -> "ModelRuntime":
         manifest, sessions = load_sessions(export_dir, spin=False, threads=threads)
-        return cls(manifest, sessions, name, version, alias)
+        return cls(manifest, sessions, name, version, alias, load_attributes(export_dir, manifest))
 
     # -- graphs ---------------------------------------------------------------------------------------
 
@@ -319,6 +414,19 @@ class ModelRuntime:
         path = ((1 - t) * a[None] + t * b[None]).astype(np.float32)
         return self.decode({"latent": path}, run)
 
+    def edit(self, images: np.ndarray, factor: str, value: str, strength: float = 1.0, source: str | None = None,
+             run: RunGraph | None = None) -> tuple[np.ndarray, list[str]]:
+        """Images (B, C, H, W) edited to show ``value`` of ``factor``: encode, translate the latent by
+        ``strength`` along the attribute vector (:meth:`Attributes.shift`), decode. Returns the images in
+        [0, 1] and each image's source value (given, or read from its latent). A bad factor, value,
+        source or strength is an :class:`EditRequestError`; a model without attributes a ``ValueError``."""
+        if "edit" not in self.capabilities or self.attributes is None:
+            raise ValueError(f"{self.name or self.manifest['family']} cannot edit: its export has no attribute vectors")
+        latents = self.latent_of(self.encode(images, run))["latent"]
+        edited, rows = self.attributes.shift(factor, value, latents, strength, source)
+        names = self.attributes.values[factor]
+        return self.decode({"latent": edited}, run), [names[r] for r in rows]
+
     def describe(self) -> dict[str, Any]:
         """What is served, for ``GET /v1/models``."""
         m = self.manifest
@@ -335,4 +443,6 @@ class ModelRuntime:
             "data": m.get("data"),
             "metrics": m.get("metrics") or {},
             "anomaly_threshold": self.anomaly_threshold,
+            "edit": ({**self.attributes.describe(), "labels_per_value": m["attributes"].get("labels_per_value")}
+                     if self.attributes is not None and "edit" in self.capabilities else None),
         }

@@ -50,7 +50,8 @@ from latentforge.serving.errors import error_response
 from latentforge.serving.model_store import ModelStore
 from latentforge.serving.operations import OPERATIONS
 from latentforge.serving.schemas import (
-    AnomalyResponse, AppConfig, DecodeRequest, EncodeResponse, ErrorResponse, GenerateRequest, GenerateResponse,
+    AnomalyResponse, AppConfig, DecodeRequest, EditRequest, EditResponse, EncodeResponse, ErrorResponse,
+    GenerateRequest, GenerateResponse,
     ImagesRequest, ImagesResponse, InterpolateRequest, Limits, TextDecodeRequest, TextDecodeResponse,
 )
 
@@ -223,6 +224,10 @@ class Ingress:
         if body.steps > self.limits.max_steps:
             return error_response(422, "steps", f"steps = {body.steps} is above the limit of {self.limits.max_steps}")
         return await self._call(name, "interpolate", body.model_dump())
+
+    @api.post("/v1/models/{name}/edit", response_model=EditResponse, responses=ERRORS)
+    async def edit(self, name: str, body: EditRequest):
+        return await self._call(name, "edit", body.model_dump())
 
     @api.post("/v1/models/{name}/text-decode", response_model=TextDecodeResponse, responses=ERRORS)
     async def text_decode(self, name: str, body: TextDecodeRequest):

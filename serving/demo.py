@@ -107,6 +107,11 @@ def run_demo(url: str, images: np.ndarray, out_dir: str | Path, timeout: float =
                 out = post(name, "text-decode", {"texts": prompts, "n": 4, "seed": 0, "mode": "retrieve"})
                 path = _save([png for row in out["images"] for png in row], out_dir / f"{name}-text-retrieve.png", columns=4)
                 lines.append(f"{tag} text-decode (retrieve): training rows {out['rows']} -> {path}")
+        if "edit" in can:  # one row per value of the first factor: the test images moved to that value
+            factor, values = next(iter(model["edit"]["factors"].items()))
+            rows = [post(name, "edit", {"images": pngs, "factor": factor, "value": v})["images"] for v in values]
+            path = _save(pngs + [png for row in rows for png in row], out_dir / f"{name}-edit.png", columns=len(pngs))
+            lines.append(f"{tag} edit: {len(pngs)} test images (top row), then a row per {factor} ({', '.join(values)}) -> {path}")
         if "anomaly-score" in can:
             out = post(name, "anomaly-score", {"images": pngs})
             scores = ", ".join(f"{s:.4f}" for s in out["scores"])

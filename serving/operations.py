@@ -15,7 +15,7 @@ from typing import Any, Awaitable, Callable
 
 import numpy as np
 
-from latentforge.runtime.images import ModelRuntime
+from latentforge.runtime.images import EditRequestError, ModelRuntime
 from latentforge.runtime.text import TextRequestError
 from latentforge.serving import codec
 from latentforge.serving.codec import BadInput
@@ -109,6 +109,26 @@ async def interpolate(rt: ModelRuntime, p: dict, run: Run, draw: Draw) -> dict:
     return {"format": p["format"], "images": codec.encode_images(images, p["format"])}
 
 
+async def edit(rt: ModelRuntime, p: dict, run: Run, draw: Draw) -> dict:
+    """The request's images (encoded first) or latents moved ``strength`` along the attribute vector
+    towards ``value`` of ``factor``, decoded; with each one's source value (given, or read from its latent)."""
+    if (p.get("images") is None) == (p.get("latents") is None):
+        raise BadInput("images", "give exactly one of images or latents")
+    if p.get("images") is not None:
+        images = codec.decode_images(p["images"], "images", rt.image_shape, p["max_images"])
+        latents = rt.latent_of(await run("encoder", {"images": images}))["latent"]
+    else:
+        latents = decoder_feeds(rt, p["latents"], p["max_images"])["latent"]
+    try:
+        edited, rows = rt.attributes.shift(p["factor"], p["value"], latents, p["strength"], p.get("source"))
+    except EditRequestError as exc:
+        raise BadInput(exc.field, exc.reason) from None
+    images = np.clip((await run("decoder", {"latent": edited}))["images"], 0.0, 1.0)
+    names = rt.attributes.values[p["factor"]]
+    return {"factor": p["factor"], "value": p["value"], "strength": p["strength"], "source": [names[r] for r in rows],
+            "format": p["format"], "images": codec.encode_images(images, p["format"])}
+
+
 def decoder_feeds(rt: ModelRuntime, latents: Any, limit: int) -> dict[str, np.ndarray]:
     """A decode request's ``latents`` -> the decoder's inputs, each checked for shape and values:
     ``latent`` (B, *latent_shape) float32, or VQ-VAE-2's ``top_indices``/``bottom_indices`` (B, h, w) int64."""
@@ -137,5 +157,6 @@ OPERATIONS: dict[str, Callable[[Any, dict, Run, Draw], Awaitable[dict]]] = {
     "reconstruct": reconstruct,
     "interpolate": interpolate,
     "anomaly-score": anomaly_score,
+    "edit": edit,
     "text-decode": text_decode,
 }

@@ -12,6 +12,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from latentforge.runtime.images import MAX_EDIT_STRENGTH
 from latentforge.runtime.store import absolute_uri
 
 # An image in a request: a base64 PNG string (a data: URL is accepted too) or a (C, H, W) array in [0, 1].
@@ -143,6 +144,22 @@ class InterpolateRequest(_Request):
     format: Format = "png"
 
 
+class EditRequest(_Request):
+    """An edit by attribute vector: images (or latents) moved towards ``value`` of ``factor``. Which
+    factors and values a model takes: ``edit`` in ``GET /v1/models`` (an unknown one is a 422 listing them)."""
+
+    images: Optional[list[Image]] = Field(None, description="base64 PNGs (or (C, H, W) arrays in [0, 1]); or give latents")
+    latents: Optional[list[Any]] = Field(None, description="(B, *latent_shape) floats instead of images")
+    factor: str = Field(description="the factor to change, e.g. shape")
+    value: str = Field(description="the value it should show, e.g. square")
+    strength: float = Field(1.0, ge=0, le=MAX_EDIT_STRENGTH, allow_inf_nan=False,
+                            description="how far along the attribute vector: 0 decodes the image unchanged, 1 the whole "
+                                        "difference of the mean latents")
+    source: Optional[str] = Field(None, description="the images' current value of the factor when known; omitted: read "
+                                  "from each latent (the nearest value's mean)")
+    format: Format = "png"
+
+
 # ----------------------------------------------------------------------------------------------------
 # Responses (every one names the model version that produced it)
 
@@ -172,6 +189,13 @@ class TextDecodeResponse(_Response):
 
 class EncodeResponse(_Response):
     latents: dict[str, list[Any]] = Field(description="the encoder's outputs: mean + logvar, latent, or code indices")
+
+
+class EditResponse(ImagesResponse):
+    factor: str
+    value: str
+    strength: float
+    source: list[str] = Field(description="per image, the value it was translated from (given, or read from its latent)")
 
 
 class AnomalyResponse(_Response):

@@ -52,13 +52,20 @@ What is computed, where the family allows it:
 * ``interp_min_confidence``: the mean over pairs of test images of different classes of the minimum
   along the decoded latent path of the classifier's max-softmax (prior draws for families without an
   encoder);
-* ``mig`` and ``mig_<factor>`` (data with factors, flat latents): mutual information gap, 20 bins.
+* ``mig`` and ``mig_<factor>`` (data with factors, flat latents): mutual information gap, 20 bins;
+* editing by attribute vectors (continuous latents with an encoder, data with factors or classes; the
+  ``edit`` params): ``edit_success_<factor>`` (the classifier reads the target value) and
+  ``edit_preservation_<factor>`` (the other factors read as on the unedited reconstruction) with their
+  means, at ``edit.labels_per_value`` and (suffix ``_n<labels>``) each of ``edit.eval_labels``;
+  ``edit_success_by_<variant>`` per way of editing; ``edit_source_accuracy_<factor>``.
 
 Plots: ``samples.png`` (64 samples), ``samples_nearest.png`` (those samples beside their nearest training
 images in the classifier's feature space; both ``<name>_`` prefixed per ex-post sampler),
 ``reconstructions.png``, ``interpolation.png``, ``tsne.png`` (test latents coloured by label),
 ``label_efficiency.png`` (the few-label curve),
-``loss_curves.png`` (``train/*loss`` and ``epoch/val_score`` from the MLflow run).
+``loss_curves.png`` (``train/*loss`` and ``epoch/val_score`` from the MLflow run), ``edits.png`` (rows of
+edits: image, reconstruction, its edit to each value of a factor) and ``edit_labels.png`` (edit figures
+against the labels per value).
 
 Layout: this module is the orchestrator; ``job`` resolves and checks the inputs and talks to the
 training's MLflow run, ``sections`` holds one function per section above, ``inference`` runs a family

@@ -7,13 +7,14 @@ import json
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, RunTag
 
 from latentforge.models import MODELS, ConfigError
+from latentforge.pipelines.attributes import EDIT_DEFAULTS, edit_settings
 from latentforge.pipelines.common.errors import EvaluationError, ParamsError
 from latentforge.pipelines.common.params import check_keys, section
 from latentforge.pipelines.common.tracking import mlflow_client, tracking_uri
@@ -63,6 +64,7 @@ class EvalJob:
     settings: dict[str, Any]
     out_dir: Path
     tracking_uri: str
+    edit: dict[str, Any] = field(default_factory=lambda: dict(EDIT_DEFAULTS))  # the `edit` params (attribute vectors)
 
     @property
     def run_id(self) -> str:
@@ -109,6 +111,7 @@ def resolve_evaluation(params: dict[str, Any], family: str) -> EvalJob:
         settings=settings,
         out_dir=Path(settings["output_dir"]) / family,
         tracking_uri=tracking_uri(params),
+        edit=edit_settings(params),
     )
 
 

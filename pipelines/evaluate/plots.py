@@ -1,5 +1,6 @@
 """The evaluation's figures: image grids (samples, samples beside their nearest training images,
-reconstructions, interpolations), the t-SNE of test latents and the training-loss curves, each one PNG."""
+reconstructions, interpolations, edits), the t-SNE of test latents, the training-loss curves and the
+edit figures against the number of labels, each one PNG."""
 
 from __future__ import annotations
 
@@ -111,6 +112,27 @@ def loss_png(history: dict[str, list[tuple[int, float]]], family: str, path: Pat
         right.text(0.5, 0.5, "no epoch/val_score history", ha="center", va="center", transform=right.transAxes)
     right.set_title(f"{family}: validation score (checkpoint metric)")
     right.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def edit_labels_png(series: dict[str, list[tuple[int, float | None, float | None]]], path: Path) -> None:
+    """Edit success (left) and preservation (right) per factor against the labelled images per value,
+    from ``factor -> [(labels per value, success, preservation), ...]`` (None: not measured)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    for column, (ax, title) in enumerate(zip(axes, ("edit success", "preservation of the other factors"))):
+        for factor, points in series.items():
+            xy = [(n, v[column]) for n, *v in points if v[column] is not None and np.isfinite(v[column])]
+            if xy:
+                ax.plot(*zip(*xy), marker="o", lw=1, label=factor)
+        ax.set_xscale("log")
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("labelled images per value")
+        ax.set_title(title)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

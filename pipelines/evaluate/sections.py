@@ -20,8 +20,10 @@ import numpy as np
 import torch
 
 from latentforge.models import PretrainedModel
+from latentforge.pipelines.attributes import LABEL_FACTOR, encode_points, factor_columns, labelled_rows, mean_latents
 from latentforge.pipelines.classifier import (
     CONFIDENT,
+    LABEL_HEAD,
     DomainClassifier,
     embed_images,
     load_classifier,
@@ -40,9 +42,17 @@ from latentforge.pipelines.evaluate.inference import (
     validation_figures,
 )
 from latentforge.pipelines.evaluate.job import EvalJob, loss_history, primary_metric
-from latentforge.pipelines.evaluate.plots import grid_png, label_efficiency_png, loss_png, pair_grid_png, tsne_png
+from latentforge.pipelines.evaluate.plots import (
+    edit_labels_png,
+    grid_png,
+    label_efficiency_png,
+    loss_png,
+    pair_grid_png,
+    tsne_png,
+)
 from latentforge.pipelines.imaging import batch_to_tensor, tensor_to_uint8
 from latentforge.pipelines.prepare import load_split
+from latentforge.runtime.images import Attributes
 
 PR_K = 3
 MIG_BINS = 20
@@ -552,6 +562,161 @@ def disentanglement(ev: Evaluation) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Editing by attribute vectors
+
+# The ways of editing compared at the exported label count: (method, whether the source value is the
+# image's true label rather than read from its latent). Serving reads the source unless a request names it.
+EDIT_VARIANTS = {"translate": ("translate", False), "translate_known": ("translate", True), "difference": ("difference", False)}
+EDIT_ROWS_PER_FACTOR = 2  # test images per factor in edits.png
+
+
+def editing(ev: Evaluation) -> bool:
+    """Edits by attribute vectors (:mod:`pipelines.attributes`), read by the classifier's factor heads.
+
+    For each label count ``n`` of ``edit.eval_labels`` (and ``edit.labels_per_value``, the exported one),
+    the mean latents of ``n`` seeded train images per value; each of ``edit.eval_images`` test latents is
+    moved (``edit.eval_strength``) to every other value of each factor and decoded (:func:`_edit_figures`):
+    ``edit_success_<factor>_n<n>`` (the factor reads as the target value), ``edit_preservation_<factor>_n<n>``
+    (the other factors read as on the unedited reconstruction), ``edit_clean_<factor>_n<n>`` (both at
+    once), and their means over factors (without ``<factor>_``). At ``labels_per_value`` with
+    ``edit.method``: the same figures unsuffixed (``edit_success_<factor>``, ``edit_success``); each way of
+    editing of :data:`EDIT_VARIANTS` as ``edit_<figure>_by_<variant>``; ``edit_source_accuracy_<factor>``:
+    how often the nearest value mean is the test image's true value.
+    """
+    if ev.test_latents is None or ev.test_indices is not None or ev.slow:
+        return False
+    manifest, s = ev.job.manifest, ev.job.edit
+    heads = {f: h for f in factor_columns(ev.test, manifest)
+             if (h := LABEL_HEAD if f == LABEL_FACTOR else f"factor_{f}") in ev.classifier.heads}
+    train_columns = {f: c for f, c in factor_columns(ev.train, manifest).items() if f in heads}
+    if not train_columns:
+        return False
+    default = s["labels_per_value"]
+    counts = sorted(set(s["eval_labels"]) | {default})
+    # Fewer labels are a prefix of more: one encoding of the rows of the largest count serves them all.
+    rows = np.unique(np.concatenate([r for names, col in train_columns.values()
+                                     for r in labelled_rows(col, len(names), counts[-1], s["seed"])]))
+    latents = encode_points(ev.model, np.array(ev.train["images"][rows]))
+
+    def latent_of_rows(picked: np.ndarray) -> np.ndarray:
+        return latents[np.searchsorted(rows, picked)]
+
+    k = min(s["eval_images"], len(ev.test_rows))
+    z = ev.test_latents[:k].numpy()
+    truth = {f: c[ev.test_rows[:k]] for f, (_, c) in factor_columns(ev.test, manifest).items() if f in heads}
+    recon_reads = _head_reads(ev, ev.test_recons[:k], heads)
+    edits = 0
+    for n in counts:
+        attrs, _ = mean_latents(train_columns, latent_of_rows, n, s["seed"], s["method"])
+        variants = EDIT_VARIANTS if n == default else {s["method"]: (s["method"], False)}
+        for variant, (method, known) in variants.items():
+            figures = {f: _edit_figures(ev, attrs, f, z, truth, recon_reads, heads, s["eval_strength"], method, known)
+                       for f in attrs.values}
+            edits += sum(v.pop("edits") for v in figures.values())
+            if variant == s["method"]:
+                _put_edit_figures(ev.metrics, f"_n{n}", figures)
+                if n == default:
+                    _put_edit_figures(ev.metrics, "", figures)
+            if n == default:
+                for name in ("success", "preservation", "clean"):
+                    values = [v[name] for v in figures.values() if np.isfinite(v[name])]
+                    if values:
+                        ev.metrics[f"edit_{name}_by_{variant}"] = float(np.mean(values))
+        if n == default:
+            accuracy = {f: _source_accuracy(ev, attrs, f, z, truth[f]) for f in attrs.values}
+            ev.metrics.update({f"edit_source_accuracy_{f}": v for f, v in accuracy.items()})
+            ev.metrics["edit_source_accuracy"] = float(np.mean(list(accuracy.values())))
+            ev.plots["edits.png"] = _edits_plot(ev, attrs, z[:EDIT_ROWS_PER_FACTOR], s["eval_strength"])
+    series = {f: [(n, ev.metrics.get(f"edit_success_{f}_n{n}"), ev.metrics.get(f"edit_preservation_{f}_n{n}")) for n in counts]
+              for f in train_columns}
+    ev.plots["edit_labels.png"] = lambda p, series=series: edit_labels_png(series, p)
+    ev.info["edit"] = {
+        "labels_per_value": default, "label_counts": counts, "method": s["method"], "strength": s["eval_strength"],
+        "test_images": int(k), "edits": int(edits), "factors": list(train_columns),
+        "success": "the classifier's head of the factor reads the target value",
+        "preservation": "every other factor head reads as on the unedited reconstruction",
+        "clean": "both: the target value and every other factor as before",
+        "source": "read from the latent (the nearest value mean), as serving does; translate_known: the true label",
+    }
+    return True
+
+
+def _head_reads(ev: Evaluation, images: torch.Tensor, heads: dict[str, str]) -> dict[str, np.ndarray]:
+    """factor -> (N,) the classifier's reading (argmax of the factor's head) of (N, C, H, W) images."""
+    probs = read_images(ev.classifier, images)[1]
+    return {f: probs[h].argmax(1) for f, h in heads.items()}
+
+
+def _edit_figures(ev: Evaluation, attrs: Attributes, factor: str, z: np.ndarray, truth: dict[str, np.ndarray],
+                 recon_reads: dict[str, np.ndarray], heads: dict[str, str], strength: float = 1.0,
+                 method: str = "translate", known: bool = False) -> dict[str, float]:
+    """Move each latent z (k, *latent) with a known value of ``factor`` (``truth``: factor -> (k,) value
+    rows, -1 unknown) to every other value ``attrs`` has, decode and read: ``success``, ``preservation``
+    (NaN without another factor), ``clean`` (both) as fractions of the edits, and ``edits``, their number.
+    ``known``: translate from the true value instead of the one read from the latent."""
+    names = attrs.values[factor]
+    all_names = _value_names(ev, factor)
+    value_rows = np.array([names.index(all_names[t]) if t >= 0 and all_names[t] in names else -1 for t in truth[factor]])
+    others = [f for f in heads if f != factor]
+    hits, kept = [], []
+    for target, name in enumerate(names):
+        sel = np.flatnonzero((value_rows >= 0) & (value_rows != target))
+        if not len(sel):
+            continue
+        edited, _ = attrs.shift(factor, name, z[sel], strength, value_rows[sel] if known else None, method)
+        reads = _head_reads(ev, decode(ev.model, torch.from_numpy(edited)), heads)
+        hits.append(reads[factor] == all_names.index(name))
+        kept.append(np.all([reads[f] == recon_reads[f][sel] for f in others], axis=0) if others else np.ones(len(sel), bool))
+    if not hits:
+        return {"success": float("nan"), "preservation": float("nan"), "clean": float("nan"), "edits": 0}
+    hit, keep = np.concatenate(hits), np.concatenate(kept)
+    return {"success": float(hit.mean()), "preservation": float(keep.mean()) if others else float("nan"),
+            "clean": float((hit & keep).mean()), "edits": int(len(hit))}
+
+
+def _value_names(ev: Evaluation, factor: str) -> list[str]:
+    """Every value name of ``factor``, in the order of the classifier head's classes."""
+    manifest = ev.job.manifest
+    return list(manifest["class_names"] if factor == LABEL_FACTOR else manifest["factor_values"][factor])
+
+
+def _source_accuracy(ev: Evaluation, attrs: Attributes, factor: str, z: np.ndarray, truth: np.ndarray) -> float:
+    """How often the nearest value mean of a latent is its true value (images whose value has a mean)."""
+    names, all_names = attrs.values[factor], _value_names(ev, factor)
+    true = np.array([all_names[t] if t >= 0 else "" for t in truth])
+    known = np.isin(true, names)
+    return float(np.mean(np.array(names)[attrs.read(factor, z[known])] == true[known])) if known.any() else float("nan")
+
+
+def _put_edit_figures(metrics: dict[str, float], suffix: str, figures: dict[str, dict[str, float]]) -> None:
+    """``edit_<figure>_<factor><suffix>`` of each factor's :func:`_edit_figures` and ``edit_<figure><suffix>``,
+    their mean over factors, for the figures success, preservation and clean."""
+    for name in ("success", "preservation", "clean"):
+        values = {f: v[name] for f, v in figures.items() if np.isfinite(v[name])}
+        metrics.update({f"edit_{name}_{f}{suffix}": v for f, v in values.items()})
+        if values:
+            metrics[f"edit_{name}{suffix}"] = float(np.mean(list(values.values())))
+
+
+def _edits_plot(ev: Evaluation, attrs: Attributes, z: np.ndarray, strength: float) -> Callable[[Path], None]:
+    """``edits.png``: per factor and test image a row: the image, its reconstruction, then its edit
+    (at ``strength``) to each value of the factor in order; black tiles pad the shorter rows."""
+    x = ev.x_test[: len(z)]
+    recon = ev.test_recons[: len(z)]
+    width = 2 + max(len(v) for v in attrs.values.values())
+    rows = []
+    for factor, names in attrs.values.items():
+        edited = [decode(ev.model, torch.from_numpy(attrs.shift(factor, name, z, strength)[0])) for name in names]
+        for i in range(len(z)):
+            tiles = [x[i], recon[i], *(e[i] for e in edited)]
+            tiles += [torch.zeros_like(x[i])] * (width - len(tiles))
+            rows.append(torch.stack(tiles))
+    # A dark grey frame per tile: on black backgrounds the grid's padding would not show where tiles end.
+    tiles = np.pad(tensor_to_uint8(torch.cat(rows)), ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=64)
+    return lambda p, tiles=tiles, width=width: grid_png(tiles, p, nrow=width)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Plots only (drawn, and timed, with the others when the outputs are written)
 
 
@@ -589,6 +754,7 @@ SECTIONS: tuple[tuple[str, Callable[[Evaluation], bool]], ...] = (
     ("anomaly", anomaly),
     ("interpolation", interpolation),
     ("mig", disentanglement),
+    ("edit", editing),
 )
 # Sections that only queue a plot: their time is counted with the plots'.
 PLOT_SECTIONS: tuple[Callable[[Evaluation], bool], ...] = (tsne, loss_curves)

@@ -76,7 +76,9 @@ def test_dvc_repro_twice_then_push(repo_copy):
     # ... then evaluate, export and register: the version is in the registry as champion.
     evaluation = json.loads((repo_copy / "artifacts" / "evaluate" / "vae" / "metrics.json").read_text())
     assert "recon_psnr" in json.dumps(evaluation)
-    assert (repo_copy / "artifacts" / "export" / "vae" / "manifest.json").is_file()
+    exported = json.loads((repo_copy / "artifacts" / "export" / "vae" / "manifest.json").read_text())
+    assert exported["attributes"]["labels_per_value"] == 50 and "shape" in exported["attributes"]["values"]  # for edit
+    assert "edit_success_shape" in evaluation
     record = json.loads((repo_copy / "artifacts" / "register" / "vae.json").read_text())
     assert record["name"] == "vae-shapes" and record["version"] == 1
     from mlflow.tracking import MlflowClient

@@ -75,7 +75,7 @@ def test_models_health_and_openapi(server):
     assert (models[VQ]["samplers"], models[VQ]["default_sampler"]) == (["prior"], "prior")
     assert "interpolate" not in models[VQ]["capabilities"] and "encode" in models[VQ]["capabilities"]
     paths = requests.get(f"{server}/openapi.json", timeout=10).json()["paths"]
-    for op in ("generate", "encode", "decode", "reconstruct", "interpolate", "anomaly-score"):
+    for op in ("generate", "encode", "decode", "reconstruct", "interpolate", "anomaly-score", "edit"):
         assert f"/v1/models/{{name}}/{op}" in paths
     assert requests.get(f"{server}/docs", timeout=10).status_code == 200
 
@@ -212,6 +212,17 @@ BAD = [
     (VAE, "encode", {"imagez": []}, 422, "images", "required"),
     (VQ, "interpolate", {"a": {"latent": [0]}, "b": {"latent": [0]}}, 422, "name", "cannot interpolate"),
     (GAN, "encode", {"images": [_png_b64(16, "RGB")]}, 422, "name", "cannot encode"),
+    (VAE, "edit", {"images": [_png_b64(16, "RGB")], "factor": "texture", "value": "x"}, 422, "factor",
+     "unknown factor 'texture'; known: shape, colour, size, hpos, vpos"),
+    (VAE, "edit", {"images": [_png_b64(16, "RGB")], "factor": "size", "value": "huge"}, 422, "value",
+     "size has no value 'huge'; known: small, medium, large"),
+    (VAE, "edit", {"images": [_png_b64(16, "RGB")], "factor": "size", "value": "small", "source": "tiny"}, 422, "source", "known"),
+    (VAE, "edit", {"images": [_png_b64(16, "RGB")], "factor": "size", "value": "small", "strength": 3.5}, 422, "strength",
+     "less than or equal to 3"),
+    (VAE, "edit", {"factor": "size", "value": "small"}, 422, "images", "exactly one of images or latents"),
+    (VAE, "edit", {"latents": [[0.0] * 3], "factor": "size", "value": "small"}, 422, "latents", "expected [1, 4]"),
+    (GAN, "edit", {"latents": [[0.0] * 4], "factor": "size", "value": "small"}, 422, "name", "cannot edit"),
+    (VQ, "edit", {"images": [_png_b64(16, "RGB")], "factor": "size", "value": "small"}, 422, "name", "cannot edit"),
 ]
 
 
@@ -222,6 +233,28 @@ def test_bad_input_is_a_4xx_naming_the_field(server, name, op, body, status, fie
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["field"] == field and reason in error["reason"], error
+
+
+def test_edit_matches_the_runtime_and_models_list_what_it_takes(server, direct, images):
+    arrays, pngs = images
+    models = {m["name"]: m for m in requests.get(f"{server}/v1/models", timeout=30).json()["models"]}
+    edit = models[VAE]["edit"]
+    assert edit["factors"]["hpos"] == ["left", "center", "right"] and edit["strength"] == [0.0, 3.0]
+    assert (edit["method"], edit["labels_per_value"]) == ("translate", 50)
+    assert models[GAN]["edit"] is None and "edit" not in models[VQ]["capabilities"]
+    rt = direct["vae-1"]
+    body = ok(post(server, VAE, "edit", {"images": pngs, "factor": "hpos", "value": "left", "strength": 1.5, "format": "array"}))
+    expected, source = rt.edit(arrays, "hpos", "left", 1.5)
+    np.testing.assert_allclose(np.array(body["images"]), expected, atol=1e-5)
+    assert body["source"] == source and (body["factor"], body["value"], body["strength"]) == ("hpos", "left", 1.5)
+    # From latents, with the source value named: z + (mean of large - mean of small), decoded.
+    latents = rt.latent_of(rt.encode(arrays))["latent"]
+    body = ok(post(server, VAE, "edit", {"latents": latents.tolist(), "factor": "size", "value": "large", "source": "small",
+                                         "format": "array"}))
+    means = rt.attributes.means["size"]
+    moved = latents + means[edit["factors"]["size"].index("large")] - means[edit["factors"]["size"].index("small")]
+    np.testing.assert_allclose(np.array(body["images"]), rt.decode({"latent": moved}), atol=1e-5)
+    assert body["source"] == ["small"] * 4
 
 
 def test_body_size_and_json_errors_and_unknown_routes(server):
@@ -315,11 +348,12 @@ def test_make_demo_calls_every_endpoint_and_saves_images(server, registry):
             break
         time.sleep(0.5)
     text = log.read_text()
-    for line in (f"{VAE} v1 {op}" for op in ("generate", "reconstruct", "encode", "decode", "interpolate", "anomaly-score")):
+    for line in (f"{VAE} v1 {op}" for op in ("generate", "reconstruct", "encode", "decode", "interpolate", "anomaly-score", "edit")):
         assert line in text, line
     assert f"{GAN} v1 interpolate: 8 steps" in text and f"{VQ} v1 decode" in text and f"{GAN} v1 encode" not in text
     demo = registry["root"] / "demo"
     saved = sorted(p.name for p in demo.iterdir())
+    assert f"{VAE}-edit.png" in saved and f"{GAN}-edit.png" not in saved
     assert f"{VAE}-reconstruct.png" in saved and f"{VQ}-generate.png" in saved and f"{GAN}-interpolate.png" in saved
     # The VAE generates with its default sampler (gmm), and with the prior beside it for comparison.
     assert f"{VAE} v1 generate: 16 images (seed 0, sampler gmm)" in text and f"{VAE}-generate-prior.png" in saved

@@ -1,6 +1,6 @@
 """The page at ``GET /`` in headless Chromium (Debian's package, driven by Playwright): it lists the
-served models, generates a grid, reconstructs an uploaded PNG and interpolates between two; the test
-keeps a screenshot."""
+served models, generates a grid, reconstructs an uploaded PNG, interpolates between two and shows a
+strip of edits; the test keeps a screenshot."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def _png_files(registry, tmp_path: Path) -> list[Path]:
     return paths
 
 
-def test_page_generates_reconstructs_and_interpolates(server, registry, browser, tmp_path):
+def test_page_generates_reconstructs_interpolates_and_edits(server, registry, browser, tmp_path):
     page = browser.new_page(viewport={"width": 1000, "height": 900})
     errors = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -75,9 +75,18 @@ def test_page_generates_reconstructs_and_interpolates(server, registry, browser,
     page.click("#interpolate")
     page.wait_for_function("document.querySelectorAll('#interpolated img').length === 5", timeout=60_000)
 
+    # A strip of edits: the uploaded image, then its edit to each value of the chosen factor.
+    page.set_input_files("#upload-edit", str(first))
+    page.select_option("#edit-factor", "hpos")
+    page.click("#edit")
+    page.wait_for_function("document.querySelectorAll('#edited img').length === 4", timeout=60_000)
+    titles = page.eval_on_selector_all("#edited img", "imgs => imgs.map(i => i.complete && i.naturalWidth && i.title)")
+    assert titles == ["input", "hpos: left", "hpos: center", "hpos: right"]
+
     # A model without an encoder hides what it cannot do; the text box waits for a text-decode model.
     page.select_option("#model", "gan-shapes")
     assert page.is_hidden("#reconstruct-box") and page.is_visible("#generate-box") and page.is_hidden("#text-box")
+    assert page.is_hidden("#edit-box")
     assert page.eval_on_selector_all("#sampler option", "os => os.map(o => o.value)") == ["prior"]
 
     page.select_option("#model", "vae-shapes")

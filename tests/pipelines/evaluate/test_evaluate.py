@@ -98,6 +98,8 @@ def evaluated(project, tmp_path_factory, monkeypatch_module):
         tsne_points=20, interp_pairs=3, interp_steps=4, probe_labels=[10, 64, 1000], probe_repeats=2,
         anomaly_class=int(test["labels"][0]), output_dir=str(root / "evaluate"),
     )
+    params["edit"] = {"labels_per_value": 50, "method": "translate", "seed": 0, "eval_labels": [5, 50, 500], "eval_images": 8,
+                      "eval_strength": 1.0}
     params_path = root / "params-eval.yaml"
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
     monkeypatch_module.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -163,6 +165,9 @@ def test_evaluate_writes_metrics_and_plots(evaluated):
         "classifier_accuracy", "features_trusted", "probe_accuracy",
         f"anomaly_auroc_class_{c}", "anomaly_threshold", "interp_min_confidence", "mig", "mig_shape",
         "probe_accuracy_labels_10", "pixel_probe_accuracy_labels_10", "probe_accuracy_labels_64", "pixel_probe_accuracy_labels_64",
+        "edit_success", "edit_preservation", "edit_success_shape", "edit_preservation_colour", "edit_success_hpos_n5",
+        "edit_success_n500", "edit_success_by_difference", "edit_success_by_translate_known", "edit_source_accuracy_vpos",
+        "edit_clean", "edit_clean_size_n5", "edit_clean_by_difference",
     }
     assert expected <= set(out), expected - set(out)
     assert 0 <= out["recon_mse"] <= 1 and -1 <= out["recon_ssim"] <= 1
@@ -189,9 +194,14 @@ def test_evaluate_writes_metrics_and_plots(evaluated):
     assert info["primary_metric"] == "iwae_nll" and info["primary_direction"] == "min"
     assert info["counts"]["iwae_images"] == 8 and info["counts"]["samples"] == 20 and info["iwae_k"] == 4
     assert info["counts"]["validation_step"] == 16 and info["counts"]["reconstruction"] == 24
+    assert out["edit_success"] == pytest.approx(np.mean([out[f"edit_success_{f}"] for f in ("shape", "colour", "size", "hpos", "vpos")]))
+    assert out["edit_success_by_translate"] == out["edit_success"] and 0 <= out["edit_preservation"] <= 1
+    # 8 test images (of 24), edited to every other value of each factor (5 + 8 + 3 + 3 + 3 values), once per
+    # label count (5, 50, 500) and twice more at 50 (the other ways of editing).
+    assert info["edit"]["label_counts"] == [5, 50, 500] and info["edit"]["edits"] == 8 * (4 + 7 + 2 + 2 + 2) * 5
     plots = {p.name for p in (folder / "plots").iterdir()}
     assert plots == {"samples.png", "samples_nearest.png", "reconstructions.png", "interpolation.png", "tsne.png",
-                     "loss_curves.png", "label_efficiency.png"}
+                     "loss_curves.png", "label_efficiency.png", "edits.png", "edit_labels.png"}
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
     assert any("iwae" in line for line in lines)
 
