@@ -18,14 +18,22 @@ Variants (``--variants``), each decoded through the text model's frozen decoder 
 
 * ``ftau``: the generate mode at T=1 (:func:`pipelines.text.evaluate.decode_prompts`), today's sampler;
 * ``ftau-rerank``: the rerank mode at T=1 (16 drawn, the captioner keeps 8);
+* ``ftau-t0.5``, ``ftau-t0.25``: the generate mode at T=0.5, 0.25 (controls: isotropic noise as small as
+  the observation noise of ``cgmm-posterior-x0.5``, ``-x0.25``);
 * ``cgmm``: k ~ p(k | y), z ~ N(mean_k, cov_k);
 * ``cgmm-t0.5``: the same with p(k | y) tempered (p^2, renormalised);
 * ``cgmm-top8``: k drawn from the 8 most probable components only;
 * ``cgmm-offset``: f_tau's point moved by the drawn component's offset from the expected one,
   ``z = f_tau(y) + mean_k - sum_j p(j | y) mean_j + L_k eps``;
-* ``gmm-posterior``: no training: f_tau(y) read as a noisy observation of z (noise ``sample_std``) under
-  the mixture, k ~ p(k | f_tau(y)) and z from that component's posterior (a product of two Gaussians);
-* ``cgmm-rerank``: 16 drawn by ``cgmm``, the captioner keeps 8 (what the rerank mode does for f_tau).
+* ``gmm-posterior``: no text-side fitting: f_tau(y) read as a noisy observation of z (noise ``sample_std``)
+  under the mixture, k ~ p(k | f_tau(y)) and z from that component's posterior given f_tau(y) (a product
+  of two Gaussians); ``gmm-posterior-x2``: the same with twice the noise (a looser reading of f_tau);
+* ``cgmm-posterior``: k ~ p(k | y) from the component classifier, z from component k's posterior given
+  f_tau(y) as an observation with noise ``sample_std``: the component holds what it pins down tightly
+  (on ``shapes``: position and size), f_tau the directions the component leaves broad (shape, colour);
+  ``cgmm-posterior-x0.5``, ``-x0.25``, ``-x0.1``: the same with that noise scaled (f_tau read tighter);
+* ``cgmm-rerank``, ``cgmm-posterior-x0.25-rerank``: 16 drawn, the captioner keeps 8 (what the rerank
+  mode does for f_tau).
 
 Scoring is ``evaluate-text``'s (its prompt sets, classifier readings, ``score``, ``free_entropy`` and
 ``copy_rate``, imported): per-factor and all-factor accuracy per prompt set, the free-factor entropy
@@ -50,8 +58,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-VARIANTS = ("ftau", "ftau-rerank", "cgmm", "cgmm-t0.5", "cgmm-top8", "cgmm-offset", "gmm-posterior", "cgmm-rerank")
+# f_tau's own sampling through evaluate-text's decode_prompts: variant -> (mode, temperature).
+FTAU_MODES = {"ftau": ("generate", 1.0), "ftau-rerank": ("rerank", 1.0), "ftau-t0.5": ("generate", 0.5),
+              "ftau-t0.25": ("generate", 0.25)}
+VARIANTS = (*FTAU_MODES, "cgmm", "cgmm-t0.5", "cgmm-top8", "cgmm-offset", "gmm-posterior", "gmm-posterior-x2",
+            "cgmm-posterior", "cgmm-posterior-x0.5", "cgmm-posterior-x0.25", "cgmm-posterior-x0.1",
+            "cgmm-rerank", "cgmm-posterior-x0.25-rerank")
 SETS = ("seen", "paraphrase", "heldout_a", "heldout_b", "free")
+# The default run (about 6 min on 2 cores); the others are the noise ladder and reranking (--variants).
+DEFAULT_VARIANTS = ("ftau", "ftau-rerank", "cgmm", "cgmm-t0.5", "cgmm-top8", "cgmm-offset", "gmm-posterior", "cgmm-posterior",
+                    "cgmm-posterior-x0.25")
 CHUNK = 128  # prompts per decoding call
 
 
@@ -82,7 +98,7 @@ def fit_component_classifier(embedding: torch.Tensor, targets: torch.Tensor, epo
     rng = np.random.default_rng(seed)
     for _ in range(epochs):
         model.train()
-        for idx in np.array_split(rng.permutation(len(embedding)), max(1, len(embedding) // 128)):
+        for idx in np.array_split(rng.permutation(len(embedding)), max(1, len(embedding) // 256)):
             loss = -(targets[idx] * F.log_softmax(model(embedding[idx]), 1)).sum(1).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -134,22 +150,46 @@ def component_draw(sampler, picks: torch.Tensor, generator: torch.Generator) -> 
     return sampler.means[k] + (sampler.scale_tril[k] @ eps[:, :, None])[:, :, 0]
 
 
+class ComponentPosterior:
+    """The mixture's components given an observation ``f = z + noise * eps`` of the latent (f_tau(y)):
+    p(f | k) = N(f | mean_k, cov_k + noise^2 I), and z | k, f ~ N(prior_part_k + gain_k f, posterior_cov_k)."""
+
+    def __init__(self, sampler, noise: float):
+        cov = sampler.scale_tril @ sampler.scale_tril.transpose(1, 2)
+        eye = torch.eye(sampler.dim)
+        self.observed = torch.distributions.MultivariateNormal(sampler.means, covariance_matrix=cov + noise ** 2 * eye)
+        posterior_cov = torch.linalg.inv(torch.linalg.inv(cov) + eye / noise ** 2)
+        self.tril = torch.linalg.cholesky(posterior_cov)                                           # (K, D, D)
+        self.gain = posterior_cov / noise ** 2                                                      # (K, D, D)
+        self.prior_part = (posterior_cov @ torch.linalg.solve(cov, sampler.means[:, :, None]))[:, :, 0]  # (K, D)
+        self.log_weights = sampler.weights.log()
+
+    def component_probs(self, f: torch.Tensor) -> torch.Tensor:
+        """(B, K) p(k | f) for (B, D) observations."""
+        return (self.observed.log_prob(f[:, None, :]) + self.log_weights).softmax(1)
+
+    def draw(self, f: torch.Tensor, picks: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """(B * n, D) latents from the (B, n) ``picks``' posteriors given the (B, D) observations ``f``."""
+        k = picks.flatten()
+        f = f.repeat_interleave(picks.shape[1], 0)
+        eps = torch.randn(f.shape, generator=generator)
+        return self.prior_part[k] + (self.gain[k] @ f[:, :, None])[:, :, 0] + (self.tril[k] @ eps[:, :, None])[:, :, 0]
+
+
 class LatentSamplers:
     """The conditional variants as functions (text embedding (B, E), n, generator) -> latents (B * n, D)."""
 
     def __init__(self, text_map, sampler, classifier: ComponentClassifier, noise: float):
         self.text_map, self.sampler, self.classifier, self.noise = text_map, sampler, classifier, noise
-        # The component posteriors given an observation f = z + noise * eps: covariances and gains per component.
-        cov = sampler.scale_tril @ sampler.scale_tril.transpose(1, 2)
-        eye = torch.eye(sampler.dim)
-        self.observed = torch.distributions.MultivariateNormal(sampler.means, covariance_matrix=cov + noise ** 2 * eye)
-        posterior_cov = torch.linalg.inv(torch.linalg.inv(cov) + eye / noise ** 2)
-        self.posterior_tril = torch.linalg.cholesky(posterior_cov)
-        self.gain = posterior_cov / noise ** 2                       # (K, D, D): weight of f in the posterior mean
-        self.prior_part = (posterior_cov @ torch.linalg.solve(cov, sampler.means[:, :, None]))[:, :, 0]  # (K, D)
+        self.posteriors: dict[float, ComponentPosterior] = {}
 
     def probs(self, embedding: torch.Tensor) -> torch.Tensor:
         return self.classifier(embedding).softmax(1)
+
+    def posterior_at(self, noise: float) -> ComponentPosterior:
+        if noise not in self.posteriors:
+            self.posteriors[noise] = ComponentPosterior(self.sampler, noise)
+        return self.posteriors[noise]
 
     def cgmm(self, embedding, n, generator, temperature: float = 1.0, top: int | None = None):
         return component_draw(self.sampler, draw_components(self.probs(embedding), n, generator, temperature, top), generator)
@@ -161,19 +201,40 @@ class LatentSamplers:
         shift = component_draw(self.sampler, picks, generator) - expected.repeat_interleave(n, 0)
         return self.text_map(embedding).repeat_interleave(n, 0) + shift
 
-    def posterior(self, embedding, n, generator):
-        f = self.text_map(embedding)                                # (B, D)
-        log_joint = self.observed.log_prob(f[:, None, :]) + self.sampler.weights.log()
-        k = draw_components(log_joint.softmax(1), n, generator).flatten()
-        f = f.repeat_interleave(n, 0)
-        mean = self.prior_part[k] + (self.gain[k] @ f[:, :, None])[:, :, 0]
-        eps = torch.randn(f.shape, generator=generator)
-        return mean + (self.posterior_tril[k] @ eps[:, :, None])[:, :, 0]
+    def gmm_posterior(self, embedding, n, generator, scale: float = 1.0):
+        """k ~ p(k | f_tau(y)) under the mixture, z ~ p(z | k, f_tau(y)); no text-side fitting."""
+        posterior, f = self.posterior_at(scale * self.noise), self.text_map(embedding)
+        return posterior.draw(f, draw_components(posterior.component_probs(f), n, generator), generator)
+
+    def cgmm_posterior(self, embedding, n, generator, scale: float = 1.0):
+        """k ~ p(k | y) (the component classifier), z ~ p(z | k, f_tau(y))."""
+        posterior = self.posterior_at(scale * self.noise)
+        return posterior.draw(self.text_map(embedding), draw_components(self.probs(embedding), n, generator), generator)
 
     def by_name(self) -> dict[str, Callable]:
         return {"cgmm": self.cgmm, "cgmm-t0.5": lambda e, n, g: self.cgmm(e, n, g, temperature=0.5),
                 "cgmm-top8": lambda e, n, g: self.cgmm(e, n, g, top=8), "cgmm-offset": self.offset,
-                "gmm-posterior": self.posterior, "cgmm-rerank": self.cgmm}
+                "gmm-posterior": self.gmm_posterior, "gmm-posterior-x2": lambda e, n, g: self.gmm_posterior(e, n, g, 2.0),
+                "cgmm-posterior": self.cgmm_posterior, "cgmm-posterior-x0.5": lambda e, n, g: self.cgmm_posterior(e, n, g, 0.5),
+                "cgmm-posterior-x0.25": lambda e, n, g: self.cgmm_posterior(e, n, g, 0.25),
+                "cgmm-posterior-x0.1": lambda e, n, g: self.cgmm_posterior(e, n, g, 0.1), "cgmm-rerank": self.cgmm,
+                "cgmm-posterior-x0.25-rerank": lambda e, n, g: self.cgmm_posterior(e, n, g, 0.25)}
+
+
+def fit_sampler(record: dict[str, Any], train: dict[str, np.ndarray], manifest: dict[str, Any], decoder, scorer, sampler,
+                epochs: int, seed: int) -> tuple[ComponentClassifier, dict[str, Any]]:
+    """p(k | y) fitted on :func:`fitting_set`, and what to record about the fit."""
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        embedding, targets, used = fitting_set(record, train, manifest, decoder, scorer, sampler)
+    model = fit_component_classifier(embedding, targets, epochs, seed)
+    with torch.no_grad():
+        fit_ce = float(-(targets * F.log_softmax(model(embedding), 1)).sum(1).mean())
+        entropy = float(-(targets * targets.clamp_min(1e-30).log()).sum(1).mean())
+    fit = {**used, "cross_entropy": round(fit_ce, 3), "targets_entropy": round(entropy, 3), "seconds": round(time.perf_counter() - t0, 1)}
+    print(f"text_conditional_sampler: p(k | y) over {sampler.config.components} components on {used['aligned']} aligned + "
+          f"{used['pseudo_captioned']} pseudo-captioned images (cross-entropy {fit_ce:.2f} nats, {fit['seconds']:.0f}s)", flush=True)
+    return model, fit
 
 
 def decode_latents(decoder, draw: Callable, embedding: torch.Tensor, n: int, generator: torch.Generator,
@@ -211,10 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--project", type=Path, default=common.REPO, help="a checkout that ran the pipeline (its params.yaml and artifacts)")
     parser.add_argument("--family", default="vae", help="a flat-latent family with a gmm sampler (default vae)")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"of {', '.join(VARIANTS)}")
     parser.add_argument("--sets", default=",".join(SETS))
     parser.add_argument("--prompts", type=int, default=None, help="prompts per set (default: the text model's text.eval_prompts)")
     parser.add_argument("--epochs", type=int, default=20, help="epochs of p(k | y)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seeds p(k | y)'s fit and the draws (default: the text model's text.seed); the prompts stay evaluate-text's")
     parser.add_argument("--out", type=Path, default=None, help="default bench/results/text_conditional_sampler_<family>.json")
     args = parser.parse_args(argv)
     variants = common.parse_names("text_conditional_sampler", "variants", args.variants, VARIANTS)
@@ -228,9 +291,14 @@ def main(argv: list[str] | None = None) -> int:
     from latentforge.pipelines.imaging import batch_to_tensor
     from latentforge.pipelines.prepare import load_split, read_manifest
     from latentforge.pipelines.text.encoders import text_tensors
-    from latentforge.pipelines.text.evaluate import RERANK_K, SAMPLES, decode_prompts, prompt_sets, reconstructions
+    from latentforge.pipelines.text.evaluate import (REAL_COPY_IMAGES, RERANK_K, SAMPLES, copy_rate, decode_prompts, prompt_sets,
+                                                     reconstructions)
     from latentforge.pipelines.text.outputs import load_scorer, load_text_model
 
+    if not (args.project / "params.yaml").is_file():
+        print(f"text_conditional_sampler: {args.project} has no params.yaml; --project names a checkout that ran the pipeline",
+              file=sys.stderr)
+        return 2
     params = load_params(args.project / "params.yaml")
     data_name = section(params, "data")["name"]
     text_dir = args.project / section(params, "text")["output_dir"] / args.family
@@ -259,12 +327,13 @@ def main(argv: list[str] | None = None) -> int:
     manifest = read_manifest(prepared)
     train = load_split(prepared, "train")
     seed = int(record["settings"]["seed"])
+    draw_seed = seed if args.seed is None else args.seed
     count = args.prompts or int(record["settings"]["eval_prompts"])
     sets = {k: v for k, v in prompt_sets(record, manifest, train, count, seed).items() if k in set_names}
     heads = [f"factor_{n}" for n in manifest["factor_names"]]
     result: dict[str, Any] = {"benchmark": "text_conditional_sampler", "environment": common.environment(),
                               "project": str(args.project), "family": args.family, "prompts_per_set": count,
-                              "samples_per_prompt": SAMPLES, "components": sampler.config.components, "epochs": args.epochs,
+                              "samples_per_prompt": SAMPLES, "components": sampler.config.components, "epochs": args.epochs, "seed": draw_seed,
                               "noise": text_map.config.sample_std, "variants": {}}
 
     with torch.no_grad():
@@ -273,30 +342,26 @@ def main(argv: list[str] | None = None) -> int:
         rows = np.asarray(record["aligned"]["aligned_rows"])[:count]
         ceiling, _ = reconstructions(decoder, train, rows, seed)
         threshold = float(((ceiling.flatten(1) - train_pixels[torch.from_numpy(rows)]) ** 2).mean(1).median())
-        t0 = time.perf_counter()
-        embedding, targets, used = fitting_set(record, train, manifest, decoder, scorer, sampler)
+        val = load_split(prepared, "val")["images"][:REAL_COPY_IMAGES]
+        result["copy_rate_real"] = copy_rate(batch_to_tensor(np.array(val)), train_pixels, threshold)
         prompt_embeddings = {k: text_tensors(record["text_encoder"], prompts)["embedding"] for k, (prompts, _, _) in sets.items()}
-    with torch.enable_grad():
-        component_classifier = fit_component_classifier(embedding, targets, args.epochs, seed)
-    with torch.no_grad():
-        fit_ce = float(-(targets * F.log_softmax(component_classifier(embedding), 1)).sum(1).mean())
-    result["fit"] = {**used, "cross_entropy": round(fit_ce, 3), "seconds": round(time.perf_counter() - t0, 1),
-                     "targets_entropy": round(float(-(targets * targets.clamp_min(1e-30).log()).sum(1).mean()), 3)}
-    print(f"text_conditional_sampler: p(k | y) over {sampler.config.components} components on {used['aligned']} aligned + "
-          f"{used['pseudo_captioned']} pseudo-captioned images (cross-entropy {fit_ce:.2f} nats, {result['fit']['seconds']:.0f}s)", flush=True)
+    print(f"text_conditional_sampler: {count} prompts per set; copy rate of held-out real images {result['copy_rate_real']:.3f}", flush=True)
+    component_classifier = None
+    if any(name not in FTAU_MODES for name in variants):
+        component_classifier, result["fit"] = fit_sampler(record, train, manifest, decoder, scorer, sampler, args.epochs, draw_seed)
 
     ctx = {"classifier": classifier, "heads": heads, "train_pixels": train_pixels, "threshold": threshold, "manifest": manifest}
     samplers = LatentSamplers(text_map, sampler, component_classifier, text_map.config.sample_std).by_name()
     with torch.no_grad():
         for name in variants:
             t0 = time.perf_counter()
-            generator = torch.Generator().manual_seed(seed)
+            generator = torch.Generator().manual_seed(draw_seed)
             metrics: dict[str, Any] = {}
             for set_name, (prompts, set_targets, stated) in sets.items():
-                if name in ("ftau", "ftau-rerank"):
-                    mode = "generate" if name == "ftau" else "rerank"
-                    images = decode_prompts(mode, text_map, decoder, scorer, record, prompts, SAMPLES, 1.0, generator)
-                elif name == "cgmm-rerank":
+                if name in FTAU_MODES:
+                    mode, temperature = FTAU_MODES[name]
+                    images = decode_prompts(mode, text_map, decoder, scorer, record, prompts, SAMPLES, temperature, generator)
+                elif name.endswith("-rerank"):
                     images = decode_latents(decoder, samplers[name], prompt_embeddings[set_name], RERANK_K, generator, scorer, SAMPLES)
                 else:
                     images = decode_latents(decoder, samplers[name], prompt_embeddings[set_name], SAMPLES, generator)
