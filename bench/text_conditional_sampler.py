@@ -18,8 +18,8 @@ Variants (``--variants``), each decoded through the text model's frozen decoder 
 
 * ``ftau``: the generate mode at T=1 (:func:`pipelines.text.evaluate.decode_prompts`), today's sampler;
 * ``ftau-rerank``: the rerank mode at T=1 (16 drawn, the captioner keeps 8);
-* ``ftau-t0.5``, ``ftau-t0.25``: the generate mode at T=0.5, 0.25 (controls: isotropic noise as small as
-  the observation noise of ``cgmm-posterior-x0.5``, ``-x0.25``);
+* ``ftau-t0.7``, ``-t0.6``, ``-t0.5``, ``-t0.25``: the generate mode at lower temperatures (controls: is a
+  conditional sampler better than f_tau with less noise?);
 * ``cgmm``: k ~ p(k | y), z ~ N(mean_k, cov_k);
 * ``cgmm-t0.5``: the same with p(k | y) tempered (p^2, renormalised);
 * ``cgmm-top8``: k drawn from the 8 most probable components only;
@@ -32,6 +32,7 @@ Variants (``--variants``), each decoded through the text model's frozen decoder 
   f_tau(y) as an observation with noise ``sample_std``: the component holds what it pins down tightly
   (on ``shapes``: position and size), f_tau the directions the component leaves broad (shape, colour);
   ``cgmm-posterior-x0.5``, ``-x0.25``, ``-x0.1``: the same with that noise scaled (f_tau read tighter);
+  ``cgmm-posterior-x0.25-t1.5``: with p(k | y) tempered the other way (p^(1/1.5): flatter);
 * ``cgmm-rerank``, ``cgmm-posterior-x0.25-rerank``: 16 drawn, the captioner keeps 8 (what the rerank
   mode does for f_tau).
 
@@ -59,11 +60,12 @@ import torch.nn.functional as F
 from torch import nn
 
 # f_tau's own sampling through evaluate-text's decode_prompts: variant -> (mode, temperature).
-FTAU_MODES = {"ftau": ("generate", 1.0), "ftau-rerank": ("rerank", 1.0), "ftau-t0.5": ("generate", 0.5),
+FTAU_MODES = {"ftau": ("generate", 1.0), "ftau-rerank": ("rerank", 1.0), "ftau-t0.7": ("generate", 0.7), "ftau-t0.6": ("generate", 0.6),
+              "ftau-t0.5": ("generate", 0.5),
               "ftau-t0.25": ("generate", 0.25)}
 VARIANTS = (*FTAU_MODES, "cgmm", "cgmm-t0.5", "cgmm-top8", "cgmm-offset", "gmm-posterior", "gmm-posterior-x2",
             "cgmm-posterior", "cgmm-posterior-x0.5", "cgmm-posterior-x0.25", "cgmm-posterior-x0.1",
-            "cgmm-rerank", "cgmm-posterior-x0.25-rerank")
+            "cgmm-posterior-x0.25-t1.5", "cgmm-rerank", "cgmm-posterior-x0.25-rerank")
 SETS = ("seen", "paraphrase", "heldout_a", "heldout_b", "free")
 # The default run (about 6 min on 2 cores); the others are the noise ladder and reranking (--variants).
 DEFAULT_VARIANTS = ("ftau", "ftau-rerank", "cgmm", "cgmm-t0.5", "cgmm-top8", "cgmm-offset", "gmm-posterior", "cgmm-posterior",
@@ -206,10 +208,11 @@ class LatentSamplers:
         posterior, f = self.posterior_at(scale * self.noise), self.text_map(embedding)
         return posterior.draw(f, draw_components(posterior.component_probs(f), n, generator), generator)
 
-    def cgmm_posterior(self, embedding, n, generator, scale: float = 1.0):
-        """k ~ p(k | y) (the component classifier), z ~ p(z | k, f_tau(y))."""
+    def cgmm_posterior(self, embedding, n, generator, scale: float = 1.0, temperature: float = 1.0):
+        """k ~ p(k | y) (the component classifier, tempered), z ~ p(z | k, f_tau(y))."""
         posterior = self.posterior_at(scale * self.noise)
-        return posterior.draw(self.text_map(embedding), draw_components(self.probs(embedding), n, generator), generator)
+        picks = draw_components(self.probs(embedding), n, generator, temperature)
+        return posterior.draw(self.text_map(embedding), picks, generator)
 
     def by_name(self) -> dict[str, Callable]:
         return {"cgmm": self.cgmm, "cgmm-t0.5": lambda e, n, g: self.cgmm(e, n, g, temperature=0.5),
@@ -217,7 +220,8 @@ class LatentSamplers:
                 "gmm-posterior": self.gmm_posterior, "gmm-posterior-x2": lambda e, n, g: self.gmm_posterior(e, n, g, 2.0),
                 "cgmm-posterior": self.cgmm_posterior, "cgmm-posterior-x0.5": lambda e, n, g: self.cgmm_posterior(e, n, g, 0.5),
                 "cgmm-posterior-x0.25": lambda e, n, g: self.cgmm_posterior(e, n, g, 0.25),
-                "cgmm-posterior-x0.1": lambda e, n, g: self.cgmm_posterior(e, n, g, 0.1), "cgmm-rerank": self.cgmm,
+                "cgmm-posterior-x0.1": lambda e, n, g: self.cgmm_posterior(e, n, g, 0.1),
+                "cgmm-posterior-x0.25-t1.5": lambda e, n, g: self.cgmm_posterior(e, n, g, 0.25, 1.5), "cgmm-rerank": self.cgmm,
                 "cgmm-posterior-x0.25-rerank": lambda e, n, g: self.cgmm_posterior(e, n, g, 0.25)}
 
 
