@@ -60,9 +60,8 @@ import torch.nn.functional as F
 from torch import nn
 
 # f_tau's own sampling through evaluate-text's decode_prompts: variant -> (mode, temperature).
-FTAU_MODES = {"ftau": ("generate", 1.0), "ftau-rerank": ("rerank", 1.0), "ftau-t0.7": ("generate", 0.7), "ftau-t0.6": ("generate", 0.6),
-              "ftau-t0.5": ("generate", 0.5),
-              "ftau-t0.25": ("generate", 0.25)}
+FTAU_MODES = {"ftau": ("generate", 1.0), "ftau-rerank": ("rerank", 1.0), "ftau-t0.7": ("generate", 0.7),
+              "ftau-t0.6": ("generate", 0.6), "ftau-t0.5": ("generate", 0.5), "ftau-t0.25": ("generate", 0.25)}
 VARIANTS = (*FTAU_MODES, "cgmm", "cgmm-t0.5", "cgmm-top8", "cgmm-offset", "gmm-posterior", "gmm-posterior-x2",
             "cgmm-posterior", "cgmm-posterior-x0.5", "cgmm-posterior-x0.25", "cgmm-posterior-x0.1",
             "cgmm-posterior-x0.25-t1.5", "cgmm-rerank", "cgmm-posterior-x0.25-rerank")
