@@ -33,6 +33,7 @@ TEXT_SCHEMA: dict[str, Any] = {
     "code_rank": int,
     "dropout": (int, float),
     "sample_std": (int, float),
+    "family_sample_std": (dict, type(None)),
     "latent_weight": (int, float),
     "pseudo_ratio": (int, float),
     "captioner_epochs": int,
@@ -117,6 +118,7 @@ def resolve_text_job(params: dict[str, Any], model: str, overrides: list[str] | 
     decoder_dir, ref = resolve_decoder(params, model)
     meta = json.loads((Path(decoder_dir) / "config.json").read_text())
     family = decoder_family(decoder_dir, meta, text)
+    text["sample_std"] = (text["family_sample_std"] or {}).get(family, text["sample_std"])
     data = section(params, "data")
     data_dir = Path(data["output_dir"]) / data["name"]
     manifest = read_manifest(data_dir)
@@ -146,6 +148,11 @@ def check_text(text: dict[str, Any]) -> None:
         raise ParamsError(f"params text.pseudo_ratio must be >= 0 (0: no pseudo-captions), got {text['pseudo_ratio']}")
     if text["vocab_floor"] is not None and not 0 <= text["vocab_floor"] < 1:
         raise ParamsError(f"params text.vocab_floor must be in [0, 1) or null, got {text['vocab_floor']}")
+    if text["sample_std"] < 0:
+        raise ParamsError(f"params text.sample_std must be >= 0, got {text['sample_std']}")
+    per_family = text["family_sample_std"] or {}
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in per_family.values()):
+        raise ParamsError(f"params text.family_sample_std must map family names to spreads >= 0, got {per_family!r}")
     if text["bank_text_weight"] < 0:
         raise ParamsError(f"params text.bank_text_weight must be >= 0, got {text['bank_text_weight']}")
     if text["bank_whitening"] is not None and text["bank_whitening"] <= 0:

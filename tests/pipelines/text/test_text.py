@@ -560,3 +560,26 @@ def test_word_attention_trains_exports_and_serves(text_params, local_ray, tmp_pa
     texts = ["a small blue square at the top left", "Please draw me a large red circle near the center."]
     images = runtime(texts, n=2, seed=5)
     assert images.shape == (2, 2, *runtime.image_shape) and np.array_equal(images, runtime(texts, n=2, seed=5))
+
+
+def test_family_sample_std_sets_one_familys_spread(text_params, exported, tmp_path):
+    """``text.family_sample_std`` gives one family its own spread around f_tau (the export's sampling
+    carries it); the others keep ``text.sample_std``; a bad spread is one ParamsError naming the key."""
+    from latentforge.pipelines.common.params import ParamsError
+    from latentforge.pipelines.text.job import resolve_text_job
+
+    root, params = text_params
+    params = json.loads(json.dumps(params))
+    params["text"].update(sample_std=0.5, family_sample_std={"vae": 0.35})
+    prepared = Path(params["data"]["output_dir"]) / params["data"]["name"]
+    vae_dir = tiny_decoder("vae", prepared, tmp_path, steps=1)
+    assert resolve_text_job(params, str(vae_dir)).text["sample_std"] == 0.35
+    params["text"]["family_sample_std"] = {"gan": 0.2}
+    assert resolve_text_job(params, str(vae_dir)).text["sample_std"] == 0.5
+    for bad in ({"vae": -1}, {"vae": "wide"}):
+        params["text"]["family_sample_std"] = bad
+        with pytest.raises(ParamsError, match="family_sample_std"):
+            resolve_text_job(params, str(vae_dir))
+    # the tiny VAE text model was trained under params.yaml's family_sample_std
+    manifest = json.loads((exported["vae"][0] / "manifest.json").read_text())
+    assert manifest["sampling"]["sample_std"] == text_params[1]["text"]["family_sample_std"]["vae"]
