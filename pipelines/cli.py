@@ -29,7 +29,11 @@ def _params(args: argparse.Namespace) -> dict:
 def cmd_prepare(args: argparse.Namespace) -> int:
     out_dir, manifest = prepare(_params(args))
     counts = ", ".join(f"{s} {v['count']}" for s, v in manifest["splits"].items())
-    print(f"prepared {manifest['name']} ({manifest['source']}): {counts}; image {tuple(manifest['image_shape'])} -> {out_dir}")
+    if manifest.get("kind") == "timeseries":
+        shape = f"windows of {manifest['window']} points x {manifest['channels']} channel(s), stride {manifest['stride']}"
+        print(f"prepared {manifest['name']} (timeseries, {manifest['count']} points): {counts} windows; {shape} -> {out_dir}")
+    else:
+        print(f"prepared {manifest['name']} ({manifest['source']}): {counts}; image {tuple(manifest['image_shape'])} -> {out_dir}")
     if args.json:
         print(json.dumps(manifest["splits"]))
     return 0
