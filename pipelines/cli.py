@@ -156,8 +156,13 @@ def cmd_classifier(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from latentforge.pipelines.evaluate import resolve_evaluation, run_evaluation
+    from latentforge.pipelines.evaluate.series import prepared_series, resolve_series_evaluation, run_series_evaluation
 
-    out = run_evaluation(resolve_evaluation(_params(args), args.model))
+    params = _params(args)
+    if prepared_series(params):
+        out = run_series_evaluation(resolve_series_evaluation(params, args.model))
+    else:
+        out = run_evaluation(resolve_evaluation(params, args.model))
     info = out["info"]
     print(json.dumps({"primary_metric": info["primary_metric"], "value": out.get(info["primary_metric"]),
                       "direction": info["primary_direction"], "mlflow_run_id": info["mlflow_run_id"]}))

@@ -57,7 +57,7 @@ class EvalJob:
     train_metrics: dict[str, Any]
     data_dir: Path
     manifest: dict[str, Any]
-    classifier_dir: Path
+    classifier_dir: Path | None  # None for a time series (pipelines/evaluate/series.py): no image classifier
     settings: dict[str, Any]
     out_dir: Path
     tracking_uri: str
