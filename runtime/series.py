@@ -67,3 +67,35 @@ def point_scores(values: np.ndarray, window: int, reconstruct: Reconstruct, batc
         sums[t : t + count] += errors[:, t]
         covers[t : t + count] += 1
     return sums / covers
+
+
+class SeriesRuntime:
+    """An exported time-series model (``latentforge export`` on a time series): raw points in, per-point
+    scores and flags out, through the ONNX ``reconstruct`` graph.
+
+    ``score(values)``: (n, F) raw values (or (n,) for one channel) -> ``scores`` (n,), ``flags`` (n,) bool
+    (score above the threshold), ``threshold``. Raises ValueError on values it cannot score
+    (:func:`check_series`).
+    """
+
+    def __init__(self, export_dir, providers: list[str] | None = None, threads: int = 0):
+        from latentforge.runtime.images import ExportError, load_sessions
+
+        self.manifest, sessions = load_sessions(export_dir, providers, threads=threads)
+        if self.manifest.get("kind") != "timeseries" or "reconstruct" not in sessions:
+            raise ExportError(f"{export_dir}: not a time-series export (no kind: timeseries and reconstruct graph)")
+        if self.manifest.get("threshold") is None:
+            raise ExportError(f"{export_dir}: no threshold in the manifest; run `latentforge evaluate` before `export`")
+        self.session = sessions["reconstruct"]
+        data = self.manifest["data"]
+        self.window, self.channels, self.normalisation = data["window"], data["channels"], data["normalisation"]
+        self.threshold = float(self.manifest["threshold"])
+
+    def reconstruct(self, windows: np.ndarray) -> np.ndarray:
+        """(B, T, F) scaled windows -> (B, T, F) reconstructions."""
+        return self.session.run(None, {"windows": windows})[0]
+
+    def score(self, values) -> dict[str, np.ndarray | float]:
+        array = check_series(values, self.channels, self.window)
+        scores = point_scores(scale(array, self.normalisation), self.window, self.reconstruct)
+        return {"scores": scores, "flags": scores > self.threshold, "threshold": self.threshold}
