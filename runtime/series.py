@@ -59,8 +59,12 @@ def window_errors(windows: np.ndarray, reconstruct: Reconstruct, batch: int = 51
 
 def point_scores(values: np.ndarray, window: int, reconstruct: Reconstruct, batch: int = 512) -> np.ndarray:
     """(n, F) scaled values -> (n,) per-point scores: each point's mean error over the windows covering it."""
-    errors = window_errors(sliding_windows(values, window), reconstruct, batch)
-    n, count = len(values), len(errors)
+    return errors_to_points(window_errors(sliding_windows(values, window), reconstruct, batch), len(values))
+
+
+def errors_to_points(errors: np.ndarray, n: int) -> np.ndarray:
+    """(W, T) errors of the W = n - T + 1 windows sliding by one over n points -> (n,) per-point means."""
+    count, window = errors.shape
     sums = np.zeros(n)
     covers = np.zeros(n)
     for t in range(window):  # offset t of window w is point w + t
@@ -71,31 +75,76 @@ def point_scores(values: np.ndarray, window: int, reconstruct: Reconstruct, batc
 
 class SeriesRuntime:
     """An exported time-series model (``latentforge export`` on a time series): raw points in, per-point
-    scores and flags out, through the ONNX ``reconstruct`` graph.
+    scores and flags out, through the ONNX ``reconstruct`` graph. Served like
+    :class:`runtime.images.ModelRuntime` (``name``/``version``/``alias``, ``capabilities``,
+    ``run_graph``, ``describe``), with ``anomaly-score`` as its one operation.
 
     ``score(values)``: (n, F) raw values (or (n,) for one channel) -> ``scores`` (n,), ``flags`` (n,) bool
-    (score above the threshold), ``threshold``. Raises ValueError on values it cannot score
-    (:func:`check_series`).
+    (score above the threshold), ``threshold``. ``window_scores(windows)``: (B, T, F) raw windows -> (B,)
+    mean squared reconstruction errors. Both raise ValueError on values they cannot score.
     """
 
-    def __init__(self, export_dir, providers: list[str] | None = None, threads: int = 0):
-        from latentforge.runtime.images import ExportError, load_sessions
+    capabilities = ["anomaly-score"]
 
-        self.manifest, sessions = load_sessions(export_dir, providers, threads=threads)
-        if self.manifest.get("kind") != "timeseries" or "reconstruct" not in sessions:
-            raise ExportError(f"{export_dir}: not a time-series export (no kind: timeseries and reconstruct graph)")
-        if self.manifest.get("threshold") is None:
-            raise ExportError(f"{export_dir}: no threshold in the manifest; run `latentforge evaluate` before `export`")
-        self.session = sessions["reconstruct"]
-        data = self.manifest["data"]
+    def __init__(self, manifest: dict, sessions: dict, name: str = "", version: str = "", alias: str | None = None):
+        from latentforge.runtime.images import ExportError
+
+        if manifest.get("kind") != "timeseries" or "reconstruct" not in sessions:
+            raise ExportError("not a time-series export (no kind: timeseries and reconstruct graph)")
+        if manifest.get("threshold") is None:
+            raise ExportError("no threshold in the export's manifest; run `latentforge evaluate` before `export`")
+        self.manifest, self.sessions = manifest, sessions
+        self.name, self.version, self.alias = name, str(version), alias
+        data = manifest["data"]
         self.window, self.channels, self.normalisation = data["window"], data["channels"], data["normalisation"]
-        self.threshold = float(self.manifest["threshold"])
+        self.threshold = float(manifest["threshold"])
+
+    @classmethod
+    def from_export(cls, export_dir, name: str = "", version: str = "", alias: str | None = None,
+                    threads: int = 0) -> "SeriesRuntime":
+        from latentforge.runtime.images import load_sessions
+
+        manifest, sessions = load_sessions(export_dir, spin=False, threads=threads)
+        return cls(manifest, sessions, name, version, alias)
+
+    def run_graph(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one graph on ``feeds``; returns every output by name."""
+        names = list(self.manifest["graphs"][graph]["outputs"])
+        return dict(zip(names, self.sessions[graph].run(names, feeds)))
 
     def reconstruct(self, windows: np.ndarray) -> np.ndarray:
         """(B, T, F) scaled windows -> (B, T, F) reconstructions."""
-        return self.session.run(None, {"windows": windows})[0]
+        return self.run_graph("reconstruct", {"windows": windows})["reconstruction"]
+
+    def check_windows(self, windows) -> np.ndarray:
+        """(B, T, F) raw windows as finite float64, or a ValueError naming the expected shape."""
+        try:
+            array = np.asarray(windows, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected (B, {self.window}, {self.channels}) numbers") from None
+        if array.ndim != 3 or array.shape[1:] != (self.window, self.channels) or not len(array):
+            raise ValueError(f"expected windows of shape (B, {self.window}, {self.channels}), got {list(array.shape)}")
+        if not np.isfinite(array).all():
+            raise ValueError("NaN or infinite value")
+        return array
+
+    def scaled_windows(self, windows) -> np.ndarray:
+        """(B, T, F) raw windows -> checked and scaled float32 windows, ready for ``reconstruct``."""
+        array = self.check_windows(windows)
+        return scale(array.reshape(-1, self.channels), self.normalisation).reshape(array.shape)
+
+    def window_scores(self, windows) -> np.ndarray:
+        """(B, T, F) raw windows -> (B,) mean squared reconstruction errors."""
+        x = self.scaled_windows(windows)
+        return ((self.reconstruct(x).astype(np.float64) - x) ** 2).reshape(len(x), -1).mean(1)
 
     def score(self, values) -> dict[str, np.ndarray | float]:
         array = check_series(values, self.channels, self.window)
         scores = point_scores(scale(array, self.normalisation), self.window, self.reconstruct)
         return {"scores": scores, "flags": scores > self.threshold, "threshold": self.threshold}
+
+    def describe(self) -> dict:
+        """What is served, for ``GET /v1/models``."""
+        return {"name": self.name, "version": self.version, "alias": self.alias, "family": self.manifest["family"],
+                "kind": "timeseries", "capabilities": self.capabilities, "data": self.manifest["data"],
+                "metrics": self.manifest.get("metrics") or {}, "anomaly_threshold": self.threshold}

@@ -190,7 +190,7 @@ def test_pipeline_trains_evaluates_exports_and_scores(tmp_path, local_ray):
                                               metrics_path=evaluated / "metrics.json")
     assert manifest["kind"] == "timeseries" and manifest["threshold"] == out["threshold"]
     assert manifest["parity"]["reconstruct"] <= manifest["parity_atol"]
-    runtime = SeriesRuntime(export_dir)
+    runtime = SeriesRuntime.from_export(export_dir)
     raw = np.loadtxt(csv, delimiter=",", skiprows=1, usecols=1)
     result = runtime.score(raw)
     assert result["scores"].shape == (400,) and result["flags"].dtype == bool
