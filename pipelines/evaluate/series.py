@@ -33,7 +33,7 @@ from latentforge.pipelines.common.errors import EvaluationError
 from latentforge.pipelines.common.files import atomic_directory
 from latentforge.pipelines.common.params import ParamsError, check_keys, section
 from latentforge.pipelines.common.tracking import tracking_uri
-from latentforge.pipelines.evaluate.job import EvalJob, _training_metrics, log_to_mlflow, open_training_run
+from latentforge.pipelines.evaluate.job import EvalJob, training_metrics, log_to_mlflow, open_training_run
 from latentforge.pipelines.evaluate.metrics import best_f1_threshold, point_detection_figures
 from latentforge.pipelines.evaluate.plots import series_scores_png
 from latentforge.pipelines.prepare import read_manifest
@@ -70,7 +70,7 @@ def resolve_series_evaluation(params: dict[str, Any], family: str) -> EvalJob:
             f"{model_dir} takes windows of {config.get('seq_len')} points x {config.get('features')} channels, "
             f"but {data_dir} has {manifest['window']} x {manifest['channels']}; train again on this data")
     return EvalJob(
-        family=family, model_dir=model_dir, train_metrics=_training_metrics(family, train_dir / "metrics.json"),
+        family=family, model_dir=model_dir, train_metrics=training_metrics(family, train_dir / "metrics.json"),
         data_dir=data_dir, manifest=manifest, classifier_dir=None, settings=settings,
         out_dir=Path(settings["output_dir"]) / family, tracking_uri=tracking_uri(params),
     )
