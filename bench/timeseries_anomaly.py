@@ -18,7 +18,7 @@ Every method gets the same threshold rule as ``evaluate`` (the largest val score
 and the same figures on the test part: point-wise AUROC and AUPRC, range-based F1 at the threshold,
 the share of points flagged, and its seconds. Writes ``bench/results/timeseries_anomaly.json``.
 
-    .venv/bin/python bench/timeseries_anomaly.py            # both series, ~10 min on 2 busy CPUs
+    .venv/bin/python bench/timeseries_anomaly.py            # both series, ~3.5 min on 2 busy CPUs
 """
 
 from __future__ import annotations
@@ -82,10 +82,8 @@ def aeon_detectors(window: int, channels: int) -> dict[str, Callable[[np.ndarray
     from aeon.anomaly_detection.series.distance_based import STOMP, KMeansAD, LeftSTAMPi
     from aeon.anomaly_detection.series.distribution_based import DWT_MLEAD
 
-    def kmeans(train, part):
-        # aeon reads a 2-d array as (channels, points) when it has one column: give it 1-d then
-        squeeze = (lambda x: x[:, 0]) if channels == 1 else (lambda x: x)
-        return KMeansAD(n_clusters=20, window_size=window, random_state=0).fit(squeeze(train)).predict(squeeze(part))
+    def kmeans(train, part):  # axis=0: our arrays are (points, channels); aeon's default reads (channels, points)
+        return KMeansAD(n_clusters=20, window_size=window, random_state=0).fit(train, axis=0).predict(part, axis=0)
 
     def left_stampi(train, part):
         scores = LeftSTAMPi(window_size=window, n_init_train=len(train)).fit_predict(np.concatenate([train, part])[:, 0])

@@ -229,8 +229,9 @@ def policy_for(params: dict[str, Any] | None, family: str) -> Policy:
 
 
 def pyfunc_task(manifest: dict[str, Any]) -> str:
-    """What :class:`OnnxAutoencoderModel` predicts for an export: ``"reconstruct"`` when it has an
-    encoder and a decoder graph, else ``"generate"`` when it samples from noise (a GAN, GLO)."""
+    """What :class:`OnnxAutoencoderModel` predicts for an export: ``"score-windows"`` for a time-series
+    export, ``"reconstruct"`` when it has an encoder and a decoder graph, else ``"generate"`` when it
+    samples from noise (a GAN, GLO)."""
     graphs = manifest.get("graphs") or {}
     if manifest.get("kind") == "timeseries":
         return "score-windows"
