@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed-$(shell (cat pyproject.toml; echo '$(TORCH_SPEC)') 
 # Run every tool from the venv without asking the user to activate it (dvc stages call `latentforge`).
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install chromium demo test bench clean
+.PHONY: install chromium demo timeseries test bench clean
 
 install: $(STAMP)
 
@@ -32,6 +32,11 @@ demo: install
 	latentforge models
 	# Serve the champions, call every endpoint (images -> demo/), then keep serving the page until Ctrl-C.
 	latentforge serve --params-store --demo demo
+
+# The time-series anomaly pipeline (examples/timeseries): the LSTM autoencoder on aeon's bundled KDD-TSAD 135.
+timeseries: install
+	dvc repro examples/timeseries/dvc.yaml
+	cd examples/timeseries && latentforge models
 
 test: install chromium
 	$(BIN)/python -m pytest

@@ -469,24 +469,33 @@ class TiedAutoEncoder(CodeAutoEncoder):
 
 
 # ----------------------------------------------------------------------------------------------------
-# LSTM sequence autoencoder: images are read as sequences of rows.
+# LSTM sequence autoencoder: (T, F) windows of a series, or images read as sequences of rows.
 
 
 @dataclass
 class LSTMAEConfig(ModelConfig):
-    """LSTM sequence autoencoder. Images are sequences of T = image_size rows of F = channels *
-    image_size features; any (B, T, F) series with that F can be encoded too."""
+    """LSTM sequence autoencoder over (T, F) sequences. ``seq_len`` = 0 (the default): images, read as
+    T = image_size rows of F = channels * image_size features. ``seq_len`` > 0: windows of a series,
+    T = seq_len steps of F = ``features`` channels scaled to [0, 1] (``image_size`` and ``channels``
+    then play no part)."""
 
     lr: float = 1e-3
     hidden_dim: int = 128
     num_layers: int = 1
     latent_dim: int = 32
     loss: str = "bce"
+    seq_len: int = 0
+    features: int = 0
 
     def validate(self) -> None:
         super().validate()
         require_positive(self, "hidden_dim", "num_layers", "latent_dim")
         require_choice(self, "loss", LOSSES)
+        if self.seq_len < 0 or self.features < 0 or (self.seq_len > 0) != (self.features > 0):
+            raise ConfigError(
+                f"LSTMAEConfig: seq_len and features are both 0 (images) or both > 0 (series), "
+                f"got seq_len={self.seq_len}, features={self.features}"
+            )
 
     @classmethod
     def tiny(cls, **overrides):
@@ -498,15 +507,20 @@ class LSTMAutoEncoder(CodeAutoEncoder):
 
     Encoder LSTM over the T steps -> its last hidden state -> linear -> one code vector; the code is
     repeated T times and fed to a decoder LSTM whose every step is mapped linearly to F outputs.
-    encode: (B, C, H, W) -> latent (B, latent_dim); decode: (B, latent_dim) -> images (B, C, H, W);
-    :meth:`encode_sequence` / :meth:`decode_sequence` do the same for (B, T, F) series of any length T.
+
+    Images (``seq_len`` = 0): encode (B, C, H, W) -> latent (B, latent_dim), decode back to images, and a
+    training batch's ``"image"``. Series (``seq_len`` > 0): a training batch's ``"series"`` (B, T, F) in
+    [0, 1], :meth:`reconstruct_series` (B, T, F) -> (B, T, F); ``encode`` / ``decode`` take and give
+    (B, T, F) windows too. :meth:`encode_sequence` / :meth:`decode_sequence` take any length T.
     """
 
     config_class = LSTMAEConfig
 
     def __init__(self, config: LSTMAEConfig):
         super().__init__(config)
-        self.features = config.channels * config.image_size
+        self.is_series = config.seq_len > 0
+        self.steps = config.seq_len if self.is_series else config.image_size
+        self.features = config.features if self.is_series else config.channels * config.image_size
         self.encoder_lstm = nn.LSTM(self.features, config.hidden_dim, config.num_layers, batch_first=True)
         self.encoder_proj = nn.Linear(config.hidden_dim, config.latent_dim)
         self.decoder_lstm = nn.LSTM(config.latent_dim, config.hidden_dim, config.num_layers, batch_first=True)
@@ -515,10 +529,14 @@ class LSTMAutoEncoder(CodeAutoEncoder):
 
     # -- images <-> sequences of rows -------------------------------------------------------------
     def _to_rows(self, images: Tensor) -> Tensor:
+        if self.is_series:
+            return images
         b, c, h, w = images.shape
         return images.permute(0, 2, 1, 3).reshape(b, h, c * w)  # (B, T=H, F=C*W)
 
     def _from_rows(self, rows: Tensor) -> Tensor:
+        if self.is_series:
+            return rows
         b, h, _ = rows.shape
         return rows.reshape(b, h, self.config.channels, -1).permute(0, 2, 1, 3)
 
@@ -531,9 +549,27 @@ class LSTMAutoEncoder(CodeAutoEncoder):
         out, _ = self.decoder_lstm(repeated)
         return self.decoder_proj(out)  # (B, steps, F) logits
 
+    def _check_input(self, x: Tensor, who: str) -> None:
+        if not self.is_series:
+            check_images(x, self.config, who)
+        elif x.dim() != 3 or tuple(x.shape[1:]) != (self.steps, self.features) or not x.is_floating_point():
+            raise ValueError(f"{who}: expected float windows of shape (B, {self.steps}, {self.features}), got {x.dtype} {tuple(x.shape)}")
+
     # -- public ------------------------------------------------------------------------------------
+    def encode(self, images: Tensor) -> EncoderOutput:
+        """(B, C, H, W) images, or (B, T, F) windows for a series config, -> latent (B, latent_dim)."""
+        self._check_input(images, "encode")
+        return EncoderOutput(latent=self.codes_of(images))
+
+    def reconstruct_series(self, windows: Tensor) -> Tensor:
+        """(B, T, F) windows in [0, 1] -> their (B, T, F) reconstructions in [0, 1] (series configs)."""
+        if not self.is_series:
+            raise ValueError("reconstruct_series: this model reads images (config seq_len = 0)")
+        self._check_input(windows, "reconstruct_series")
+        return torch.sigmoid(self._decode_rows(self._encode_rows(windows), self.steps))
+
     def encode_sequence(self, series: Tensor) -> EncoderOutput:
-        """Encode a (B, T, F) series, any T >= 1, F = channels * image_size, into (B, latent_dim)."""
+        """Encode a (B, T, F) series, any T >= 1, F = the model's features, into (B, latent_dim)."""
         if series.dim() != 3 or series.shape[2] != self.features or series.shape[1] < 1:
             raise ValueError(f"encode_sequence: expected a (B, T, {self.features}) series, got {tuple(series.shape)}")
         return EncoderOutput(latent=self._encode_rows(series))
@@ -547,15 +583,30 @@ class LSTMAutoEncoder(CodeAutoEncoder):
         return torch.sigmoid(self._decode_rows(latent, steps))
 
     def codes_of(self, images: Tensor) -> Tensor:
-        """Unchecked (B, C, H, W) images -> (B, latent_dim) codes, reading the rows as a sequence."""
+        """Unchecked (B, C, H, W) images (or (B, T, F) windows) -> (B, latent_dim) codes."""
         return self._encode_rows(self._to_rows(images))
 
     def logits_of(self, codes: Tensor) -> Tensor:
-        """Unchecked (B, latent_dim) codes -> (B, C, H, W) logits, one row per decoder step."""
-        return self._from_rows(self._decode_rows(codes, self.config.image_size))
+        """Unchecked (B, latent_dim) codes -> (B, C, H, W) logits, one row per decoder step (series: (B, T, F))."""
+        return self._from_rows(self._decode_rows(codes, self.steps))
+
+    def forward(self, batch: dict[str, Tensor], phase: str = "main", step: int = 0) -> LossOutput:
+        """The training loss of ``batch["image"]`` (B, C, H, W) or, for a series config, of
+        ``batch["series"]`` (B, T, F)."""
+        check_phase(self, phase)
+        x = batch["series"] if self.is_series else batch["image"]
+        self._check_input(x, "forward")
+        return self.training_loss(x)
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Reconstruction MSE of the batch's images or (series config) windows."""
+        x = batch["series"] if self.is_series else batch["image"]
+        recon = self.images_of(self.logits_of(self.codes_of(x)))
+        return {"recon_mse": torch.mean((recon.float() - x.float()) ** 2)}
 
     def training_loss(self, images: Tensor) -> LossOutput:
-        """Reconstruction loss (``config.loss``) of the rows of the images, logged as ``recon``."""
+        """Reconstruction loss (``config.loss``) of the rows of the images (or of the windows), logged as ``recon``."""
         rows = self._to_rows(images)
         codes = self.observe(self._encode_rows(rows))
         recon = reconstruction_loss(self._decode_rows(codes, rows.shape[1]), rows, self.config.loss)

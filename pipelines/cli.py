@@ -30,7 +30,11 @@ def _params(args: argparse.Namespace) -> dict:
 def cmd_prepare(args: argparse.Namespace) -> int:
     out_dir, manifest = prepare(_params(args))
     counts = ", ".join(f"{s} {v['count']}" for s, v in manifest["splits"].items())
-    print(f"prepared {manifest['name']} ({manifest['source']}): {counts}; image {tuple(manifest['image_shape'])} -> {out_dir}")
+    if manifest.get("kind") == "timeseries":
+        shape = f"windows of {manifest['window']} points x {manifest['channels']} channel(s), stride {manifest['stride']}"
+        print(f"prepared {manifest['name']} (timeseries, {manifest['count']} points): {counts} windows; {shape} -> {out_dir}")
+    else:
+        print(f"prepared {manifest['name']} ({manifest['source']}): {counts}; image {tuple(manifest['image_shape'])} -> {out_dir}")
     if args.json:
         print(json.dumps(manifest["splits"]))
     return 0
@@ -179,8 +183,13 @@ def cmd_classifier(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from latentforge.pipelines.evaluate import resolve_evaluation, run_evaluation
+    from latentforge.pipelines.evaluate.series import prepared_series, resolve_series_evaluation, run_series_evaluation
 
-    out = run_evaluation(resolve_evaluation(_params(args), args.model))
+    params = _params(args)
+    if prepared_series(params):
+        out = run_series_evaluation(resolve_series_evaluation(params, args.model))
+    else:
+        out = run_evaluation(resolve_evaluation(params, args.model))
     info = out["info"]
     print(json.dumps({"primary_metric": info["primary_metric"], "value": out.get(info["primary_metric"]),
                       "direction": info["primary_direction"], "mlflow_run_id": info["mlflow_run_id"]}))

@@ -188,6 +188,8 @@ def export_model(
     """
     edit = edit_settings({"edit": edit})
     model_dir, prepared_dir, out_dir = Path(model_dir), Path(prepared_dir), Path(out_dir)
+    if read_manifest(prepared_dir).get("kind") == "timeseries":
+        return export_series_model(model_dir, prepared_dir, out_dir, metrics, source, atol)
     model, family, data_manifest = _load_model(model_dir, prepared_dir)
     images = _parity_images(prepared_dir)
     with torch.no_grad():
@@ -606,6 +608,92 @@ def export_from_params(
     out = Path(out)
     manifest = export_model(model_dir, prepared_dir, out, metrics=metrics, source=source, edit=params.get("edit"))
     return out, manifest
+
+
+# ----------------------------------------------------------------------------------------------------
+# Time series: one graph, ``reconstruct``
+
+
+class _Reconstruct(nn.Module):
+    """``windows`` (B, T, F) in [0, 1] -> ``reconstruction`` (B, T, F): ``model.reconstruct_series``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, windows: Tensor) -> Tensor:
+        return self.model.reconstruct_series(windows)
+
+
+def export_series_model(model_dir: Path, prepared_dir: Path, out_dir: Path, metrics: dict | None, source: dict | None,
+                        atol: float) -> dict:
+    """:func:`export_model` for a sequence model trained on a time series (prepared data of kind
+    ``timeseries``): the ``reconstruct`` graph, checked against PyTorch on the test part's windows and on
+    the per-point scores of the val part (runtime.series.point_scores through both), and a manifest with
+    the window, channels, the train-part scaling and the threshold ``evaluate`` chose (``metrics``)."""
+    from latentforge.pipelines.series import load_series_part, load_windows
+    from latentforge.runtime.series import point_scores
+
+    data_manifest = read_manifest(prepared_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ExportError(f"no model at {model_dir} (no config.json); give a save_pretrained directory")
+    model = PretrainedModel.from_pretrained(model_dir).eval()
+    family = next((name for name, cls in MODELS.items() if cls is type(model)), None)
+    window, channels = data_manifest["window"], data_manifest["channels"]
+    if not getattr(model, "is_series", False) or (model.steps, model.features) != (window, channels):
+        raise ExportError(f"the model in {model_dir} does not take this data's windows of {window} points x {channels} "
+                          f"channel(s); export with the data the model was trained on")
+    windows = torch.from_numpy(load_windows(prepared_dir, data_manifest, "test")["windows"][:MAX_PARITY_IMAGES].copy())
+    if len(windows) < 2:
+        raise DataError(f"{prepared_dir}: the test part has fewer than 2 windows; parity needs real windows")
+    val = load_series_part(prepared_dir, data_manifest, "val")["values"]
+    shape = [None, window, channels]
+
+    def check(session, atol):
+        diff = compare("reconstruct", session, {"windows": windows}, {"reconstruction": model.reconstruct_series(windows)},
+                       atol, "the test windows")
+        if len(val) >= window:
+            run = lambda x: session.run(None, {"windows": x})[0]  # noqa: E731
+            ours = point_scores(val, window, lambda x: model.reconstruct_series(torch.from_numpy(x)).numpy())
+            gap = float(np.abs(point_scores(val, window, run) - ours).max())
+            if gap > atol:
+                raise ExportError(f"graph 'reconstruct': per-point scores of the val part differ by {gap:.3g} (> {atol:g})")
+            diff = max(diff, gap)
+        return diff, {}
+
+    graph = Graph("reconstruct", _Reconstruct(model), {"windows": (shape, "float32")},
+                  {"reconstruction": (shape, "float32")}, (windows[:2],), {"windows": 0}, check)
+    metrics = dict(metrics or {})
+    with atomic_directory(out_dir) as tmp:
+        with torch.no_grad():
+            export_graphs([graph], tmp, atol)
+        shutil.copytree(model_dir, tmp / "model")
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "kind": "timeseries",
+            "family": family,
+            "model_class": type(model).__name__,
+            "model_config": model.config.to_dict(),
+            "data": {
+                "name": data_manifest["name"],
+                "data_hash": data_manifest["data_hash"],
+                "window": window,
+                "channels": channels,
+                "channel_names": data_manifest["channel_names"],
+                "normalisation": data_manifest["normalisation"],
+            },
+            "preprocessing": "raw points -> (x - train min) / (train max - train min) per channel -> windows sliding by one point",
+            "scoring": "a point's score: the mean over the windows covering it of the channel-mean squared reconstruction error",
+            "threshold": metrics.get("threshold"),
+            "graphs": {graph.name: _graph_entry(graph)},
+            "parity": {graph.name: graph.parity},
+            "parity_atol": atol,
+            "metrics": metrics,
+            "source": dict(source or {}),
+            "opset": OPSET,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -22,6 +22,9 @@ from latentforge.pipelines.common.errors import DataError, ParamsError
 from latentforge.pipelines.common.files import atomic_directory, sha256_file
 from latentforge.pipelines.common.params import check_keys
 from latentforge.pipelines.data import SOURCES, ImageSet, load_source
+from latentforge.pipelines.series import prepare_series
+
+SERIES_SOURCE = "timeseries"  # pipelines/series.py: windows of one series instead of images
 
 SPLITS = ("train", "val", "test")
 FORMAT_VERSION = 1
@@ -104,15 +107,18 @@ def prepare(params: dict) -> tuple[Path, dict]:
     if not name or "/" in name or name.startswith("."):
         raise ParamsError(f"params data.name: {name!r} is not a valid folder name")
     fractions = check_keys(base["splits"], {s: float for s in SPLITS}, "data.splits")
-    if source not in SOURCES:
-        raise ParamsError(f"params data.source: unknown data set {source!r}; choose one of: {', '.join(SOURCES)}")
-    stray = sorted(set(sources) - set(SOURCES))
+    known = [*SOURCES, SERIES_SOURCE]
+    if source not in known:
+        raise ParamsError(f"params data.source: unknown data set {source!r}; choose one of: {', '.join(known)}")
+    stray = sorted(set(sources) - set(known))
     if stray:
-        raise ParamsError(f"params data: unknown key(s) {', '.join(stray)}; known: {', '.join(sorted([*DATA_SCHEMA, *SOURCES]))}")
+        raise ParamsError(f"params data: unknown key(s) {', '.join(stray)}; known: {', '.join(sorted([*DATA_SCHEMA, *known]))}")
     if source not in sources:
         raise ParamsError(f"params data.{source}: missing the section for data set {source!r}")
-    data = load_source(source, sources[source], seed)
     out_dir = Path(base["output_dir"]) / name
+    if source == SERIES_SOURCE:
+        return out_dir, prepare_series(sources[source], out_dir, name, seed, fractions)
+    data = load_source(source, sources[source], seed)
     manifest = write_prepared(data, out_dir, name, source, sources[source], seed, fractions)
     return out_dir, manifest
 
@@ -130,6 +136,8 @@ def load_split(prepared_dir: str | Path, split: str) -> dict[str, np.ndarray]:
     ``index`` and ``factors`` (N, F). For plain loops and benchmarks; Ray jobs read the Parquet directly."""
     prepared_dir = Path(prepared_dir)
     manifest = read_manifest(prepared_dir)
+    if manifest.get("kind") == SERIES_SOURCE:
+        raise DataError(f"{prepared_dir}: prepared time-series windows, not images; this step needs an image data set")
     if split not in manifest["splits"]:
         raise DataError(f"{prepared_dir}: no split {split!r}; have {', '.join(manifest['splits'])}")
     table = pq.read_table(prepared_dir / manifest["splits"][split]["file"])

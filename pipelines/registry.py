@@ -229,9 +229,12 @@ def policy_for(params: dict[str, Any] | None, family: str) -> Policy:
 
 
 def pyfunc_task(manifest: dict[str, Any]) -> str:
-    """What :class:`OnnxAutoencoderModel` predicts for an export: ``"reconstruct"`` when it has an
-    encoder and a decoder graph, else ``"generate"`` when it samples from noise (a GAN, GLO)."""
+    """What :class:`OnnxAutoencoderModel` predicts for an export: ``"score-windows"`` for a time-series
+    export, ``"reconstruct"`` when it has an encoder and a decoder graph, else ``"generate"`` when it
+    samples from noise (a GAN, GLO)."""
     graphs = manifest.get("graphs") or {}
+    if manifest.get("kind") == "timeseries":
+        return "score-windows"
     if "encoder" in graphs and "decoder" in graphs:
         return "reconstruct"
     if (manifest.get("sampling") or {}).get("kind") == "noise" and "generator" in graphs:
@@ -254,7 +257,10 @@ class OnnxAutoencoderModel(mlflow.pyfunc.PythonModel):
       for deterministic autoencoders, ``top_indices`` (B, ht, wt), ``bottom_indices`` (B, hb, wb)
       int64 for VQ-VAE-2;
     * families without one (gan, glo): ``noise`` (B, *noise_shape) float32, standard normal ->
-      ``images`` (B, C, H, W) float32 in [0, 1]; the same noise gives the same images.
+      ``images`` (B, C, H, W) float32 in [0, 1]; the same noise gives the same images;
+    * a time-series export: ``windows`` (B, T, F) float32, scaled as the manifest's ``normalisation``
+      says -> ``reconstruction`` (B, T, F) and ``scores`` (B,), each window's mean squared error
+      (per-point scores of a whole series: :class:`runtime.series.SeriesRuntime`).
 
     Input of the wrong shape, values outside [0, 1] (images) or non-finite values raise ``ValueError``.
     The registered version's signature states the shapes; its input example is a batch of two.
@@ -304,6 +310,12 @@ class OnnxAutoencoderModel(mlflow.pyfunc.PythonModel):
             if x.ndim != 1 + len(noise_shape) or list(x.shape[1:]) != noise_shape:
                 raise ValueError(f"noise must have shape (B, {', '.join(map(str, noise_shape))}), got {x.shape}")
             return {"images": self.sessions["generator"].run(["images"], {"noise": x})[0]}
+        if self.task == "score-windows":
+            shape = [self.manifest["data"]["window"], self.manifest["data"]["channels"]]
+            if x.ndim != 3 or list(x.shape[1:]) != shape:
+                raise ValueError(f"windows must have shape (B, {shape[0]}, {shape[1]}), got {x.shape}")
+            recon = self.sessions["reconstruct"].run(["reconstruction"], {"windows": x})[0]
+            return {"reconstruction": recon, "scores": np.square(recon - x).reshape(len(x), -1).mean(1)}
 
         h, w, c = self.manifest["data"]["image_shape"]
         if x.ndim != 4 or list(x.shape[1:]) != [c, h, w]:
@@ -325,6 +337,8 @@ def input_example(manifest: dict[str, Any], batch: int = 2) -> np.ndarray:
     rng = np.random.default_rng(0)
     if pyfunc_task(manifest) == "generate":
         return rng.standard_normal((batch, *manifest["sampling"]["noise_shape"])).astype(np.float32)
+    if pyfunc_task(manifest) == "score-windows":
+        return rng.random((batch, manifest["data"]["window"], manifest["data"]["channels"]), dtype=np.float32)
     h, w, c = manifest["data"]["image_shape"]
     return rng.random((batch, c, h, w), dtype=np.float32)
 

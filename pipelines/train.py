@@ -76,8 +76,8 @@ TRAIN_SCHEMA: dict[str, Any] = {
 NOT_SET_KEYS = ("models", "families", "family_epochs", "sampler")
 LR_SCHEDULES = ("constant", "cosine")
 MLFLOW_SCHEMA: dict[str, Any] = {"tracking_uri": str, "experiment": str}
-# Model config fields that come from the prepared data, not from params.
-DATA_FIELDS = ("image_size", "channels", "num_samples")
+# Model config fields that come from the prepared data, not from params (time series: seq_len, features).
+DATA_FIELDS = ("image_size", "channels", "num_samples", "seq_len", "features")
 # train.sampler: the kinds of ex-post latent sampler, and its keys besides the GaussianMixtureConfig fields.
 SAMPLER_KINDS = ("gmm",)
 SAMPLER_MAX_IMAGES = 10_000  # default of train.sampler.max_images: training images encoded for the fit
@@ -239,8 +239,15 @@ def _model_config(
     """The family's config (validated by ``from_dict``) with the fields that come from the data
     (:data:`DATA_FIELDS`) filled in; a params value that contradicts the data is a ConfigError."""
     config_fields = {f.name for f in dataclasses.fields(config_class)}
-    height, width, channels = manifest["image_shape"]
-    derived = {"image_size": height, "channels": channels, "num_samples": manifest["splits"]["train"]["count"]}
+    if is_series(manifest):
+        if "seq_len" not in config_fields:
+            raise ConfigError(f"{config_class.__name__} reads images, but {data_name} is a time series "
+                              f"(kind: timeseries); train lstm_ae on it")
+        height = width = None
+        derived = {"seq_len": manifest["window"], "features": manifest["channels"]}
+    else:
+        height, width, channels = manifest["image_shape"]
+        derived = {"image_size": height, "channels": channels, "num_samples": manifest["splits"]["train"]["count"]}
     for key, value in derived.items():
         if key not in config_fields:
             continue
@@ -352,7 +359,8 @@ def run_training(job: TrainJob, echo: Callable[[str], None] = print) -> dict[str
         "family": job.family,
         "model_config": job.model_config,
         "train": {k: v for k, v in job.train.items() if k not in ("models", "families")},
-        "image_shape": job.manifest["image_shape"],
+        "image_shape": sample_shape(job.manifest),
+        "series": is_series(job.manifest),
         "train_count": job.manifest["splits"]["train"]["count"],
         "tracking_uri": job.tracking_uri,
         "run_id": run_id,
@@ -424,7 +432,9 @@ def _write_outputs(job: TrainJob, checkpoint, last_metrics: dict, run_id: str, s
             shutil.copytree(Path(ckpt_dir) / "model", tmp / "model")
             state = json.loads((Path(ckpt_dir) / "metrics.json").read_text())
         sampler_fit = None
-        if job.train["sampler"] is not None:
+        if job.train["sampler"] is not None and is_series(job.manifest):
+            echo("latent sampler: none for time-series windows (the model scores, it does not generate)")
+        elif job.train["sampler"] is not None:
             sampler_fit = fit_sampler(tmp / "model", job.data_dir, job.train["sampler"], job.train["seed"], echo)
         summary = {
             "family": job.family,
@@ -521,9 +531,28 @@ def _split_images(data_dir: Path, split: str, max_images: int, seed: int) -> tor
 # The loop every worker runs
 
 
+def is_series(manifest: dict[str, Any]) -> bool:
+    """Whether a prepared data set holds time-series windows (pipelines/series.py) rather than images."""
+    return manifest.get("kind") == "timeseries"
+
+
+def sample_shape(manifest: dict[str, Any]) -> list[int]:
+    """The shape of one prepared sample: an image's [H, W, C] or a window's [T, F]."""
+    return manifest["window_shape"] if is_series(manifest) else manifest["image_shape"]
+
+
 def decode_batch(batch: dict[str, Any], image_shape: list[int]) -> dict[str, Any]:
     """A Ray Data numpy batch (image as raw HWC bytes) -> the models' batch dict of tensors:
-    ``image`` (B, C, H, W) float in [0, 1], ``label`` and ``index`` (B,) int64."""
+    ``image`` (B, C, H, W) float in [0, 1], ``label`` and ``index`` (B,) int64. A batch of time-series
+    windows (raw float32 bytes of ``image_shape`` = [T, F]) gives ``series`` (B, T, F) instead of ``image``."""
+    if "window" in batch:
+        blob = b"".join(batch["window"])
+        windows = np.frombuffer(blob, dtype=np.float32).reshape((len(batch["window"]), *image_shape))
+        return {
+            "series": torch.from_numpy(windows.copy()),
+            "label": torch.as_tensor(batch["label"], dtype=torch.int64),
+            "index": torch.as_tensor(batch["index"], dtype=torch.int64),
+        }
     blob = b"".join(batch["image"])
     images = np.frombuffer(blob, dtype=np.uint8).reshape((len(batch["image"]), *image_shape))
     return {
@@ -677,7 +706,7 @@ def _log_epoch(worker: _Worker, metrics: dict[str, Any], val_images, epoch: int,
     diversity = f"  val_diversity {metrics['val_diversity']:.3g}" if "val_diversity" in metrics else ""
     print(f"[latentforge] epoch {epoch + 1}/{epochs}  {losses}  val_{cfg['val_metric']} {metrics['val_score']:.4g}{diversity}  "
           f"{metrics['epoch_samples_per_sec']:.0f} samples/s  ETA {eta:.0f}s", flush=True)
-    if (epoch + 1) % cfg["train"]["images_every"] == 0 or epoch + 1 == epochs:
+    if not cfg["series"] and ((epoch + 1) % cfg["train"]["images_every"] == 0 or epoch + 1 == epochs):
         worker.logger.log_images(worker.core, val_images, epoch)
 
 
@@ -739,8 +768,8 @@ def _validate(core, shard, shape, batch_size, to_device, world):
     with torch.no_grad():
         for raw in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
             batch = to_device(decode_batch(raw, shape))
-            first = batch["image"][:32] if first is None else first
-            n = len(batch["image"])
+            first = batch["image"][:32] if first is None and "image" in batch else first
+            n = len(batch["index"])
             for k, v in core.validation_step(batch).items():
                 sums[k] = sums.get(k, 0.0) + float(v) * n
             count += n

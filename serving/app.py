@@ -50,8 +50,8 @@ from latentforge.serving.errors import error_response
 from latentforge.serving.model_store import ModelStore
 from latentforge.serving.operations import OPERATIONS
 from latentforge.serving.schemas import (
-    AnomalyResponse, AppConfig, DecodeRequest, EditRequest, EditResponse, EncodeResponse, ErrorResponse,
-    GenerateRequest, GenerateResponse,
+    AnomalyRequest, AnomalyResponse, AppConfig, DecodeRequest, EditRequest, EditResponse, EncodeResponse,
+    ErrorResponse, GenerateRequest, GenerateResponse,
     ImagesRequest, ImagesResponse, InterpolateRequest, Limits, TextDecodeRequest, TextDecodeResponse,
 )
 
@@ -234,7 +234,12 @@ class Ingress:
         return await self._call(name, "text-decode", body.model_dump())
 
     @api.post("/v1/models/{name}/anomaly-score", response_model=AnomalyResponse, responses=ERRORS)
-    async def anomaly_score(self, name: str, body: ImagesRequest):
+    async def anomaly_score(self, name: str, body: AnomalyRequest):
+        given = [k for k in ("images", "series", "windows") if getattr(body, k) is not None]
+        if len(given) != 1:
+            return error_response(422, "images", "give exactly one of images, series (time-series points) or windows")
+        if body.series is not None and len(body.series) > self.limits.max_points:
+            return error_response(413, "series", f"{len(body.series)} points, the limit is {self.limits.max_points}")
         return await self._call(name, "anomaly-score", body.model_dump())
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from latentforge.runtime.images import ModelRuntime
+from latentforge.runtime.series import SeriesRuntime
 from latentforge.runtime.text import TextDecoder
 
 log = logging.getLogger("ray.serve")
@@ -52,6 +53,11 @@ def download_export(name: str, version: str, tracking_uri: str, dest: Path) -> P
 def is_text_export(export_dir: Path) -> bool:
     """Whether the export at ``export_dir`` is a text model (manifest ``kind`` ``text``)."""
     return json.loads((Path(export_dir) / "manifest.json").read_text()).get("kind") == "text"
+
+
+def is_series_export(export_dir: Path) -> bool:
+    """Whether the export at ``export_dir`` is a time-series model (manifest ``kind`` ``timeseries``)."""
+    return json.loads((Path(export_dir) / "manifest.json").read_text()).get("kind") == "timeseries"
 
 
 def load_text_runtime(export_dir: Path, decoder: str | None, tracking_uri: str, name: str, version: str, alias: str | None):
@@ -114,6 +120,8 @@ class ModelStore:
         if is_text_export(export_dir):
             return load_text_runtime(export_dir, self.settings.get("decoder"), self.tracking_uri, self.name, version, alias)
         threads = int(self.settings.get("intra_op_threads", 0))
+        if is_series_export(export_dir):
+            return SeriesRuntime.from_export(export_dir, self.name, version, alias, threads=threads)
         return ModelRuntime.from_export(export_dir, self.name, version, alias, threads=threads)
 
     async def _poll(self) -> None:

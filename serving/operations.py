@@ -16,6 +16,7 @@ from typing import Any, Awaitable, Callable
 import numpy as np
 
 from latentforge.runtime.images import EditRequestError, ModelRuntime
+from latentforge.runtime.series import SeriesRuntime, check_series, errors_to_points, scale, sliding_windows
 from latentforge.runtime.text import TextRequestError
 from latentforge.serving import codec
 from latentforge.serving.codec import BadInput
@@ -78,14 +79,47 @@ async def reconstruct(rt: ModelRuntime, p: dict, run: Run, draw: Draw) -> dict:
     return {"format": p["format"], "images": codec.encode_images(recon, p["format"])}
 
 
-async def anomaly_score(rt: ModelRuntime, p: dict, run: Run, draw: Draw) -> dict:
-    """Per-image reconstruction MSE, and whether it is above the export's ``anomaly_threshold``."""
+async def anomaly_score(rt: ModelRuntime | SeriesRuntime, p: dict, run: Run, draw: Draw) -> dict:
+    """Per-image reconstruction MSE, and whether it is above the export's ``anomaly_threshold``; for a
+    time-series model, per-point (``series``) or per-window (``windows``) scores (:func:`series_scores`)."""
+    if isinstance(rt, SeriesRuntime):
+        return await series_scores(rt, p, run)
+    if p.get("images") is None:
+        raise BadInput("images", f"{rt.name} scores images: give images")
     images = codec.decode_images(p["images"], "images", rt.image_shape, p["max_images"])
     recon = np.clip((await run("decoder", rt.latent_of(await run("encoder", {"images": images}))))["images"], 0, 1)
     scores = np.square(images.astype(np.float64) - recon).reshape(len(images), -1).mean(1)
     threshold = rt.anomaly_threshold
     return {"scores": scores.tolist(), "threshold": threshold,
             "anomalous": None if threshold is None else [bool(s > threshold) for s in scores]}
+
+
+SERIES_CHUNK = 512  # windows per batched graph call of one series request
+
+
+async def series_scores(rt: SeriesRuntime, p: dict, run: Run) -> dict:
+    """A time-series model's scores: ``series`` (n points, raw) -> one score per point, the mean
+    reconstruction error of the windows covering it; ``windows`` (B, T, F) raw -> one per window."""
+    field = "series" if p.get("series") is not None else "windows"
+    if p.get(field) is None:
+        raise BadInput("series", f"{rt.name} scores time series: give series (points) or windows")
+    try:
+        if field == "windows":
+            windows = rt.scaled_windows(p["windows"])
+            if len(windows) > p["max_images"]:
+                raise ValueError(f"{len(windows)} windows, the limit is {p['max_images']}")
+        else:
+            values = scale(check_series(p["series"], rt.channels, rt.window), rt.normalisation)
+            windows = sliding_windows(values, rt.window)
+    except ValueError as exc:
+        raise BadInput(field, str(exc)) from None
+    errors = []
+    for i in range(0, len(windows), SERIES_CHUNK):
+        x = np.ascontiguousarray(windows[i : i + SERIES_CHUNK], dtype=np.float32)
+        errors.append(((await run("reconstruct", {"windows": x}))["reconstruction"].astype(np.float64) - x) ** 2)
+    error = np.concatenate(errors)
+    scores = error.reshape(len(error), -1).mean(1) if field == "windows" else errors_to_points(error.mean(2), len(values))
+    return {"scores": scores.tolist(), "threshold": rt.threshold, "anomalous": (scores > rt.threshold).tolist()}
 
 
 async def interpolate(rt: ModelRuntime, p: dict, run: Run, draw: Draw) -> dict:

@@ -31,6 +31,7 @@ class Limits(BaseModel):
     max_n: int = Field(64, ge=1)
     max_images: int = Field(64, ge=1)
     max_steps: int = Field(32, ge=2)
+    max_points: int = Field(100_000, ge=1, description="points of a time series per anomaly-score request")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
 
 
@@ -105,6 +106,16 @@ class GenerateRequest(_Request):
 class ImagesRequest(_Request):
     images: list[Image] = Field(min_length=1, description="base64 PNGs (or (C, H, W) arrays in [0, 1])")
     format: Format = "png"
+
+
+class AnomalyRequest(_Request):
+    """Exactly one of: ``images`` (an image model), or for a time-series model the whole ``series`` (a
+    score per point) or ``windows`` (a score per window). Raw values: the model scales them itself."""
+
+    images: Optional[list[Image]] = Field(None, min_length=1, description="base64 PNGs (or (C, H, W) arrays in [0, 1])")
+    series: Optional[list[Any]] = Field(None, description="time-series models: the points, each a number (one channel) "
+                                        "or a list of its channel values; at least one window long")
+    windows: Optional[list[Any]] = Field(None, description="time-series models: (B, window, channels) raw values")
 
 
 class DecodeRequest(_Request):
@@ -199,8 +210,9 @@ class EditResponse(ImagesResponse):
 
 
 class AnomalyResponse(_Response):
-    scores: list[float] = Field(description="per-image reconstruction MSE (pixels in [0, 1])")
-    threshold: Optional[float] = Field(description="anomaly_threshold from evaluation (null when not recorded)")
+    scores: list[float] = Field(description="per image: reconstruction MSE (pixels in [0, 1]); time series: per point "
+                                "(series: the mean error of the windows covering it) or per window (windows)")
+    threshold: Optional[float] = Field(description="the threshold evaluate chose (null when not recorded)")
     anomalous: Optional[list[bool]] = Field(description="score > threshold (null without a threshold)")
 
 

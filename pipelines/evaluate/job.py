@@ -60,7 +60,7 @@ class EvalJob:
     train_metrics: dict[str, Any]
     data_dir: Path
     manifest: dict[str, Any]
-    classifier_dir: Path
+    classifier_dir: Path | None  # None for a time series (pipelines/evaluate/series.py): no image classifier
     settings: dict[str, Any]
     out_dir: Path
     tracking_uri: str
@@ -98,7 +98,7 @@ def resolve_evaluation(params: dict[str, Any], family: str) -> EvalJob:
         )
     train_dir = Path(section(params, "train")["output_dir"]) / family
     _check_model(family, train_dir / "model", data_dir, manifest)
-    train_metrics = _training_metrics(family, train_dir / "metrics.json")
+    train_metrics = training_metrics(family, train_dir / "metrics.json")
     classifier_dir = Path(section(params, "classifier")["output_dir"]) / manifest["name"]
     _check_classifier(classifier_dir, data_dir, manifest)
     return EvalJob(
@@ -154,7 +154,7 @@ def _check_model(family: str, model_dir: Path, data_dir: Path, manifest: dict[st
         )
 
 
-def _training_metrics(family: str, metrics_path: Path) -> dict[str, Any]:
+def training_metrics(family: str, metrics_path: Path) -> dict[str, Any]:
     """The training's ``metrics.json``, which must name its MLflow run."""
     if not metrics_path.is_file():
         raise EvaluationError(f"no training metrics at {metrics_path}; run `latentforge train --model {family}` first")

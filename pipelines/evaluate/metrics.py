@@ -341,3 +341,58 @@ def interpolation_confidence(probs) -> float:
     if p.ndim != 3:
         raise ValueError(f"interpolation_confidence: expected (P, T, K) probabilities, got {p.shape}")
     return float(p.max(axis=2).min(axis=1).mean())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Time-series anomaly detection (per point)
+
+
+def anomaly_ranges(flags) -> list[tuple[int, int]]:
+    """(n,) 0/1 flags -> the [start, end) ranges of consecutive ones."""
+    f = np.concatenate([[0], np.asarray(flags, np.int64).ravel() != 0, [0]]).astype(np.int64)
+    edges = np.flatnonzero(np.diff(f))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+
+
+def range_f1(labels, flags) -> tuple[float, float, float]:
+    """Range-based (precision, recall, F1) of predicted anomaly ``flags`` against true point ``labels``,
+    both (n,) 0/1 (Tatbul et al., NeurIPS 2018, with no existence reward, flat positional bias and no
+    cardinality penalty): recall is the mean over true ranges of the fraction of the range flagged,
+    precision the mean over predicted ranges of the fraction that is truly anomalous. No predicted
+    range gives precision 0; F1 is 0 when both are 0."""
+    labels, flags = np.asarray(labels).ravel() != 0, np.asarray(flags).ravel() != 0
+    real, predicted = anomaly_ranges(labels), anomaly_ranges(flags)
+    recall = float(np.mean([flags[s:e].mean() for s, e in real])) if real else 0.0
+    precision = float(np.mean([labels[s:e].mean() for s, e in predicted])) if predicted else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return precision, recall, f1
+
+
+def point_detection_figures(scores, labels, threshold: float) -> dict[str, float]:
+    """Point-wise ``auroc`` and ``auprc`` (average precision) of (n,) ``scores`` against (n,) 0/1
+    ``labels``, and the range-based ``range_precision`` / ``range_recall`` / ``range_f1`` of the points
+    scoring above ``threshold``; ``flagged_fraction``: the share of points above it."""
+    from sklearn.metrics import average_precision_score
+
+    scores, labels = np.asarray(scores, np.float64).ravel(), np.asarray(labels).ravel().astype(np.int64)
+    flags = scores > threshold
+    precision, recall, f1 = range_f1(labels, flags)
+    return {
+        "auroc": anomaly_auroc(scores[labels == 0], scores[labels == 1]),
+        "auprc": float(average_precision_score(labels, scores)),
+        "range_precision": precision,
+        "range_recall": recall,
+        "range_f1": f1,
+        "flagged_fraction": float(flags.mean()),
+    }
+
+
+def best_f1_threshold(scores, labels) -> float:
+    """The threshold (one of the scores) that maximises point-wise F1 of ``scores > threshold``
+    against (n,) 0/1 ``labels`` that hold at least one anomaly."""
+    from sklearn.metrics import precision_recall_curve
+
+    precision, recall, thresholds = precision_recall_curve(np.asarray(labels).ravel(), np.asarray(scores).ravel())
+    f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+    # precision_recall_curve flags scores >= t; step just below t so that `>` flags the same points
+    return float(np.nextafter(thresholds[int(np.argmax(f1))], -np.inf))

@@ -136,3 +136,31 @@ def edit_labels_png(series: dict[str, list[tuple[int, float | None, float | None
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def series_scores_png(points: np.ndarray, values: np.ndarray, scores: np.ndarray, labels: np.ndarray,
+                      threshold: float, title: str, path: Path) -> None:
+    """The scaled series (top; (n, F), true anomalies shaded) above its per-point scores (bottom, with the
+    threshold); ``points``: (n,) positions in the whole series, ``labels``: (n,) 0/1 or -1 (unknown)."""
+    plt = _pyplot()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 5), dpi=100, sharex=True)
+    top.plot(points, values, lw=0.6)
+    bottom.plot(points, scores, lw=0.7, color="tab:purple", label="score")
+    bottom.axhline(threshold, color="tab:red", lw=0.8, ls="--", label=f"threshold {threshold:.3g}")
+    for start, end in _label_ranges(labels):
+        for ax in (top, bottom):
+            ax.axvspan(points[start], points[end - 1], color="tab:red", alpha=0.25, lw=0)
+    top.set_title(title)
+    top.set_ylabel("scaled value")
+    bottom.set_ylabel("score")
+    bottom.set_xlabel("point")
+    bottom.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _label_ranges(labels: np.ndarray) -> list[tuple[int, int]]:
+    from latentforge.pipelines.evaluate.metrics import anomaly_ranges
+
+    return anomaly_ranges(np.asarray(labels) == 1)

@@ -343,3 +343,18 @@ def test_bad_inputs_are_refused_with_a_clear_message():
         model.decode(torch.rand(2, 9))
     with pytest.raises(ValueError, match="phases"):
         model(as_batch(torch.rand(2, 1, 16, 16)), phase="disc")
+
+
+def test_lstm_ae_takes_series_windows():
+    # seq_len > 0: (B, T, F) windows in, through forward (a batch's "series"), validation and reconstruct_series.
+    model = LSTMAutoEncoder(LSTMAEConfig.tiny(seq_len=10, features=3)).eval()
+    windows = torch.rand(4, 10, 3)
+    assert model.reconstruct_series(windows).shape == (4, 10, 3)
+    assert model.encode(windows).latent.shape == (4, 8) and model.decode(torch.zeros(2, 8)).images.shape == (2, 10, 3)
+    assert float(model({"series": windows}).loss.detach()) > 0 and set(model.validation_step({"series": windows})) == {"recon_mse"}
+    with pytest.raises(ValueError, match=r"expected float windows of shape \(B, 10, 3\)"):
+        model.reconstruct_series(torch.rand(4, 10, 2))
+    with pytest.raises(ConfigError, match="seq_len and features"):
+        LSTMAEConfig.tiny(seq_len=10)
+    with pytest.raises(ValueError, match="reads images"):
+        LSTMAutoEncoder(LSTMAEConfig.tiny()).reconstruct_series(windows)
