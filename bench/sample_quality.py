@@ -58,19 +58,26 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def train(family: str, config: dict, images: torch.Tensor, epochs: int, seed: int):
+def train(family: str, config: dict, images: torch.Tensor, epochs: int, seed: int, after_epoch=None):
+    """Train ``family`` in a plain loop; ``after_epoch(model, epoch)`` (1-based) runs in eval mode after each
+    epoch, outside the timed training seconds."""
     torch.manual_seed(seed)
     model = MODELS[family](MODELS[family].config_class.from_dict(config))
     optimizers = model.configure_optimizers()
-    step, start = 0, time.time()
+    step, start, paused = 0, time.time(), 0.0
     for epoch in range(epochs):
         model.train()
         order = torch.randperm(len(images))
         for i in range(0, len(images) - BATCH + 1, BATCH):
             logs = train_step(model, optimizers, {"image": images[order[i : i + BATCH]]}, step)
             step += 1
-        print(f"epoch {epoch + 1}/{epochs} {time.time() - start:.0f}s loss {logs['loss' if 'loss' in logs else next(iter(logs))]:.4g}", flush=True)
-    return model.eval(), time.time() - start
+        print(f"epoch {epoch + 1}/{epochs} {time.time() - start - paused:.0f}s loss {logs['loss' if 'loss' in logs else next(iter(logs))]:.4g}", flush=True)
+        if after_epoch is not None and epoch + 1 < epochs:
+            began = time.time()
+            with torch.no_grad():
+                after_epoch(model.eval(), epoch + 1)
+            paused += time.time() - began
+    return model.eval(), time.time() - start - paused
 
 
 class Scorer:
@@ -135,6 +142,8 @@ def main() -> int:
     parser.add_argument("--params", default=str(common.REPO / "params.yaml"))
     parser.add_argument("--tag", default=None, help="results name (default: the family)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-every", type=int, default=0, metavar="N",
+                        help="also score the prior's samples every N epochs (a learning curve; 0: only at the end)")
     args = parser.parse_args()
     args.components = [int(k) for k in args.components.split(",") if k]
     args.bottom_temperatures = [float(t) for t in args.bottom_temperatures.split(",") if t]
@@ -153,11 +162,18 @@ def main() -> int:
     if args.family == "glo":
         config["num_samples"] = len(train_images)
 
-    model, seconds = train(args.family, config, train_images, args.epochs, args.seed)
     classifier, _ = load_classifier(classifier_dir)
     n = min(args.samples, len(test_images))
     score = Scorer(classifier, test_images.permute(0, 2, 3, 1).mul(255).round().byte().numpy(),
                    train_images.permute(0, 2, 3, 1).mul(255).round().byte().numpy(), n)
+    curve: dict[int, dict[str, float]] = {}
+
+    def score_prior(model, epoch: int) -> None:
+        if args.eval_every and epoch % args.eval_every == 0:
+            curve[epoch] = score(model.sample(n, generator=torch.Generator().manual_seed(args.seed)).images)
+            print(f"  epoch {epoch} prior: " + "  ".join(f"{k} {v:.3f}" for k, v in curve[epoch].items()), flush=True)
+
+    model, seconds = train(args.family, config, train_images, args.epochs, args.seed, score_prior)
     tag = args.tag or args.family
     out_dir = common.RESULTS / "sample_quality"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -173,7 +189,7 @@ def main() -> int:
         print(f"{tag} {sampler:>22}: " + "  ".join(f"{k} {v:.3f}" for k, v in f.items()))
     common.write_json({
         "environment": common.environment(), "family": args.family, "config": config, "epochs": args.epochs,
-        "train_seconds": round(seconds, 1), "samples": n, "figures": figures,
+        "train_seconds": round(seconds, 1), "samples": n, "figures": figures, "prior_by_epoch": curve,
     }, out_dir / f"{tag}.json")
     return 0
 
