@@ -3,9 +3,11 @@
 Generator: z (B, latent_dim) ~ N(0, I) -> linear -> small feature map -> per stage a 2x upsampling
 (``upsample="transposed"``: a stride-2 transposed conv; ``"nearest"``: nearest-neighbour resize then a 3x3
 conv, which avoids the transposed conv's checkerboard, plus a last 3x3 conv at full resolution) with
-BatchNorm + ReLU -> tanh, mapped to [0, 1] inside the model. Discriminator: stride-2 convs with LeakyReLU
-and no normalisation (BatchNorm would couple the samples of a batch, which breaks the per-sample
-gradient penalty of WGAN-GP), optionally spectrally normalised (Miyato et al. 2018).
+BatchNorm + ReLU -> tanh, mapped to [0, 1] inside the model. Discriminator: stride-2 convs with LeakyReLU,
+optionally spectrally normalised (Miyato et al. 2018), and optionally with DCGAN's BatchNorm after every conv
+but the first (``disc_batchnorm``; real and generated images go through it in separate batches, as in DCGAN).
+BatchNorm couples the samples of a batch, which breaks the per-sample gradient penalties (WGAN-GP, R1), so
+it is refused with them.
 
 Losses (``loss``): ``"nonsaturating"`` (the original GAN with the -log D(G(z)) generator loss),
 ``"hinge"`` (Lim & Ye 2017; Miyato et al. 2018) and ``"wgan-gp"`` (Gulrajani et al. 2017, penalty weight
@@ -64,7 +66,7 @@ class GANConfig(ModelConfig):
     (``None`` = ``lr``); both Adams use ``betas=(beta1, beta2)``. ``ema_decay``: decay of the EMA
     generator (0 = a plain copy of the live one). ``upsample``: ``"transposed"`` (DCGAN) or ``"nearest"``
     (resize + 3x3 conv). ``r1_weight``: gamma of the R1 penalty gamma/2 * E||grad_x D(x)||^2 on real
-    images (0 = off).
+    images (0 = off). ``disc_batchnorm``: BatchNorm after every discriminator conv but the first (DCGAN).
     """
 
     latent_dim: int = 100
@@ -80,6 +82,7 @@ class GANConfig(ModelConfig):
     ema_decay: float = 0.999
     upsample: str = "transposed"
     r1_weight: float = 0.0
+    disc_batchnorm: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -89,6 +92,9 @@ class GANConfig(ModelConfig):
         for name in ("gp_weight", "r1_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{type(self).__name__}.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.disc_batchnorm and (self.loss == "wgan-gp" or self.r1_weight > 0):
+            raise ConfigError(f"{type(self).__name__}.disc_batchnorm couples the samples of a batch, which breaks the "
+                              f"per-sample gradient penalty of loss='wgan-gp' and r1_weight > 0; use one or the other")
         for name in ("lr_g", "lr_d"):
             if getattr(self, name) is not None:
                 require_positive(self, name)
@@ -146,8 +152,9 @@ class Discriminator(nn.Module):
         sn = _spectral_norm if config.spectral_norm else (lambda m: m)
         layers: list[nn.Module] = []
         in_ch = config.channels
-        for w in widths:
-            layers += [sn(nn.Conv2d(in_ch, w, 4, 2, 1)), nn.LeakyReLU(0.2)]
+        for i, w in enumerate(widths):
+            norm = [nn.BatchNorm2d(w)] if config.disc_batchnorm and i > 0 else []
+            layers += [sn(nn.Conv2d(in_ch, w, 4, 2, 1, bias=not norm)), *norm, nn.LeakyReLU(0.2)]
             in_ch = w
         layers += [nn.Flatten(), sn(nn.Linear(in_ch * base * base, 1))]
         self.net = nn.Sequential(*layers)

@@ -209,7 +209,8 @@ def test_sizes_follow_image_size(size, channels):
 @pytest.mark.parametrize(
     "overrides",
     [{"image_size": 30}, {"image_size": 2}, {"loss": "lsgan"}, {"ema_decay": 1.0}, {"gp_weight": -1.0}, {"lr_d": 0.0},
-     {"upsample": "bilinear"}, {"r1_weight": -1.0}],
+     {"upsample": "bilinear"}, {"r1_weight": -1.0}, {"disc_batchnorm": True, "loss": "wgan-gp"},
+     {"disc_batchnorm": True, "r1_weight": 1.0}],
 )
 def test_bad_config_is_a_config_error(overrides):
     with pytest.raises(ConfigError):
@@ -309,3 +310,14 @@ def test_r1_weight_enters_the_disc_loss_and_trains():
         logs = train_step(model, opt, make_batch(seed=step), step)
     assert "disc/r1" in logs and all(math.isfinite(v) for v in logs.values())
 
+
+
+def test_disc_batchnorm_normalises_every_conv_but_the_first_and_trains():
+    model = tiny(disc_batchnorm=True)
+    norms = [m for m in model.discriminator.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    convs = [m for m in model.discriminator.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(norms) == len(convs) - 1 and convs[0].bias is not None and all(c.bias is None for c in convs[1:])
+    opt = model.configure_optimizers()
+    for step in range(3):
+        logs = train_step(model, opt, make_batch(seed=step), step)
+    assert all(math.isfinite(v) for v in logs.values())
