@@ -127,8 +127,9 @@ def samplers(model, args, train_images: torch.Tensor, test_images: torch.Tensor,
     if len(tuple(getattr(model, "latent_shape", ()) or ())) == 1 and model.has_encoder:
         latents = encode_latents(model, train_images[:10000])
         for k in args.components:
-            mixture = GaussianMixtureSampler.fit(latents, GaussianMixtureConfig(components=k, restarts=1))
-            yield f"gmm{k}", model.decode(mixture.sample(n, generator)).images
+            for cov in args.covariances:
+                mixture = GaussianMixtureSampler.fit(latents, GaussianMixtureConfig(components=k, covariance=cov, restarts=1))
+                yield f"gmm{k}" + ("" if cov == "full" else f"_{cov}"), model.decode(mixture.sample(n, generator)).images
 
 
 def main() -> int:
@@ -137,6 +138,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--components", default="50,200,400", help="Gaussian mixture sizes (flat-latent families)")
+    parser.add_argument("--covariances", default="full", help="Gaussian mixture covariance kinds (full,diag)")
     parser.add_argument("--bottom-temperatures", default="1", help="VQ-VAE-2 bottom-level temperatures")
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--params", default=str(common.REPO / "params.yaml"))
@@ -146,6 +148,7 @@ def main() -> int:
                         help="also score the prior's samples every N epochs (a learning curve; 0: only at the end)")
     args = parser.parse_args()
     args.components = [int(k) for k in args.components.split(",") if k]
+    args.covariances = [c for c in args.covariances.split(",") if c]
     args.bottom_temperatures = [float(t) for t in args.bottom_temperatures.split(",") if t]
 
     params = load_params(args.params)
