@@ -311,7 +311,6 @@ def test_r1_weight_enters_the_disc_loss_and_trains():
     assert "disc/r1" in logs and all(math.isfinite(v) for v in logs.values())
 
 
-
 def test_disc_batchnorm_normalises_every_conv_but_the_first_and_trains():
     model = tiny(disc_batchnorm=True)
     norms = [m for m in model.discriminator.modules() if isinstance(m, torch.nn.BatchNorm2d)]
