@@ -120,8 +120,16 @@ def test_anomaly_auroc_perfect_reversed_random_and_ties():
     rng = np.random.default_rng(0)
     assert M.anomaly_auroc(rng.random(2000), rng.random(2000)) == pytest.approx(0.5, abs=0.03)
     assert M.anomaly_auroc(np.ones(10), np.ones(5)) == 0.5
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="need both classes, got 0 normal and 1 anomalous"):
         M.anomaly_auroc([], [1.0])
+
+
+def test_anomaly_auroc_is_the_pairwise_probability_ties_counting_half():
+    rng = np.random.default_rng(3)
+    normal, anomalous = rng.integers(0, 5, 40).astype(float), rng.integers(1, 6, 30).astype(float)
+    pairs = anomalous[:, None] - normal[None, :]
+    direct = ((pairs > 0) + 0.5 * (pairs == 0)).mean()
+    assert M.anomaly_auroc(normal, anomalous) == pytest.approx(direct, abs=1e-12)
 
 
 # -- representations ----------------------------------------------------------------------------------
