@@ -1,27 +1,43 @@
 # Two commands do all the set-up: `make demo` and `make test` (see README.md).
-# The install is skipped when pyproject.toml has not changed (a stamp file keyed on its hash).
+# The install is exact: requirements.lock pins every distribution with its sha256 (`make lock` refreshes it),
+# and it runs again only when the lock, pyproject.toml or TORCH_SPEC changes (a stamp file keyed on their hash).
 
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# CPU build by default; GPU users override, e.g. TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>".
-TORCH_SPEC ?= torch==2.13.0
-STAMP  := $(VENV)/.installed-$(shell (cat pyproject.toml; echo '$(TORCH_SPEC)') | sha256sum | cut -c1-16)
+LOCK   := requirements.lock
+# Empty: torch comes from the lock, the CPU build (torch==2.13.0+cpu). GPU users name their build, which is
+# installed first and the lock's torch line skipped, e.g. TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>".
+TORCH_SPEC ?=
+STAMP  := $(VENV)/.installed-$(shell (cat $(LOCK) pyproject.toml; echo '$(TORCH_SPEC)') | sha256sum | cut -c1-16)
 # Run every tool from the venv without asking the user to activate it (dvc stages call `latentforge`).
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install chromium demo timeseries test bench clean
+.PHONY: install lock chromium demo timeseries test bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): $(LOCK) pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# torch first, pinned, so that no later requirement pulls the multi-GB CUDA build.
+ifeq ($(strip $(TORCH_SPEC)),)
+	$(BIN)/python -m pip install -q --require-hashes -r $(LOCK)
+else
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e '.[dev]' $(word 1,$(TORCH_SPEC))
+	grep -v '^torch==' $(LOCK) > $(VENV)/lock-without-torch.txt
+	$(BIN)/python -m pip install -q --require-hashes -r $(VENV)/lock-without-torch.txt
+endif
+	# The project itself, from the working tree: its dependencies are all in the lock.
+	$(BIN)/python -m pip install -q --no-deps -e .
 	rm -f $(VENV)/.installed-*
 	touch $@
+
+# Re-resolve pyproject.toml (dev extra, CPU torch) into requirements.lock with pip, which reads this machine's
+# wheel folder and constraints as the install does; for Python 3.11 on linux x86_64 (tools/lock.py checks).
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python tools/lock.py torch==2.13.0
 
 demo: install
 	# A family whose newest version fails its promotion gates (params registry.policies) is not champion, so a

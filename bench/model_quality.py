@@ -47,8 +47,9 @@ import torch
 
 from latentforge.models import MODELS, train_step
 from latentforge.pipelines.data import load_idx
-from latentforge.pipelines.imaging import make_grid, save_png, tensor_to_uint8
+from latentforge.pipelines.imaging import save_png, tensor_to_uint8
 from latentforge.pipelines.prepare import split_indices
+from latentforge.runtime.grid import make_grid
 
 DEFAULT_MNIST = common.REPO.parent / "shared" / "data" / "mnist"
 FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}

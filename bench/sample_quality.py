@@ -37,8 +37,9 @@ from latentforge.models.samplers import GaussianMixtureConfig, GaussianMixtureSa
 from latentforge.pipelines.classifier import load_classifier, read_images, reading_heads
 from latentforge.pipelines.common.params import load_params, section
 from latentforge.pipelines.evaluate import metrics as M
-from latentforge.pipelines.imaging import batch_to_tensor, make_grid, save_png, tensor_to_uint8
+from latentforge.pipelines.imaging import batch_to_tensor, save_png, tensor_to_uint8
 from latentforge.pipelines.prepare import load_split
+from latentforge.runtime.grid import make_grid
 
 CONFIDENT = 0.9
 BATCH = 64

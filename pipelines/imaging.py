@@ -1,8 +1,8 @@
-"""Small image helpers shared by the stages: tensors <-> uint8 arrays, grids and PNG files."""
+"""Small image helpers shared by the stages: tensors <-> uint8 arrays and PNG files (the grid of images is
+``latentforge.runtime.grid.make_grid``, which serving draws too)."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -19,22 +19,6 @@ def tensor_to_uint8(images: torch.Tensor) -> np.ndarray:
     """(B, C, H, W) float in [0, 1] -> (B, H, W, C) uint8 (values clamped, rounded)."""
     arr = images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
     return arr.transpose(0, 2, 3, 1)
-
-
-def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 1) -> np.ndarray:
-    """Tile (B, H, W, C) uint8 images into one (rows*H', cols*W', 3) uint8 image with a pad."""
-    b, h, w, c = images.shape
-    if c == 1:
-        images = np.repeat(images, 3, axis=-1)
-    nrow = nrow or int(math.ceil(math.sqrt(b)))
-    ncol = nrow
-    nrows = int(math.ceil(b / ncol))
-    grid = np.zeros((nrows * (h + pad) + pad, ncol * (w + pad) + pad, 3), dtype=np.uint8)
-    for i in range(b):
-        r, col = divmod(i, ncol)
-        y, x = pad + r * (h + pad), pad + col * (w + pad)
-        grid[y : y + h, x : x + w] = images[i]
-    return grid
 
 
 def save_png(array: np.ndarray, path: str | Path, scale: int = 1) -> Path:

@@ -43,8 +43,9 @@ from latentforge.pipelines.common.errors import DataError, TrainingError
 from latentforge.pipelines.common.files import atomic_directory
 from latentforge.pipelines.common.params import ParamsError, apply_overrides, check_keys, section
 from latentforge.pipelines.common.tracking import experiment_id, git_commit, mlflow_client, tracking_uri
-from latentforge.pipelines.imaging import batch_to_tensor, make_grid, save_png, tensor_to_uint8
+from latentforge.pipelines.imaging import batch_to_tensor, save_png, tensor_to_uint8
 from latentforge.pipelines.prepare import load_split, read_manifest
+from latentforge.runtime.grid import make_grid
 from latentforge.runtime.store import absolute_uri
 
 # Ray and MLflow are imported where they are used: the training workers must never import MLflow

@@ -183,22 +183,20 @@ def coverage_ratio(sample_probs: Sequence, real_probs: Sequence, threshold: floa
 
 
 def anomaly_auroc(errors_normal, errors_anomalous) -> float:
-    """Area under the ROC curve of an anomaly score: the probability that a random anomalous example
-    scores higher than a random normal one (ties count one half; the Mann-Whitney U statistic).
+    """Area under the ROC curve of an anomaly score (``sklearn.metrics.roc_auc_score``): the probability
+    that a random anomalous example scores higher than a random normal one (ties count one half).
 
     errors_normal: (N,), errors_anomalous: (M,) scores (higher = more anomalous). 1: perfect,
-    0.5: chance, 0: perfectly reversed.
+    0.5: chance, 0: perfectly reversed. Raises ``ValueError`` naming the counts when a class is empty.
     """
-    from scipy.stats import rankdata
+    from sklearn.metrics import roc_auc_score
 
     normal = np.asarray(errors_normal, np.float64).ravel()
     anomalous = np.asarray(errors_anomalous, np.float64).ravel()
     if len(normal) == 0 or len(anomalous) == 0:
         raise ValueError(f"anomaly_auroc: need both classes, got {len(normal)} normal and {len(anomalous)} anomalous")
-    ranks = rankdata(np.concatenate([normal, anomalous]))  # average ranks for ties
-    m = len(anomalous)
-    u = ranks[len(normal) :].sum() - m * (m + 1) / 2
-    return float(u / (m * len(normal)))
+    labels = np.concatenate([np.zeros(len(normal)), np.ones(len(anomalous))])
+    return float(roc_auc_score(labels, np.concatenate([normal, anomalous])))
 
 
 # ----------------------------------------------------------------------------------------------------

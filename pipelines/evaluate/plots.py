@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from latentforge.pipelines.imaging import make_grid, save_png
+from latentforge.pipelines.imaging import save_png
+from latentforge.runtime.grid import make_grid
 
 
 def grid_png(images: np.ndarray, path: Path, nrow: int | None = None) -> None:

@@ -15,9 +15,10 @@ from latentforge.models import PretrainedModel
 from latentforge.models.text import CaptionScorer, CodeBank, TextMap, freeze
 from latentforge.pipelines.common.files import atomic_directory
 from latentforge.pipelines.data import SHAPE_FACTORS
-from latentforge.pipelines.imaging import make_grid, save_png, tensor_to_uint8
+from latentforge.pipelines.imaging import save_png, tensor_to_uint8
 from latentforge.pipelines.text.encoders import text_tensors
 from latentforge.pipelines.text.job import TextJob
+from latentforge.runtime.grid import make_grid
 
 
 def write_outputs(job: TextJob, ckpt: Path, info: dict, state: dict, run_id: str, seconds: float) -> dict[str, Any]:

@@ -59,6 +59,41 @@ def test_ssim_drops_with_noise_and_handles_small_images():
     assert s.shape == (4,) and np.all(s < 0.9) and np.all(s > -1)
 
 
+def _structured(n, c, h, w, seed):
+    """Images with edges, flat areas and gradients: a bright square, a diagonal ramp and stripes."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    out = np.empty((n, c, h, w))
+    for i in range(n):
+        for ch in range(c):
+            a, b = rng.integers(1, h // 2, size=2)
+            square = np.zeros((h, w))
+            square[a : a + h // 3, b : b + w // 3] = 0.8
+            out[i, ch] = np.clip(0.5 * (xx + yy) * rng.random() + square + 0.1 * np.sin(xx * rng.integers(5, 20)), 0, 1)
+    return out
+
+
+@pytest.mark.parametrize("channels", [1, 3], ids=["grey", "colour"])
+@pytest.mark.parametrize("kind", ["random", "structured"])
+def test_ssim_agrees_with_scikit_image(channels, kind):
+    """The oracle: skimage's structural_similarity with the paper's settings (Gaussian window sigma 1.5,
+    11 taps: truncate 3.5; population covariances), cropped to the valid positions as ours, averaged
+    over channels. Pairs: noisy, blurred-by-shift and brightened versions. Ours runs in float32:
+    agreement to 1e-5. (Images smaller than 11x11 have no oracle: skimage fixes its Gaussian window at
+    11 taps, where ours shrinks to the largest that fits.)"""
+    from skimage.metrics import structural_similarity
+
+    make = _images if kind == "random" else _structured
+    x = make(4, channels, 32, 24, 0)
+    rng = np.random.default_rng(1)
+    ys = [np.clip(x + rng.normal(0, 0.1, x.shape), 0, 1), 0.5 * (x + np.roll(x, 1, axis=-1)), np.clip(x * 0.8 + 0.15, 0, 1)]
+    for y in ys:
+        ours = M.ssim(x, y)
+        oracle = [structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                        data_range=1.0, channel_axis=0) for a, b in zip(x, y)]
+        np.testing.assert_allclose(ours, oracle, atol=1e-5)
+
+
 # -- Frechet distance --------------------------------------------------------------------------------
 
 
@@ -120,8 +155,16 @@ def test_anomaly_auroc_perfect_reversed_random_and_ties():
     rng = np.random.default_rng(0)
     assert M.anomaly_auroc(rng.random(2000), rng.random(2000)) == pytest.approx(0.5, abs=0.03)
     assert M.anomaly_auroc(np.ones(10), np.ones(5)) == 0.5
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="need both classes, got 0 normal and 1 anomalous"):
         M.anomaly_auroc([], [1.0])
+
+
+def test_anomaly_auroc_is_the_pairwise_probability_ties_counting_half():
+    rng = np.random.default_rng(3)
+    normal, anomalous = rng.integers(0, 5, 40).astype(float), rng.integers(1, 6, 30).astype(float)
+    pairs = anomalous[:, None] - normal[None, :]
+    direct = ((pairs > 0) + 0.5 * (pairs == 0)).mean()
+    assert M.anomaly_auroc(normal, anomalous) == pytest.approx(direct, abs=1e-12)
 
 
 # -- representations ----------------------------------------------------------------------------------
