@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from latentforge.pipelines.common.errors import DataError, UserError
+from latentforge.pipelines.common.experiments import DvcExperiment, dvc_experiment
 from latentforge.pipelines.common.params import DEFAULT_PARAMS, ParamsError, apply_overrides, load_params, section
 from latentforge.pipelines.common.tracking import tracking_uri
 from latentforge.pipelines.prepare import load_split, prepare
@@ -102,17 +103,29 @@ def cmd_edit(args: argparse.Namespace) -> int:
 def cmd_register(args: argparse.Namespace) -> int:
     from latentforge.pipelines.registry import register_from_params
 
+    dvc_exp = dvc_experiment()
     version, decision = register_from_params(_params(args), args.model, export_dir=args.export_dir, name=args.name,
-                                             promote_it=args.promote)
+                                             promote_it=args.promote, dvc_exp=dvc_exp)
     metric = version.tags.get("primary_metric")
     value = version.tags.get("primary_metric_value")
     print(f"registered {version.name} version {version.version} (run {version.run_id}; {metric} = {value or 'not recorded'})")
     if decision is not None:
         print(f"{version.name} version {decision['version']}: {decision['reason']}")
+        if dvc_exp:
+            name_arg = f" --name {args.name}" if args.name else ""
+            _print_champion_kept(dvc_exp, version, f"latentforge promote --model {args.model}{name_arg} --version {version.version}")
     if args.record:
         _write_record(args.record, {"name": version.name, "version": int(version.version), "run_id": version.run_id,
-                                    "primary_metric": metric, "primary_metric_value": value, "promotion": decision})
+                                    "primary_metric": metric, "primary_metric_value": value, "promotion": decision,
+                                    "dvc_experiment": dvc_exp.name if dvc_exp else None})
     return 0
+
+
+def _print_champion_kept(dvc_exp: DvcExperiment, version, promote_command: str) -> None:
+    """Say that an experiment left ``champion`` where it was, and how to promote its version by hand."""
+    print(f"{version.name}: champion not moved, because this runs in {dvc_exp}: an experiment never moves "
+          f"champion (the main pipeline run and `latentforge promote` do). To serve version {version.version}: "
+          f"{promote_command}")
 
 
 def _write_record(path: Path, record: dict) -> None:
@@ -197,10 +210,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_train_text(args: argparse.Namespace) -> int:
-    from latentforge.pipelines.text.job import resolve_text_job
+    from latentforge.pipelines.text.job import experiment_decoder, resolve_text_job
     from latentforge.pipelines.text.train import run_text_training
 
-    job = resolve_text_job(load_params(args.params), args.model, args.set or [], num_workers=args.num_workers,
+    model = args.model
+    dvc_exp = dvc_experiment()
+    if dvc_exp and args.experiment_decoder_record:
+        model = experiment_decoder(args.model, args.experiment_decoder_record)
+        print(f"train-text: {dvc_exp}: training against {model}, the version this experiment registered "
+              f"({args.experiment_decoder_record}), not {args.model}")
+    job = resolve_text_job(load_params(args.params), model, args.set or [], num_workers=args.num_workers,
                            run_name=args.run_name)
     summary = run_text_training(job)
     print(json.dumps({k: summary[k] for k in ("mlflow_run_id", "output_dir", "aligned_size", "loss_first_epoch", "loss_last_epoch")}))
@@ -232,17 +251,23 @@ def cmd_register_text(args: argparse.Namespace) -> int:
     params = _params(args)
     export_dir = args.export_dir or Path("artifacts/export-text") / args.model
     uri = tracking_uri(params)
-    version = register_text(export_dir, uri, name=args.name)
+    dvc_exp = dvc_experiment()
+    version = register_text(export_dir, uri, name=args.name, tags=dvc_exp.tags if dvc_exp else None)
     print(f"registered {version.name} version {version.version} (decoder {version.tags['decoder_name']} "
           f"version {version.tags['decoder_version']})")
     decision = None
     if args.champion:
-        decision = promote(version.name, uri, version=int(version.version))
+        decision = promote(version.name, uri, version=int(version.version),
+                           hold_champion=f"this runs in {dvc_exp}" if dvc_exp else None)
         print(f"{version.name} version {decision['version']}: {decision['reason']}")
+        if dvc_exp:
+            _print_champion_kept(dvc_exp, version, f"latentforge promote --model {args.model} --name {version.name} "
+                                                   f"--version {version.version}")
     if args.record:
         _write_record(args.record, {"name": version.name, "version": int(version.version), "run_id": version.run_id,
                                     "decoder_name": version.tags["decoder_name"],
-                                    "decoder_version": version.tags["decoder_version"], "promotion": decision})
+                                    "decoder_version": version.tags["decoder_version"], "promotion": decision,
+                                    "dvc_experiment": dvc_exp.name if dvc_exp else None})
     return 0
 
 
@@ -390,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "save_pretrained directory, or a registered model (vae-shapes, vae-shapes@champion, vae-shapes/3)")
     p.add_argument("--num-workers", type=int, help="Ray Train workers (default: params text.num_workers)")
     p.add_argument("--run-name", help="MLflow run name (default: <family>-<data>-text-<digest>)")
+    p.add_argument("--experiment-decoder-record", type=Path,
+                   help="inside a DVC experiment (`dvc exp run`), train against the version this register record "
+                        "names (the version the experiment registered: it never becomes champion) instead of --model")
     p.set_defaults(func=cmd_train_text)
 
     p = stage("evaluate-text", "score a text model's images with the attribute classifier, per mode (generate, retrieve, "

@@ -36,6 +36,12 @@ champion keeps no alias (it is still a version: ``latentforge promote --version 
 and the ``challenger`` alias is removed if it pointed at the new champion, so that one version never
 carries both aliases. The reason for every
 alias change is written to the version's ``latentforge.promotion`` tag.
+
+Holding the champion: :func:`promote` with ``hold_champion`` (a reason; ``register --promote`` and
+``register-text --champion`` pass one inside a DVC experiment) never moves ``champion``: a version that
+the policy (or the hand) would make champion becomes challenger instead, and the reason says that it
+would have become champion, that champion was kept, and why. A fresh registry gets no champion that way
+either: which version serves is decided on the main pipeline run or by ``latentforge promote``.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ from mlflow.models import infer_signature
 
 import latentforge.runtime
 from latentforge.pipelines.common.errors import RegistryError, TrainingError
+from latentforge.pipelines.common.experiments import DvcExperiment
 from latentforge.pipelines.common.params import ParamsError, check_keys, section
 from latentforge.pipelines.common.tracking import experiment_id, fluent_tracking, mlflow_client
 from latentforge.pipelines.common.tracking import tracking_uri as resolve_tracking_uri
@@ -353,6 +360,7 @@ def register(
     name: str | None = None,
     policy: Policy | None = None,
     experiment: str = "latentforge",
+    tags: dict[str, str] | None = None,
 ):
     """Add the export in ``export_dir`` as a new version of a registered model; return that
     ``ModelVersion`` (``.name``, ``.version``, ``.run_id``, ``.tags``).
@@ -361,7 +369,8 @@ def register(
     (default: :func:`policy_for` the family without params) decides which metric is tagged as the
     primary one. The pyfunc model is logged to the manifest's training run (``source.mlflow_run_id``),
     which must be in this tracking store, or to a new run in ``experiment`` when the export names no
-    run. No alias is set: that is :func:`promote`'s job.
+    run. ``tags``: more version tags (the DVC experiment it was made in). No alias is set: that is
+    :func:`promote`'s job.
     """
     export_dir = Path(export_dir)
     try:
@@ -377,7 +386,7 @@ def register(
     signature = infer_signature(example, probe.predict(None, example))
     metrics = _numeric_metrics(manifest.get("metrics") or {})
     primary = next((m for m in policy.metric_names if m in metrics), None)
-    tags = _version_tags(manifest, metrics, primary or policy.metric)
+    tags = {**_version_tags(manifest, metrics, primary or policy.metric), **(tags or {})}
 
     client = connect(tracking_uri)
     try:
@@ -554,7 +563,8 @@ def _metric(version, metric: str) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
-def promote(name: str, tracking_uri: str, version: int | None = None, policy: Policy | None = None) -> dict[str, Any]:
+def promote(name: str, tracking_uri: str, version: int | None = None, policy: Policy | None = None,
+            hold_champion: str | None = None) -> dict[str, Any]:
     """Move the ``champion`` / ``challenger`` aliases of registered model ``name`` (see the module docstring).
 
     ``version``: promote that version to champion by hand (``policy``, when given, only names the gates
@@ -562,7 +572,9 @@ def promote(name: str, tracking_uri: str, version: int | None = None, policy: Po
     ``family`` tag) to the newest version. Returns what happened: ``name``, ``version``, ``alias`` (the
     alias it now has, or None), ``previous_champion``, ``changed``, ``reason``, ``failed_gates`` (why it
     fails each gate it fails) and, when compared, ``metric``, ``value``, ``champion_value``, ``mode``,
-    ``margin``. Raises :class:`RegistryError` (and moves no alias) for an unknown model or version,
+    ``margin``. ``hold_champion``: why ``champion`` must not move (e.g. the DVC experiment this runs in);
+    the version that would become champion becomes challenger and ``held`` is True in the result.
+    Raises :class:`RegistryError` (and moves no alias) for an unknown model or version,
     for versions the policy cannot compare, and when the registry is unreachable.
     """
     client = connect(tracking_uri)
@@ -583,8 +595,7 @@ def promote(name: str, tracking_uri: str, version: int | None = None, policy: Po
         if champion == target:
             return {**result, "reason": f"version {target} is the champion already{warning}"}
         reason = f"champion by hand (was {f'version {champion}' if champion else 'none'}){warning}"
-        _move_champion(client, name, target, challenger, reason)
-        return {**result, "changed": True, "reason": reason}
+        return _champion_unless_held(client, name, target, challenger, result, reason, hold_champion)
 
     newest = max(versions)
     new = versions[newest]
@@ -598,9 +609,8 @@ def promote(name: str, tracking_uri: str, version: int | None = None, policy: Po
         return _make_challenger(client, name, newest, challenger, result,
                                 f"challenger by policy: fails its gates: {'; '.join(failed)} ({stays})")
     if champion is None:
-        reason = "champion by policy: no champion before"
-        _move_champion(client, name, newest, challenger, reason)
-        return {**result, "alias": CHAMPION, "changed": True, "reason": reason}
+        return _champion_unless_held(client, name, newest, challenger, result, "champion by policy: no champion before",
+                                     hold_champion)
 
     current = versions.get(champion) or client.get_model_version(name, str(champion))
     for candidate in policy.candidates():
@@ -623,11 +633,23 @@ def promote(name: str, tracking_uri: str, version: int | None = None, policy: Po
     result.update(metric=candidate.metric, value=value, champion_value=champion_value, mode=candidate.mode,
                   margin=candidate.margin)
     if candidate.beats(value, champion_value):
-        reason = f"champion by policy: {comparison} (version {champion})"
-        _move_champion(client, name, newest, challenger, reason)
-        return {**result, "alias": CHAMPION, "changed": True, "reason": reason}
+        return _champion_unless_held(client, name, newest, challenger, result,
+                                     f"champion by policy: {comparison} (version {champion})", hold_champion)
     return _make_challenger(client, name, newest, challenger, result,
                             f"challenger by policy: not {comparison} (champion version {champion})")
+
+
+def _champion_unless_held(client, name: str, version: int, challenger: int | None, result: dict[str, Any],
+                          reason: str, hold: str | None) -> dict[str, Any]:
+    """Make ``version`` champion for ``reason``; with ``hold`` (why champion must stay) make it challenger
+    instead, the reason saying both."""
+    if hold is None:
+        _move_champion(client, name, version, challenger, reason)
+        return {**result, "alias": CHAMPION, "changed": True, "reason": reason}
+    champion = result["previous_champion"]
+    kept = f"version {champion}" if champion is not None else "none"
+    held = f"challenger, not champion: would be {reason}, but champion is kept ({kept}) because {hold}"
+    return {**_make_challenger(client, name, version, challenger, result, held), "held": True}
 
 
 def _make_challenger(client, name: str, version: int, challenger: int | None, result: dict[str, Any], reason: str) -> dict[str, Any]:
@@ -738,10 +760,14 @@ def export_dir_from_params(params: dict[str, Any], family: str) -> Path:
 
 def register_from_params(
     params: dict[str, Any], family: str, export_dir: str | os.PathLike | None = None, name: str | None = None,
-    promote_it: bool = False,
+    promote_it: bool = False, dvc_exp: DvcExperiment | None = None,
 ) -> tuple[Any, dict[str, Any] | None]:
     """``latentforge register --model <family> [--promote]``: register the family's export (and apply the
-    policy). Returns ``(ModelVersion, promote result or None)``."""
+    policy). Returns ``(ModelVersion, promote result or None)``.
+
+    ``dvc_exp``: the DVC experiment this runs in (:func:`common.experiments.dvc_experiment`): the version
+    is tagged with its name and baseline, and the policy never moves ``champion`` (see :func:`promote`).
+    """
     # Here, not at the top: models imports torch, and this module is unpickled (OnnxAutoencoderModel)
     # where a registered version is loaded, which needs onnxruntime only.
     from latentforge.models import MODELS, ConfigError
@@ -758,6 +784,8 @@ def register_from_params(
     policy = policy_for(params, family)
     uri = resolve_tracking_uri(params)
     experiment = section(params, "mlflow").get("experiment") or "latentforge"
-    version = register(export_dir, uri, name=name, policy=policy, experiment=experiment)
-    decision = promote(version.name, uri, policy=policy) if promote_it else None
+    version = register(export_dir, uri, name=name, policy=policy, experiment=experiment,
+                       tags=dvc_exp.tags if dvc_exp else None)
+    hold = f"this runs in {dvc_exp}" if dvc_exp else None
+    decision = promote(version.name, uri, policy=policy, hold_champion=hold) if promote_it else None
     return version, decision

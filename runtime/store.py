@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def absolute_uri(uri: str) -> str:
+def absolute_uri(uri: str, base: Path | None = None) -> str:
     """Make a local store absolute (``sqlite:///relative.db``, a plain path): Ray workers, Serve replicas
-    and MLflow must not depend on the caller's working directory. Remote URIs are returned unchanged."""
+    and MLflow must not depend on the caller's working directory. A relative path is resolved against
+    ``base`` (default: the working directory). Remote URIs are returned unchanged."""
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri[len(prefix):]).resolve())
+        return prefix + str((Path(base or ".") / uri[len(prefix):]).resolve())
     if "://" in uri:
         return uri
-    return str(Path(uri).resolve())
+    return str((Path(base or ".") / uri).resolve())

@@ -10,16 +10,25 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from latentforge.pipelines.common.errors import UserError
+from latentforge.pipelines.common.experiments import dvc_experiment
 from latentforge.pipelines.common.params import ParamsError, section
 from latentforge.runtime.store import absolute_uri
 
 
 def tracking_uri(params: dict[str, Any]) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else params ``mlflow.tracking_uri``; local paths made absolute."""
+    """``MLFLOW_TRACKING_URI`` if set, else params ``mlflow.tracking_uri``; local paths made absolute.
+
+    A relative local store (``sqlite:///mlflow.db``) is resolved against the working directory, except
+    inside a DVC experiment: there it is resolved against the main repository's root, because ``dvc exp
+    run --temp`` and ``--queue`` run the stages in a throwaway copy of the repository (under
+    ``<repo>/.dvc/tmp/exps/``) that lacks the git-ignored store. Every experiment, wherever it runs,
+    logs into the one store that ``dvc repro`` uses.
+    """
     uri = os.environ.get("MLFLOW_TRACKING_URI") or section(params, "mlflow").get("tracking_uri")
     if not uri:
         raise ParamsError("params mlflow.tracking_uri is missing (or set MLFLOW_TRACKING_URI)")
-    return absolute_uri(uri)
+    experiment = dvc_experiment()
+    return absolute_uri(uri, base=experiment.repo_root if experiment else None)
 
 
 def mlflow_client(uri: str, error: type[Exception] = UserError):
@@ -68,12 +77,13 @@ def fluent_tracking(uri: str) -> Iterator[None]:
     caller's environment is put back as it was, not only MLflow's global.
     """
     import mlflow
-    # No public getter tells whether a tracking URI was set explicitly (mlflow.get_tracking_uri() returns
-    # the default when none was); the private module variable does, so the previous state is restored exactly.
-    from mlflow.tracking._tracking_service import utils
 
     env = os.environ.get("MLFLOW_TRACKING_URI")
-    previous = getattr(utils, "_tracking_uri", None)
+    # An explicitly set URI other than the environment's is put back as it was; otherwise the global is
+    # unset again and MLflow reads the environment (put back below), as it did before the block.
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    if previous == env:
+        previous = None
     mlflow.set_tracking_uri(uri)
     try:
         yield

@@ -214,6 +214,28 @@ def resolve_decoder(params: dict[str, Any], model: str) -> tuple[str, dict[str, 
     return download_registered(params, model)
 
 
+def experiment_decoder(model: str, record_path: Path) -> str:
+    """The decoder a ``train-text`` stage trains against inside a DVC experiment: ``<name>/<version>`` of
+    the version that the experiment's register stage wrote to ``record_path`` (``--record``).
+
+    An experiment never moves ``champion``, so ``--model <name>@champion`` would pair the experiment's
+    text model with the production decoder instead of the decoder the experiment trained. ``model``
+    (``--model``), when it is ``<name>@<alias>``, must name the same registered model.
+    """
+    try:
+        record = json.loads(Path(record_path).read_text())
+        name, version = str(record["name"]), int(record["version"])
+    except FileNotFoundError:
+        raise RegistryError(f"{record_path}: no register record; the register stage writes it (`latentforge register "
+                            f"--record {record_path}`)") from None
+    except (ValueError, TypeError, KeyError) as exc:
+        raise RegistryError(f"{record_path}: not a register record with a name and a version ({exc})") from None
+    named = model.split("@", 1)[0] if "@" in model else None
+    if named is not None and named != name:
+        raise RegistryError(f"--model {model} names {named}, but {record_path} records a version of {name}")
+    return f"{name}/{version}"
+
+
 def download_registered(params: dict[str, Any], model: str) -> tuple[str, dict[str, Any]]:
     """A registered ``name``, ``name@alias`` or ``name/version`` (the latest for a bare name): its export's
     ``model/`` copied to ``<text.output_dir>/.decoders/<name>-v<version>`` (once), and its reference."""

@@ -50,8 +50,9 @@ class TextDecodeModel(mlflow.pyfunc.PythonModel):
         return {k: out[k] for k in ("images", "rows") if k in out}
 
 
-def register_text(export_dir: str | Path, tracking_uri: str, name: str | None = None):
-    """A new version of ``<family>-<data>-text`` (or ``name``) from the export-text directory; returns it."""
+def register_text(export_dir: str | Path, tracking_uri: str, name: str | None = None, tags: dict[str, str] | None = None):
+    """A new version of ``<family>-<data>-text`` (or ``name``) from the export-text directory; returns it.
+    ``tags``: more version tags (the DVC experiment it was made in)."""
     export_dir = Path(export_dir)
     try:
         probe = TextDecoder.load(export_dir)
@@ -75,6 +76,7 @@ def register_text(export_dir: str | Path, tracking_uri: str, name: str | None = 
            if isinstance((manifest.get("metrics") or {}).get(PRIMARY_METRIC), (int, float)) else {}),
         **{f"metric.{k}": repr(v) for k, v in manifest.get("metrics", {}).items()
            if isinstance(v, (int, float)) and not isinstance(v, bool)},
+        **(tags or {}),
     }
     client = connect(tracking_uri)
     run_id = (manifest.get("source") or {}).get("mlflow_run_id")

@@ -19,7 +19,8 @@ BIN = Path(sys.executable).parent  # the venv's bin: dvc and the `latentforge` c
 
 
 def sh(*cmd: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    # DVC_STUDIO_OFFLINE: `dvc exp run` posts live metrics to Studio otherwise (no network here).
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", "DVC_STUDIO_OFFLINE": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)  # the copy's own params decide where runs go
     res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout}\n{res.stderr}"

@@ -136,6 +136,39 @@ def test_register_and_promote_by_policy(store, exports):
     assert rows[2]["run_id"] == first.run_id and rows[0]["created"]
 
 
+def test_a_held_champion_never_moves(store, exports):
+    """``hold_champion`` (what ``register --promote`` passes inside a DVC experiment): a version the policy
+    or the hand would make champion becomes challenger, with no champion yet too; the reason says why."""
+    uri, _ = store
+    name = "ae-held"
+    hold = "this runs in DVC experiment 'psnr-up' (baseline 0123456)"
+    first = register(exports["ae-good"], uri, name=name, policy=PSNR, tags={"dvc_experiment": "psnr-up"})
+    assert first.tags["dvc_experiment"] == "psnr-up" and first.tags["family"] == "ae"
+    decision = promote(name, uri, policy=PSNR, hold_champion=hold)  # no champion yet: still not champion
+    assert decision["alias"] == CHALLENGER and decision["held"] and decision["previous_champion"] is None
+    assert decision["reason"] == ("challenger, not champion: would be champion by policy: no champion before, but champion "
+                                  f"is kept (none) because {hold}")
+    assert _aliases(uri, name) == {CHALLENGER: "1"}
+    assert promote(name, uri, policy=PSNR)["alias"] == CHAMPION  # the main pipeline run promotes it
+    assert _aliases(uri, name) == {CHAMPION: "1"}
+
+    register(exports["ae-better"], uri, name=name, policy=PSNR)  # beats the champion by 1 dB > margin 0.5
+    decision = promote(name, uri, policy=PSNR, hold_champion=hold)
+    assert decision["alias"] == CHALLENGER and decision["held"] and decision["changed"]
+    assert "would be champion by policy: psnr 21 > 20 + margin 0.5" in decision["reason"]
+    assert "champion is kept (version 1) because this runs in DVC experiment 'psnr-up'" in decision["reason"]
+    assert _aliases(uri, name) == {CHAMPION: "1", CHALLENGER: "2"}
+
+    register(exports["ae-worse"], uri, name=name, policy=PSNR)  # the policy keeps it challenger anyway: nothing held
+    decision = promote(name, uri, policy=PSNR, hold_champion=hold)
+    assert decision["alias"] == CHALLENGER and "held" not in decision and decision["reason"].startswith("challenger by policy")
+    decision = promote(name, uri, version=2, hold_champion=hold)  # by hand (register-text --champion) is held too
+    assert decision["alias"] == CHALLENGER and decision["held"] and "would be champion by hand (was version 1)" in decision["reason"]
+    assert _aliases(uri, name) == {CHAMPION: "1", CHALLENGER: "2"}
+    assert promote(name, uri, version=2)["alias"] == CHAMPION  # `latentforge promote --version 2`
+    assert _aliases(uri, name) == {CHAMPION: "2"}
+
+
 def test_training_run_fallback_and_missing_metric(store, exports):
     uri, train_run = store
     # Logged to the training run the export names; the VAE's default policy ranks by iwae_nll.

@@ -583,3 +583,21 @@ def test_family_sample_std_sets_one_familys_spread(text_params, exported, tmp_pa
     # the tiny VAE text model was trained under params.yaml's family_sample_std
     manifest = json.loads((exported["vae"][0] / "manifest.json").read_text())
     assert manifest["sampling"]["sample_std"] == text_params[1]["text"]["family_sample_std"]["vae"]
+
+
+def test_experiment_decoder_is_the_version_the_experiment_registered(tmp_path):
+    """Inside `dvc exp run`, train_text trains against the version the register stage recorded (an experiment
+    never moves champion, so `<name>@champion` would be the production decoder)."""
+    from latentforge.pipelines.common.errors import RegistryError
+    from latentforge.pipelines.text.job import experiment_decoder
+
+    record = tmp_path / "vae.json"
+    record.write_text(json.dumps({"name": "vae-shapes", "version": 7, "promotion": {"alias": "challenger"}}))
+    assert experiment_decoder("vae-shapes@champion", record) == "vae-shapes/7"
+    with pytest.raises(RegistryError, match="names gan-shapes, but .* records a version of vae-shapes"):
+        experiment_decoder("gan-shapes@champion", record)
+    with pytest.raises(RegistryError, match="no register record; the register stage writes it"):
+        experiment_decoder("vae-shapes@champion", tmp_path / "missing.json")
+    record.write_text("{\"name\": \"vae-shapes\"}")
+    with pytest.raises(RegistryError, match="not a register record with a name and a version"):
+        experiment_decoder("vae-shapes@champion", record)
