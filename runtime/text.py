@@ -34,6 +34,9 @@ MAX_TEXTS = 16
 MAX_TEXT_CHARS = 256
 MAX_N = 16
 MAX_RERANK = 32
+# Seeds of every request (text and image endpoints): integers a JSON client holds exactly, JavaScript's
+# included (Number.MAX_SAFE_INTEGER), so that a seed the server returns replays; numpy takes any of them.
+MAX_SEED = 2**53 - 1
 # text-decode's ``mode``: make new images, or return the training images the code bank scores best.
 MODES = ("generate", "retrieve")
 # Words f_tau's word attention reads per text (``pooling: attention``); later words are dropped.
@@ -248,7 +251,7 @@ def validate_request(texts: Any, n: Any = 1, seed: Any = None) -> tuple[list[str
 
     ``texts``: a non-empty list of at most :data:`MAX_TEXTS` strings, each with non-whitespace content
     and at most :data:`MAX_TEXT_CHARS` characters; ``n``: an int in 1..:data:`MAX_N`; ``seed``: None or
-    an int >= 0.
+    an int in 0..:data:`MAX_SEED`.
     """
     if not isinstance(texts, (list, tuple)):
         raise TextRequestError("texts", f"must be a list of strings, got {type(texts).__name__}")
@@ -267,8 +270,8 @@ def validate_request(texts: Any, n: Any = 1, seed: Any = None) -> tuple[list[str
         raise TextRequestError("n", f"must be an integer, got {n!r}")
     if not 1 <= n <= MAX_N:
         raise TextRequestError("n", f"must be between 1 and {MAX_N}, got {n}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise TextRequestError("seed", f"must be null or an integer >= 0, got {seed!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+        raise TextRequestError("seed", f"must be null or an integer in [0, {MAX_SEED}], got {seed!r}")
     return list(texts), n, seed
 
 
@@ -471,7 +474,7 @@ class TextDecoder:
         req = parse_text_decode(body)
         if req["mode"] not in self.modes:
             raise TextRequestError("mode", f"{req['mode']} is not a mode of this text model; its modes: {', '.join(self.modes)}")
-        seed = req["seed"] if req["seed"] is not None else int(np.random.default_rng().integers(0, 2**63 - 1))
+        seed = req["seed"] if req["seed"] is not None else int(np.random.default_rng().integers(0, MAX_SEED, endpoint=True))
         if req["mode"] == "retrieve":
             images, rows = self.retrieve(req["texts"], req["n"], seed, req["temperature"])
             return {"seed": seed, "mode": "retrieve", "images": images, "rows": rows}

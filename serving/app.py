@@ -37,13 +37,15 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from latentforge.runtime.images import ModelRuntime
-from latentforge.serving import errors
+from latentforge.serving import errors, schemas
 from latentforge.serving.batching import Coalescer, run_grouped, sample_grouped
 from latentforge.serving.codec import BadInput
 from latentforge.serving.errors import error_response
@@ -52,7 +54,8 @@ from latentforge.serving.operations import OPERATIONS
 from latentforge.serving.schemas import (
     AnomalyRequest, AnomalyResponse, AppConfig, DecodeRequest, EditRequest, EditResponse, EncodeResponse,
     ErrorResponse, GenerateRequest, GenerateResponse,
-    ImagesRequest, ImagesResponse, InterpolateRequest, Limits, TextDecodeRequest, TextDecodeResponse,
+    ImagesRequest, ImagesResponse, InterpolateRequest, Limits, MAX_SEED, TextDecodeRequest, TextDecodeResponse,
+    check_limits, served_openapi,
 )
 
 WEB = Path(__file__).resolve().parent / "web"
@@ -121,9 +124,12 @@ class ModelServer:
         """The served version, for ``GET /v1/models``, with this replica's runtime settings."""
         settings = self.store.settings
         info = self.store.runtime.describe()
+        sessions = getattr(self.store.runtime, "sessions", {})  # image and time-series models
         info["runtime"] = {"engine": "onnxruntime", "torch_imported": "torch" in sys.modules,
                            "poll_interval_s": float(settings.get("poll_interval_s", 0)),
-                           "max_batch_size": int(settings.get("max_batch_size", 16))}
+                           "max_batch_size": int(settings.get("max_batch_size", 16)),
+                           "intra_op_threads": {graph: s.get_session_options().intra_op_num_threads
+                                                for graph, s in sessions.items()}}
         return info
 
     async def call(self, op: str, payload: dict) -> dict:
@@ -156,6 +162,21 @@ api.add_exception_handler(StarletteHTTPException, errors.http_error)
 api.add_middleware(errors.BodyLimit)
 
 
+def openapi() -> dict:
+    """``/openapi.json``: FastAPI's document with the limits and model names that this process's ingress
+    serves (:data:`serving.schemas.SERVED`, set by :class:`Ingress`), so that what it allows the app accepts."""
+    if api.openapi_schema is None:
+        document = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+        api.openapi_schema = served_openapi(document, schemas.SERVED["limits"], schemas.SERVED["models"])
+    return api.openapi_schema
+
+
+# FastAPI's documented hook for a custom schema. The replica gets a pickled copy of `api` whose `openapi`
+# is this module's function (by reference): it builds the document from the routes of the module's
+# `api` in that process, the same routes.
+api.openapi = openapi
+
+
 @serve.deployment(max_ongoing_requests=64, max_queued_requests=128)
 @serve.ingress(api)
 class Ingress:
@@ -167,14 +188,20 @@ class Ingress:
         # Through the errors module: Serve pickles this class by value, with copies of the globals it
         # names, while a module (and its functions) travels by reference: the middleware reads this one.
         errors.set_body_limit(self.limits.max_body_bytes)
+        schemas.SERVED.update(limits=self.limits, models=sorted(models))
         self.page = (WEB / "index.html").read_text()
 
-    async def _call(self, name: str, op: str, payload: dict) -> JSONResponse:
+    async def _call(self, name: str, op: str, body: BaseModel) -> JSONResponse:
+        """Run ``op`` with request ``body`` on model ``name``, after the checks of the configured limits."""
         handle = self.models.get(name)
         if handle is None:
             return error_response(404, "name", f"no model {name!r} is served; served: {', '.join(sorted(self.models))}")
         try:
-            out = await handle.call.remote(op, {**payload, "max_images": self.limits.max_images})
+            check_limits(body, self.limits)
+        except BadInput as exc:
+            return error_response(exc.status, exc.field, exc.reason)
+        try:
+            out = await handle.call.remote(op, {**body.model_dump(), "max_images": self.limits.max_images})
         except BackPressureError:
             return error_response(503, "name", f"{name} is overloaded (its queue is full); retry later", {"Retry-After": "1"})
         return JSONResponse(out["body"], status_code=out["status"], headers={VERSION_HEADER: out["version"]})
@@ -202,45 +229,39 @@ class Ingress:
 
     @api.post("/v1/models/{name}/generate", response_model=GenerateResponse, responses=ERRORS)
     async def generate(self, name: str, body: GenerateRequest):
-        if body.n > self.limits.max_n:
-            return error_response(422, "n", f"n = {body.n} is above the limit of {self.limits.max_n}")
-        seed = body.seed if body.seed is not None else secrets.randbits(63)
-        return await self._call(name, "generate", {**body.model_dump(), "seed": seed})
+        seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        return await self._call(name, "generate", body.model_copy(update={"seed": seed}))
 
     @api.post("/v1/models/{name}/encode", response_model=EncodeResponse, responses=ERRORS)
     async def encode(self, name: str, body: ImagesRequest):
-        return await self._call(name, "encode", body.model_dump())
+        return await self._call(name, "encode", body)
 
     @api.post("/v1/models/{name}/decode", response_model=ImagesResponse, responses=ERRORS)
     async def decode(self, name: str, body: DecodeRequest):
-        return await self._call(name, "decode", body.model_dump())
+        return await self._call(name, "decode", body)
 
     @api.post("/v1/models/{name}/reconstruct", response_model=ImagesResponse, responses=ERRORS)
     async def reconstruct(self, name: str, body: ImagesRequest):
-        return await self._call(name, "reconstruct", body.model_dump())
+        return await self._call(name, "reconstruct", body)
 
     @api.post("/v1/models/{name}/interpolate", response_model=ImagesResponse, responses=ERRORS)
     async def interpolate(self, name: str, body: InterpolateRequest):
-        if body.steps > self.limits.max_steps:
-            return error_response(422, "steps", f"steps = {body.steps} is above the limit of {self.limits.max_steps}")
-        return await self._call(name, "interpolate", body.model_dump())
+        return await self._call(name, "interpolate", body)
 
     @api.post("/v1/models/{name}/edit", response_model=EditResponse, responses=ERRORS)
     async def edit(self, name: str, body: EditRequest):
-        return await self._call(name, "edit", body.model_dump())
+        return await self._call(name, "edit", body)
 
     @api.post("/v1/models/{name}/text-decode", response_model=TextDecodeResponse, responses=ERRORS)
     async def text_decode(self, name: str, body: TextDecodeRequest):
-        return await self._call(name, "text-decode", body.model_dump())
+        return await self._call(name, "text-decode", body)
 
     @api.post("/v1/models/{name}/anomaly-score", response_model=AnomalyResponse, responses=ERRORS)
     async def anomaly_score(self, name: str, body: AnomalyRequest):
         given = [k for k in ("images", "series", "windows") if getattr(body, k) is not None]
         if len(given) != 1:
             return error_response(422, "images", "give exactly one of images, series (time-series points) or windows")
-        if body.series is not None and len(body.series) > self.limits.max_points:
-            return error_response(413, "series", f"{len(body.series)} points, the limit is {self.limits.max_points}")
-        return await self._call(name, "anomaly-score", body.model_dump())
+        return await self._call(name, "anomaly-score", body)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ import numpy as np
 
 # PNG's 8-byte signature: anything else is refused before Pillow guesses at other formats.
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-MODES = {1: "L", 3: "RGB"}  # channels -> the PNG mode a model of that many channels takes
+MODES = {1: "L", 3: "RGB"}
+PIXEL_RANGE = (0.0, 1.0)  # the values of an image given as an array  # channels -> the PNG mode a model of that many channels takes
 
 
 class BadInput(ValueError):
@@ -88,7 +89,7 @@ def decode_image(value: Any, field: str, shape: tuple[int, int, int]) -> np.ndar
     """One image of a request: a base64 PNG string or a (C, H, W) array in [0, 1] -> (C, H, W) float32."""
     if isinstance(value, str):
         return decode_png(value, field, shape)
-    return as_array(value, field, shape, bounds=(0.0, 1.0))
+    return as_array(value, field, shape, bounds=PIXEL_RANGE)
 
 
 def decode_images(values: Any, field: str, shape: tuple[int, int, int], limit: int) -> np.ndarray:

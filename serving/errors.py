@@ -30,8 +30,9 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
 
 
 async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    """Starlette's HTTP errors (an unknown route: 404, a wrong method: 405) as the JSON error body."""
-    return error_response(exc.status_code, "path", f"{exc.detail}: {request.method} {request.url.path}")
+    """Starlette's HTTP errors (an unknown route: 404, a wrong method: 405) as the JSON error body, with
+    the exception's headers (a 405's ``Allow``: the methods the path takes, RFC 9110)."""
+    return error_response(exc.status_code, "path", f"{exc.detail}: {request.method} {request.url.path}", exc.headers)
 
 
 # Set by the ingress replica at start (set_body_limit). A module global, not ``api.state``: Serve ships

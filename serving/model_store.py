@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -79,6 +80,18 @@ def load_text_runtime(export_dir: Path, decoder: str | None, tracking_uri: str, 
     return rt
 
 
+def session_threads(configured: int) -> int:
+    """ONNX Runtime intra-op threads for this replica's sessions: ``configured`` when above 0, else the
+    CPUs the replica reserves (``ray_actor_options.num_cpus``) rounded down, at least 1. ORT's own default,
+    a thread per core, would have replicas of 0.5 or 0.1 CPU each contend for every core of the node."""
+    if configured > 0:
+        return configured
+    import ray
+
+    reserved = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0) if ray.is_initialized() else 0.0
+    return max(1, math.floor(reserved))
+
+
 class ModelStore:
     """The served version of registered model ``name`` in one replica (``runtime``; None until the
     first :meth:`refresh`). ``settings`` (the deployment's ``user_config``): ``alias``/``version``
@@ -119,7 +132,7 @@ class ModelStore:
         export_dir = download_export(self.name, version, self.tracking_uri, dest)
         if is_text_export(export_dir):
             return load_text_runtime(export_dir, self.settings.get("decoder"), self.tracking_uri, self.name, version, alias)
-        threads = int(self.settings.get("intra_op_threads", 0))
+        threads = session_threads(int(self.settings.get("intra_op_threads", 0)))
         if is_series_export(export_dir):
             return SeriesRuntime.from_export(export_dir, self.name, version, alias, threads=threads)
         return ModelRuntime.from_export(export_dir, self.name, version, alias, threads=threads)

@@ -67,6 +67,9 @@ def test_models_health_and_openapi(server):
     for m in models.values():
         assert (m["version"], m["alias"]) == ("1", "champion")
         assert m["runtime"]["engine"] == "onnxruntime" and m["runtime"]["torch_imported"] is False
+        # intra_op_threads 0 in the config: the replica's reserved CPUs (num_cpus 0 in the tests), at
+        # least 1, on every session; ORT's default (a thread per core) reads 0 here.
+        assert set(m["runtime"]["intra_op_threads"].values()) == {1}, m["runtime"]
     assert models[VAE]["anomaly_threshold"] == 0.03 and models[VAE]["metrics"]["recon_mse"] == 0.05
     assert models[GAN]["capabilities"] == ["generate", "decode", "interpolate"]
     # Which samplers generate takes: the VAE's fitted mixture (its default) besides the prior.
@@ -367,3 +370,10 @@ def test_serve_errors_are_one_line_and_exit_2(tmp_path):
     assert main(["serve", "--config", str(tmp_path / "missing.yaml")]) == 2
     (tmp_path / "bad.yaml").write_text("applications: 3\n")
     assert main(["serve", "--config", str(tmp_path / "bad.yaml")]) == 2
+
+
+def test_session_threads_follow_the_setting_or_else_the_reserved_cpus():
+    from latentforge.serving.model_store import session_threads
+
+    assert session_threads(3) == 3
+    assert session_threads(0) == 1  # outside a Ray worker nothing is reserved: one thread
