@@ -44,7 +44,7 @@ from latentforge.pipelines.common.cluster import cluster_resources, connect_ray,
 from latentforge.pipelines.common.errors import DataError, TrainingError
 from latentforge.pipelines.common.files import atomic_directory
 from latentforge.pipelines.common.params import ParamsError, apply_overrides, check_keys, section
-from latentforge.pipelines.common.progress import LOG_INTERVAL_S, progress
+from latentforge.pipelines.common.progress import progress
 from latentforge.pipelines.common.tracking import experiment_id, git_commit, mlflow_client, tracking_uri
 from latentforge.pipelines.imaging import batch_to_tensor, make_grid, tensor_to_uint8
 from latentforge.pipelines.prepare import load_split, read_manifest
@@ -655,7 +655,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         for name, opt in optimizers.items():
             opt.load_state_dict(opt_state[name])
 
-    logger = _RankZeroLogger(cfg, step) if rank == 0 else None
+    logger = _RankZeroLogger(cfg) if rank == 0 else None
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     batch_size, epochs = train_cfg["batch_size"], train_cfg["epochs"]
@@ -709,7 +709,7 @@ def _train_epoch(worker: _Worker, shard, epoch: int, step: int) -> tuple[int, di
 
     Sets every optimiser's learning rate by :func:`lr_factor` before each step; rank 0 logs the step's
     losses, learning rates and throughput every ``log_every_steps`` steps, and shows the epoch's progress
-    (a line every :data:`LOG_INTERVAL_S` seconds: a worker's stdout is no terminal)."""
+    (a plain line now and then: a worker's stdout is no terminal, see common/progress.py)."""
     train_cfg = worker.cfg["train"]
     batch_size = train_cfg["batch_size"]
     window_start, window_samples = time.time(), 0
@@ -885,7 +885,7 @@ class _RankZeroLogger:
     """MLflow logging from rank 0 (metrics with monotonic steps, image grids, system metrics), sent to
     an :class:`_MlflowSink` actor: the training process never imports MLflow."""
 
-    def __init__(self, cfg: dict[str, Any], step: int):
+    def __init__(self, cfg: dict[str, Any]):
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
