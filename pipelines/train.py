@@ -40,7 +40,9 @@ import yaml
 
 from latentforge.models import MODELS, ConfigError, PretrainedModel, train_step
 from latentforge.models.samplers import GaussianMixtureConfig, GaussianMixtureSampler, encode_latents
-from latentforge.pipelines.common.cluster import cluster_resources, connect_ray, request_resources, train_logging_config
+from latentforge.pipelines.common.cluster import (
+    cluster_resources, connect_ray, quiet_worker_logging, request_resources, train_logging_config,
+)
 from latentforge.pipelines.common.errors import DataError, TrainingError
 from latentforge.pipelines.common.files import atomic_directory
 from latentforge.pipelines.common.params import ParamsError, apply_overrides, check_keys, section
@@ -636,6 +638,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    quiet_worker_logging()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     train_cfg = cfg["train"]

@@ -67,3 +67,13 @@ def train_logging_config():
     import ray.train
 
     return ray.train.LoggingConfig(log_level="WARNING")
+
+
+def quiet_worker_logging() -> None:
+    """In a Ray Train worker: INFO records of loggers outside ``ray.train`` off its console. Ray Train
+    logs each ``ray.train.report`` ("Reporting training result N: TrainingReport(...)") at INFO through a
+    logger named by its source file, which the ``RunConfig`` level does not reach; Ray Train's own files
+    (:func:`train_logging_config`) keep its records."""
+    import logging
+
+    logging.getLogger().setLevel(logging.WARNING)
