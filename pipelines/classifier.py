@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from latentforge.pipelines.common.errors import DataError
 from latentforge.pipelines.common.files import atomic_directory
 from latentforge.pipelines.common.params import ParamsError, check_keys, section
+from latentforge.pipelines.common.progress import progress
 from latentforge.pipelines.imaging import batch_to_tensor
 from latentforge.pipelines.prepare import load_split, read_manifest
 
@@ -291,7 +292,7 @@ def train_classifier(
     for epoch in range(epochs):
         perm = rng.permutation(n)
         total = 0.0
-        for s in range(steps_per_epoch):
+        for s in progress(range(steps_per_epoch), f"classifier epoch {epoch + 1}/{epochs}", unit="steps"):
             idx = np.sort(perm[s * batch_size : (s + 1) * batch_size])
             x = batch_to_tensor(images[idx])
             outliers = synthetic_outliers(x[: max(1, len(x) // 2)], generator) if outlier_weight > 0 else x[:0]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import base64
+import importlib.metadata
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -329,14 +331,26 @@ def cmd_mlflow_server(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def plain_text(docstring: str) -> str:
+    """A docstring as terminal help: reStructuredText's ``literal`` and :role:`target` markup removed."""
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", docstring)
+    return re.sub(r"``([^`]+)``", r"\1", text)
+
+
+def package_version() -> str:
+    """The installed latentforge distribution's version (pyproject.toml's ``version``)."""
+    return importlib.metadata.version("latentforge")
+
+
 # A declarative table of the sub-commands and their options: exempt from the 80-line rule for functions.
 def build_parser() -> argparse.ArgumentParser:
     """The ``latentforge`` argument parser: one sub-command per stage, each with ``--params`` and ``--set``."""
-    parser = argparse.ArgumentParser(prog="latentforge", description=__doc__)
+    parser = argparse.ArgumentParser(prog="latentforge", description=plain_text(__doc__))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def stage(name: str, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+        p = sub.add_parser(name, help=plain_text(help), description=plain_text(help))
         p.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
         p.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override a param: a dotted key (data.name=digits, train.epochs=3) or, for train, "

@@ -23,7 +23,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -38,12 +40,15 @@ import yaml
 
 from latentforge.models import MODELS, ConfigError, PretrainedModel, train_step
 from latentforge.models.samplers import GaussianMixtureConfig, GaussianMixtureSampler, encode_latents
-from latentforge.pipelines.common.cluster import cluster_resources, connect_ray, request_resources
+from latentforge.pipelines.common.cluster import (
+    cluster_resources, connect_ray, quiet_worker_logging, request_resources, train_logging_config,
+)
 from latentforge.pipelines.common.errors import DataError, TrainingError
 from latentforge.pipelines.common.files import atomic_directory
 from latentforge.pipelines.common.params import ParamsError, apply_overrides, check_keys, section
+from latentforge.pipelines.common.progress import progress
 from latentforge.pipelines.common.tracking import experiment_id, git_commit, mlflow_client, tracking_uri
-from latentforge.pipelines.imaging import batch_to_tensor, save_png, tensor_to_uint8
+from latentforge.pipelines.imaging import batch_to_tensor, tensor_to_uint8
 from latentforge.pipelines.prepare import load_split, read_manifest
 from latentforge.runtime.grid import make_grid
 from latentforge.runtime.store import absolute_uri
@@ -366,6 +371,7 @@ def run_training(job: TrainJob, echo: Callable[[str], None] = print) -> dict[str
         "tracking_uri": job.tracking_uri,
         "run_id": run_id,
         "val_metric": val_metric,
+        "system_metrics": system_metrics_enabled(),
     }
     scaling = ray.train.ScalingConfig(
         num_workers=job.train["num_workers"],
@@ -381,6 +387,7 @@ def run_training(job: TrainJob, echo: Callable[[str], None] = print) -> dict[str
             checkpoint_score_order="min",
         ),
         failure_config=ray.train.FailureConfig(max_failures=job.train["max_failures"]),
+        logging_config=train_logging_config(),
     )
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
@@ -401,7 +408,8 @@ def run_training(job: TrainJob, echo: Callable[[str], None] = print) -> dict[str
     if best is None:
         raise TrainingError(f"training {job.run_name} reported no checkpoint")
     try:
-        summary = _write_outputs(job, best, result.metrics, run_id, time.time() - t0, echo)
+        history = epoch_history(client, run_id)
+        summary = _write_outputs(job, best, result.metrics, run_id, time.time() - t0, echo, history)
     except Exception as exc:
         client.set_terminated(run_id, status="FAILED")
         raise TrainingError(f"writing the outputs of {job.run_name} failed: {type(exc).__name__}: {exc}") from exc
@@ -422,13 +430,51 @@ def root_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[-1] if text else ''}"
 
 
+# <output_dir>/<family>/history/<figure>.tsv: one row per epoch, columns epoch and value (the DVC train
+# stage declares them as plots, x: epoch, y: value, so `dvc plots diff` overlays two experiments).
+HISTORY_DIR = "history"
+HISTORY_PREFIX = "epoch/"  # the MLflow keys of the per-epoch figures (see _log_epoch)
+HISTORY_FIGURES = ("train_", "val_")  # of those, the losses and validation figures; not timings
+HISTORY_REPEATS = ("val_score",)  # the family's val_<metric> again, under the name checkpoints are scored by
+
+
+def epoch_history(client, run_id: str) -> list[dict[str, float]]:
+    """One dict per epoch of the MLflow run, in order: ``epoch`` (1, 2, ...) and each per-epoch training
+    loss and validation figure (``train_loss``, ``val_mse`` ...), read back from the run's ``epoch/*``
+    metrics. A resumed run's earlier epochs are in the same run, so they are counted too."""
+    names = [k[len(HISTORY_PREFIX):] for k in client.get_run(run_id).data.metrics if k.startswith(HISTORY_PREFIX)]
+    keys = [k for k in names if k.startswith(HISTORY_FIGURES) and k not in HISTORY_REPEATS]
+    rows: dict[int, dict[str, float]] = {}
+    for key in sorted(keys):
+        for metric in client.get_metric_history(run_id, HISTORY_PREFIX + key):
+            rows.setdefault(metric.step, {})[key] = metric.value
+    return [{"epoch": i + 1, **row} for i, (_, row) in enumerate(sorted(rows.items()))]
+
+
+def write_history(history: list[dict[str, float]], folder: Path) -> None:
+    """Write ``history`` (:func:`epoch_history`) as one ``<figure>.tsv`` per figure in ``folder``: a header
+    ``epoch<TAB>value``, then one row per epoch that has the figure."""
+    folder.mkdir(parents=True, exist_ok=True)
+    figures = sorted({k for row in history for k in row if k != "epoch"})
+    for figure in figures:
+        lines = [f"{row['epoch']}\t{row[figure]:.6g}" for row in history if figure in row]
+        (folder / f"{figure}.tsv").write_text("epoch\tvalue\n" + "\n".join(lines) + "\n")
+
+
+def system_metrics_enabled() -> bool:
+    """Whether rank 0's MLflow sink logs system metrics (CPU, memory, GPU): on unless MLflow's own switch,
+    ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING``, is set to false (read on the driver, which may be elsewhere)."""
+    return os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").strip().lower() in ("true", "1")
+
+
 def _write_outputs(job: TrainJob, checkpoint, last_metrics: dict, run_id: str, seconds: float,
-                   echo: Callable[[str], None] = print) -> dict[str, Any]:
+                   echo: Callable[[str], None] = print, history: list[dict[str, float]] | None = None) -> dict[str, Any]:
     """Copy the chosen checkpoint's model to ``<output_dir>/<family>/model``, with the latent sampler of
-    ``train.sampler`` fitted to it (:func:`fit_sampler`), and write ``metrics.json`` (both DVC stage
-    outputs), atomically."""
+    ``train.sampler`` fitted to it (:func:`fit_sampler`), and write ``metrics.json`` and the per-epoch
+    ``history/`` plots (:func:`write_history`) (DVC stage outputs), atomically."""
     out = job.output_dir
     with atomic_directory(out) as tmp:
+        write_history(history or [], tmp / HISTORY_DIR)
         with checkpoint.as_directory() as ckpt_dir:
             shutil.copytree(Path(ckpt_dir) / "model", tmp / "model")
             state = json.loads((Path(ckpt_dir) / "metrics.json").read_text())
@@ -593,6 +639,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    quiet_worker_logging()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     train_cfg = cfg["train"]
@@ -612,7 +659,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         for name, opt in optimizers.items():
             opt.load_state_dict(opt_state[name])
 
-    logger = _RankZeroLogger(cfg, step) if rank == 0 else None
+    logger = _RankZeroLogger(cfg) if rank == 0 else None
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     batch_size, epochs = train_cfg["batch_size"], train_cfg["epochs"]
@@ -665,16 +712,21 @@ def _train_epoch(worker: _Worker, shard, epoch: int, step: int) -> tuple[int, di
     """One pass over this worker's train shard; returns (step after it, summed step logs, steps taken).
 
     Sets every optimiser's learning rate by :func:`lr_factor` before each step; rank 0 logs the step's
-    losses, learning rates and throughput every ``log_every_steps`` steps."""
+    losses, learning rates and throughput every ``log_every_steps`` steps, and shows the epoch's progress
+    (a plain line now and then: a worker's stdout is no terminal, see common/progress.py)."""
     train_cfg = worker.cfg["train"]
     batch_size = train_cfg["batch_size"]
     window_start, window_samples = time.time(), 0
     sums: dict[str, float] = {}
     n_steps = 0
-    for raw in shard.iter_batches(
+    batches = shard.iter_batches(
         batch_size=batch_size, batch_format="numpy", drop_last=True,
         local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=train_cfg["seed"] + 1000 * epoch + worker.rank,
-    ):
+    )
+    if worker.logger:
+        steps = max(1, worker.cfg["train_count"] // (batch_size * worker.world))
+        batches = progress(batches, f"epoch {epoch + 1}/{train_cfg['epochs']}", total=steps, unit="steps")
+    for raw in batches:
         factor = lr_factor(train_cfg["lr_schedule"], step, worker.total_steps)
         for name, opt in worker.optimizers.items():
             for group, base in zip(opt.param_groups, worker.base_lrs[name]):
@@ -785,15 +837,19 @@ def _validate(core, shard, shape, batch_size, to_device, world):
     return {k: sums.get(k, 0.0) / max(count, 1) for k in keys}, first
 
 
+SYSTEM_METRICS_INTERVAL_S = 5  # seconds between MLflow's system-metrics samples
+
+
 class _MlflowSink:
     """A Ray actor on rank 0's node that does all of rank 0's MLflow work: metrics, image grids and MLflow's
-    system-metrics monitor (it samples the node, so any process on it measures the same).
+    system metrics (its monitor samples the node, so any process on it measures the same).
 
     Why a separate process: with MLflow imported and its store open in the training process, even with
     no metric logged, the VAE's steps ran ~8% slower (bench/README.md, train_throughput). Calls run in
     the order rank 0 makes them, so steps stay monotonic."""
 
-    def __init__(self, tracking_uri: str, run_id: str, resume: bool):
+    def __init__(self, tracking_uri: str, run_id: str, system_metrics: bool):
+        import mlflow
         from mlflow.tracking import MlflowClient
 
         self.client, self.run_id = MlflowClient(tracking_uri), run_id
@@ -801,14 +857,13 @@ class _MlflowSink:
         # has them from the failed attempt, so skip up to the last step logged to keep steps monotonic.
         logged = [m.step for key in ("samples_per_sec", "epoch/val_score") for m in self.client.get_metric_history(run_id, key)]
         self.resume_step = max(logged, default=-1)
-        self.monitor = None
-        try:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-            self.monitor = SystemMetricsMonitor(run_id, sampling_interval=5, resume_logging=resume, tracking_uri=tracking_uri)
-            self.monitor.start()
-        except Exception as exc:  # system metrics are nice to have, never a reason to fail a run
-            print(f"[latentforge] system metrics off: {exc}", flush=True)
+        # MLflow's documented switch: start_run(log_system_metrics=True) on the existing run starts its
+        # monitor (resuming its steps), end_run() stops it. The fluent state is this actor process's own.
+        # Its INFO lines (monitor started, stopped) would be forwarded to the driver's console: warnings only.
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
+        mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
 
     def log(self, metrics: dict[str, float], step: int, timestamp_ms: int) -> None:
         from mlflow.entities import Metric
@@ -816,28 +871,31 @@ class _MlflowSink:
         if step > self.resume_step:
             self.client.log_batch(self.run_id, metrics=[Metric(k, v, timestamp_ms, step) for k, v in metrics.items()])
 
-    def log_pngs(self, pngs: dict[str, bytes]) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            for name, blob in pngs.items():
-                (Path(tmp) / name).write_bytes(blob)
-                self.client.log_artifact(self.run_id, str(Path(tmp) / name), artifact_path="images")
+    def log_images(self, images: dict[str, np.ndarray], epoch: int) -> None:
+        """Each (H, W, 3) uint8 image as MLflow's time-stepped image ``key`` at step ``epoch`` (1, 2, ...),
+        so that the run's page steps through the epochs."""
+        for key, image in images.items():
+            self.client.log_image(self.run_id, image, key=key, step=epoch)
 
     def close(self) -> None:
-        if self.monitor is not None:
-            self.monitor.finish()
+        """Stop the system-metrics monitor. The run stays RUNNING: the driver ends it once its outputs
+        are written."""
+        import mlflow
+
+        mlflow.end_run(status="RUNNING")
 
 
 class _RankZeroLogger:
     """MLflow logging from rank 0 (metrics with monotonic steps, image grids, system metrics), sent to
     an :class:`_MlflowSink` actor: the training process never imports MLflow."""
 
-    def __init__(self, cfg: dict[str, Any], step: int):
+    def __init__(self, cfg: dict[str, Any]):
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         node = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
         self.sink = ray.remote(num_cpus=0)(_MlflowSink).options(scheduling_strategy=node).remote(
-            cfg["tracking_uri"], cfg["run_id"], step > 0)
+            cfg["tracking_uri"], cfg["run_id"], cfg["system_metrics"])
         self.pending: list = []  # the sink's replies, checked in close()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -845,17 +903,21 @@ class _RankZeroLogger:
         self.pending.append(self.sink.log.remote(metrics, step, int(time.time() * 1000)))
 
     def log_images(self, core, val_images, epoch) -> None:
+        """The grid of 64 samples (fixed noise) and, for a family with an encoder, of val images beside
+        their reconstructions, as MLflow images ``samples`` and ``reconstructions`` at step ``epoch + 1``."""
         core.eval()
-        with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        with torch.no_grad():
             gen = torch.Generator(device=next(core.parameters()).device).manual_seed(0)
             samples = core.sample(64, generator=gen).images
-            save_png(make_grid(tensor_to_uint8(samples)), Path(tmp) / f"samples_epoch{epoch + 1:03d}.png", scale=2)
+            grids = {"samples": make_grid(tensor_to_uint8(samples))}
             if core.has_encoder and val_images is not None:
                 x = val_images
                 recon = core.decode(core.encode(x).latent).images
                 pairs = torch.stack([x, recon.to(x.dtype)], dim=1).flatten(0, 1)  # original, recon, ...
-                save_png(make_grid(tensor_to_uint8(pairs), nrow=8), Path(tmp) / f"recon_epoch{epoch + 1:03d}.png", scale=2)
-            self.pending.append(self.sink.log_pngs.remote({png.name: png.read_bytes() for png in Path(tmp).glob("*.png")}))
+                grids["reconstructions"] = make_grid(tensor_to_uint8(pairs), nrow=8)
+        # Twice the size (nearest), so that 32x32 images are visible in MLflow's page.
+        grids = {key: grid.repeat(2, axis=0).repeat(2, axis=1) for key, grid in grids.items()}
+        self.pending.append(self.sink.log_images.remote(grids, epoch + 1))
         core.train()
 
     def close(self) -> None:

@@ -82,6 +82,7 @@ from typing import Any, Callable
 
 from latentforge.pipelines.common.errors import EvaluationError
 from latentforge.pipelines.common.files import atomic_directory
+from latentforge.pipelines.common.progress import progress
 from latentforge.pipelines.evaluate.inference import BATCH, encode_images
 from latentforge.pipelines.evaluate.job import (
     EVALUATE_SCHEMA,
@@ -125,7 +126,7 @@ def run_evaluation(job: EvalJob, echo: Callable[[str], None] = print) -> dict[st
 
     ev = load_evaluation(job, client)
     lap("load")
-    for name, section in SECTIONS:
+    for name, section in progress(SECTIONS, f"evaluate {job.family}", unit="sections"):
         if section(ev):
             lap(name)
     for section in PLOT_SECTIONS:

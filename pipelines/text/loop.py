@@ -18,6 +18,7 @@ import torch
 
 from latentforge.models import PretrainedModel
 from latentforge.models.text import CaptionScorer, TextMap, TextMapConfig, freeze, state_digest
+from latentforge.pipelines.common.cluster import quiet_worker_logging
 from latentforge.pipelines.imaging import batch_to_tensor
 from latentforge.pipelines.text.captioner import caption, code_bank, fit_captioner, scoring_space
 
@@ -30,6 +31,7 @@ def text_loop_per_worker(cfg: dict[str, Any]) -> None:
     """
     import ray.train
 
+    quiet_worker_logging()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg["seed"] + rank)

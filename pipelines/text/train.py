@@ -32,7 +32,7 @@ import numpy as np
 
 from latentforge.models import PretrainedModel
 from latentforge.models.text import TextMap, text_map_for
-from latentforge.pipelines.common.cluster import connect_ray
+from latentforge.pipelines.common.cluster import connect_ray, train_logging_config
 from latentforge.pipelines.common.errors import TrainingError
 from latentforge.pipelines.common.tracking import experiment_id, git_commit, mlflow_client
 from latentforge.pipelines.text.aligned import prepare_arrays
@@ -135,7 +135,8 @@ def _fit(job: TextJob, client, run_id: str, config: dict[str, Any]):
                                                resources_per_worker={"CPU": t["cpus_per_worker"]}),
         # A fresh Ray run each time: the loop does not resume, so a same-named finished run must not be restored.
         run_config=ray.train.RunConfig(name=f"{job.run_name}-{run_id[:8]}", storage_path=str(Path(t["output_dir"]).resolve() / ".ray"),
-                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+                                       logging_config=train_logging_config()),
     )
     try:
         result = trainer.fit()

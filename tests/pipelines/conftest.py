@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from latentforge.models import MODELS
+from latentforge.pipelines.common.cluster import connect_ray
 from latentforge.pipelines.common.params import load_params
 from latentforge.pipelines.prepare import prepare
 from latentforge.pipelines.train import DATA_FIELDS
@@ -42,7 +43,7 @@ def project(tmp_path_factory):
 def local_ray():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+    connect_ray(num_cpus=2)  # as the commands start it (127.0.0.1 only, Ray's warnings off the console)
     yield
     ray.shutdown()
 

@@ -13,8 +13,11 @@ import yaml
 from latentforge.models import MODELS, ConfigError, PretrainedModel
 from latentforge.pipelines.data import DataError
 from latentforge.pipelines.common.params import ParamsError
-from latentforge.pipelines.train import TrainingError, fit_sampler, lr_factor, resolve_job, run_training
-from tests.pipelines.conftest import mlflow_runs
+from latentforge.pipelines.train import (
+    HISTORY_DIR, TrainingError, epoch_history, fit_sampler, lr_factor, resolve_job, run_training, system_metrics_enabled,
+    write_history,
+)
+from tests.pipelines.conftest import REPO, mlflow_runs
 
 
 @pytest.mark.parametrize("family", ["vae", "vqvae2", "gan"])
@@ -54,10 +57,21 @@ def test_two_worker_ddp_run(project, local_ray, family):
     assert "mlflow.source.git.commit" in run.data.tags and run.data.tags["ray.num_cpus"] == "2.0"
     assert "samples_per_sec" in run.data.metrics and "epoch/val_score" in run.data.metrics
     assert any(k.startswith("train/") for k in run.data.metrics)
+    # Image grids are MLflow time-stepped images, one per epoch (step 1, 2), so the run's page steps through them.
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
-    assert any("samples_epoch" in p for p in images)
-    if family != "gan":
-        assert any("recon_epoch" in p for p in images)
+    keys = ["samples"] + (["reconstructions"] if family != "gan" else [])
+    for key in keys:
+        steps = sorted(int(p.split("+step+")[1].split("+")[0]) for p in images
+                       if p.startswith(f"images/{key}+step+") and p.endswith(".png"))
+        assert steps == [1, 2], (key, images)
+    # The per-epoch plots the DVC train stage declares: one <figure>.tsv per loss / val figure, a row per epoch.
+    history = Path(summary["model_dir"]).parent / "history"
+    assert not (history / "val_score.tsv").exists()  # val_score repeats val_<metric>: no figure of its own
+    files = {f.stem: f.read_text().splitlines() for f in history.glob("*.tsv")}
+    assert f"val_{MODELS[family].val_metric}" in files and any(k.startswith("train_") and k.endswith("loss") for k in files)
+    for figure, lines in files.items():
+        assert lines[0] == "epoch\tvalue" and [line.split("\t")[0] for line in lines[1:]] == ["1", "2"], figure
+        assert all(math.isfinite(float(line.split("\t")[1])) for line in lines[1:])
     if family == "vqvae2":
         # Both workers ended with identical codebooks: the loop all-gathers a checksum of every
         # weight and buffer and fails the run on any difference, and the run finished.
@@ -127,6 +141,41 @@ def test_fit_sampler_caps_components_at_the_latents(project, tmp_path):
     assert fit["components"] == 5 and fit["latents"] == 50
     assert lines[0] == "latent sampler: 50 latents, so 5 components instead of 80 (at least 10 latents each)"
     assert PretrainedModel.from_pretrained(model_dir).latent_sampler.config.components == 5
+
+
+def test_epoch_history_reads_the_epoch_figures_back_from_mlflow(tmp_path):
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("h", artifact_location=(tmp_path / "a").as_uri())).info.run_id
+    # Three epochs ending at steps 15, 30, 45, as _log_epoch logs them; timings and val_score are no figures.
+    for epoch, step in enumerate((15, 30, 45)):
+        figures = {"train_loss": 1.0 / (epoch + 1), "val_mse": 0.5 - 0.1 * epoch, "val_score": 0.5 - 0.1 * epoch,
+                   "epoch_seconds": 3.0}
+        client.log_batch(run_id, metrics=[Metric(f"epoch/{k}", v, 0, step) for k, v in figures.items()])
+    client.log_batch(run_id, metrics=[Metric("train/loss", 9.0, 0, 7)])  # a step metric: not per epoch
+    history = epoch_history(client, run_id)
+    assert history == [{"epoch": 1, "train_loss": 1.0, "val_mse": 0.5}, {"epoch": 2, "train_loss": 0.5, "val_mse": 0.4},
+                       {"epoch": 3, "train_loss": pytest.approx(1 / 3), "val_mse": pytest.approx(0.3)}]
+    write_history(history, tmp_path / "history")
+    assert sorted(f.name for f in (tmp_path / "history").iterdir()) == ["train_loss.tsv", "val_mse.tsv"]
+    assert (tmp_path / "history" / "val_mse.tsv").read_text() == "epoch\tvalue\n1\t0.5\n2\t0.4\n3\t0.3\n"
+
+
+def test_dvc_train_stage_declares_the_history_plots():
+    """`dvc plots diff` overlays experiments only for plots whose x and y it knows."""
+    train = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]["do"]
+    plots = {path: props for entry in train["plots"] for path, props in entry.items()}
+    props = plots[f"${{train.output_dir}}/${{item}}/{HISTORY_DIR}"]
+    assert props["x"] == "epoch" and props["y"] == "value" and props["cache"] is False
+
+
+def test_system_metrics_switch(monkeypatch):
+    monkeypatch.delenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", raising=False)
+    assert system_metrics_enabled()
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    assert not system_metrics_enabled()
 
 
 def test_lr_factor():

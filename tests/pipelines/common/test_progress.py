@@ -1,0 +1,24 @@
+"""Progress of long work: plain, rate-limited lines when the stream is a log file, not a terminal."""
+
+from __future__ import annotations
+
+import io
+
+from latentforge.pipelines.common.progress import Progress, progress
+
+
+def test_plain_lines_in_a_log_file_at_most_every_interval() -> None:
+    log = io.StringIO()  # no terminal: no bar, no carriage returns
+    assert list(progress(range(5), "epoch 1/3", unit="steps", interval_s=3600, stream=log)) == [0, 1, 2, 3, 4]
+    assert log.getvalue() == ""  # done before the first interval: nothing said
+    items = list(progress(range(3), "epoch 2/3", unit="steps", interval_s=0, stream=log))
+    lines = log.getvalue().splitlines()
+    assert items == [0, 1, 2] and len(lines) == 3 and "\r" not in log.getvalue()
+    assert lines[0].startswith("[latentforge] epoch 2/3: 1/3 steps (33%), ") and "ETA" in lines[0]
+    assert lines[-1].startswith("[latentforge] epoch 2/3: 3/3 steps (100%), ") and lines[-1].endswith("ETA 0s")
+
+
+def test_unknown_total() -> None:
+    bar = Progress("reading", None, unit="rows", stream=io.StringIO())
+    bar.update(7)
+    assert bar.line(2.0) == "reading: 7 rows, 3.5 rows/s"
