@@ -16,26 +16,18 @@ from pathlib import Path
 import numpy as np
 import requests
 
+from latentforge.runtime.grid import make_grid
 from latentforge.serving.codec import encode_png
 
 
-def _grid(pngs: list[str], columns: int = 8) -> "Image.Image":
-    """base64 PNGs of one size -> one image, ``columns`` per row, 2 px apart."""
+def _save(pngs: list[str], path: Path, scale: int = 4, columns: int = 8) -> Path:
+    """base64 PNGs of one size -> one grid, ``columns`` per row, 2 white pixels apart, upscaled ``scale``
+    times (nearest: crisp pixels)."""
     from PIL import Image
 
-    tiles = [Image.open(io.BytesIO(base64.b64decode(p))).convert("RGB") for p in pngs]
-    w, h = tiles[0].size
-    cols = min(columns, len(tiles))
-    rows = -(-len(tiles) // cols)
-    grid = Image.new("RGB", (cols * (w + 2) - 2, rows * (h + 2) - 2), "white")
-    for i, tile in enumerate(tiles):
-        grid.paste(tile, ((i % cols) * (w + 2), (i // cols) * (h + 2)))
-    return grid
-
-
-def _save(pngs: list[str], path: Path, scale: int = 4, columns: int = 8) -> Path:
-    grid = _grid(pngs, columns)
-    grid.resize((grid.width * scale, grid.height * scale), resample=0).save(path)  # nearest: crisp pixels
+    tiles = np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(p))).convert("RGB")) for p in pngs])
+    grid = make_grid(tiles, nrow=columns, pad=2, fill=255)[2:-2, 2:-2]
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), resample=Image.NEAREST).save(path)
     return path
 
 
