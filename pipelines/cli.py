@@ -362,18 +362,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
 
     p = stage("train", "train a model family on Ray Train, tracked in MLflow; the same --run-name resumes")
-    p.add_argument("--model", required=True, help="model family (see `models.MODELS`), e.g. vae, vqvae2, gan")
+    p.add_argument("--model", required=True, help="model family, e.g. vae, vqvae2, gan, conv_ae, lstm_ae (an unknown name lists them all)")
     p.add_argument("--num-workers", type=int, help="Ray Train workers (default: params train.num_workers)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker, bf16 autocast")
     p.add_argument("--run-name", help="run name (default: <family>-<data name>-<digest of config and data>); "
                    "an existing run of that name is resumed from its last checkpoint")
     p.set_defaults(func=cmd_train)
 
-    p = stage("submit", "submit `latentforge train ...` as a job to a running Ray cluster (Ray Jobs API)")
+    p = stage("submit", "submit 'latentforge train ...' as a job to a running Ray cluster (Ray Jobs API)")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"),
                    help="the cluster's Jobs API, http://<head>:8265 (default: $RAY_ADDRESS or 127.0.0.1)")
     p.add_argument("--no-wait", action="store_true", help="return once submitted instead of waiting for the result")
-    p.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the arguments of `latentforge train`")
+    p.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the arguments of 'latentforge train'")
     p.set_defaults(func=cmd_submit)
 
     p = stage("export", "export a trained model to parity-checked ONNX graphs + manifest.json (artifacts/export/<family>)")
@@ -421,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_classifier)
 
     p = stage("evaluate", "evaluate a trained family on the test split -> artifacts/evaluate/<family>/, logged to its MLflow run")
-    p.add_argument("--model", required=True, help="model family (see `models.MODELS`), e.g. vae, vqvae2, gan")
+    p.add_argument("--model", required=True, help="model family, e.g. vae, vqvae2, gan, conv_ae, lstm_ae (an unknown name lists them all)")
     p.set_defaults(func=cmd_evaluate)
 
     p = stage("train-text", "learn f_tau (text -> latent space) on an aligned subset, decoder frozen -> artifacts/text/<family>")
@@ -430,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, help="Ray Train workers (default: params text.num_workers)")
     p.add_argument("--run-name", help="MLflow run name (default: <family>-<data>-text-<digest>)")
     p.add_argument("--experiment-decoder-record", type=Path,
-                   help="inside a DVC experiment (`dvc exp run`), train against the version this register record "
+                   help="inside a DVC experiment (dvc exp run), train against the version this register record "
                         "names (the version the experiment registered: it never becomes champion) instead of --model")
     p.set_defaults(func=cmd_train_text)
 

@@ -34,7 +34,7 @@ def test_help_of_every_command_is_plain_text(capsys) -> None:
     helps.update({name: sub.format_help() for name, sub in _subcommand_parsers(parser).items()})
     assert {"train", "evaluate", "serve", "mlflow-server"} <= set(helps)
     for name, text in helps.items():
-        assert "``" not in text, f"{name} --help shows reStructuredText literals:\n{text}"
+        assert "`" not in text, f"{name} --help shows reStructuredText or Markdown backticks:\n{text}"
         assert ":func:" not in text and ":class:" not in text, f"{name} --help shows a reStructuredText role"
     assert "The latentforge command" in helps["latentforge"]
     with pytest.raises(SystemExit) as exit_info:
