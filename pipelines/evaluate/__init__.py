@@ -83,6 +83,7 @@ from typing import Any, Callable
 from latentforge.pipelines.common.errors import EvaluationError
 from latentforge.pipelines.common.files import atomic_directory
 from latentforge.pipelines.common.progress import progress
+from latentforge.pipelines.common.summary import IMAGE_KEY_FIGURES, write_summary
 from latentforge.pipelines.evaluate.inference import BATCH, encode_images
 from latentforge.pipelines.evaluate.job import (
     EVALUATE_SCHEMA,
@@ -142,6 +143,7 @@ def run_evaluation(job: EvalJob, echo: Callable[[str], None] = print) -> dict[st
         ev.info["seconds"] = seconds
         out = {**{k: _finite_or_none(v) for k, v in sorted(ev.metrics.items())}, "info": ev.info}
         (tmp / "metrics.json").write_text(json.dumps(out, indent=2, allow_nan=False) + "\n")
+        write_summary(tmp, out, IMAGE_KEY_FIGURES)
         log_to_mlflow(client, job, ev.metrics, tmp, primary, direction)
     echo(f"[evaluate {job.family}] {primary} {ev.metrics.get(primary, float('nan')):.5g} ({direction}); "
          f"{len(ev.metrics)} metrics, {len(ev.plots)} plots -> {job.out_dir}; MLflow run {job.run_id} ({seconds['total']:.0f}s)")

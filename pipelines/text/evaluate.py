@@ -55,6 +55,7 @@ from latentforge.pipelines.classifier import LABEL_HEAD, load_classifier
 from latentforge.pipelines.common.errors import EvaluationError
 from latentforge.pipelines.common.files import atomic_directory
 from latentforge.pipelines.common.params import section
+from latentforge.pipelines.common.summary import TEXT_KEY_FIGURES, write_summary
 from latentforge.pipelines.common.tracking import mlflow_client, tracking_uri
 from latentforge.pipelines.data import SHAPE_FACTORS, shape_caption
 from latentforge.pipelines.imaging import batch_to_tensor
@@ -341,6 +342,7 @@ def evaluate_text_from_params(params: dict[str, Any], family: str, echo: Callabl
     out = Path(section(params, "evaluate")["output_dir"]) / f"{family}-text"
     with atomic_directory(out) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        write_summary(tmp, metrics, TEXT_KEY_FIGURES)
     run_id = json.loads((text_dir / "text.json").read_text()).get("mlflow_run_id")
     if run_id:
         # Imported here: mlflow only when there is a run to log to.

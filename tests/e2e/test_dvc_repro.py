@@ -77,6 +77,11 @@ def test_dvc_repro_twice_then_push(repo_copy):
     # ... then evaluate, export and register: the version is in the registry as champion.
     evaluation = json.loads((repo_copy / "artifacts" / "evaluate" / "vae" / "metrics.json").read_text())
     assert "recon_psnr" in json.dumps(evaluation)
+    # `dvc metrics show` (and `dvc exp show`) lists the evaluations' key figures, not their hundreds.
+    shown = sh("dvc", "metrics", "show", "--json", cwd=repo_copy).stdout
+    assert "artifacts/evaluate/vae/summary.json" in shown and "artifacts/evaluate/vae-text/summary.json" in shown
+    assert '"recon_psnr_db"' in shown and '"generate_t1_seen_all_factors"' in shown
+    assert "edit_success_shape" not in shown and "artifacts/evaluate/vae/metrics.json" not in shown
     exported = json.loads((repo_copy / "artifacts" / "export" / "vae" / "manifest.json").read_text())
     assert exported["attributes"]["labels_per_value"] == 50 and "shape" in exported["attributes"]["values"]  # for edit
     assert "edit_success_shape" in evaluation
