@@ -458,7 +458,9 @@ def write_history(history: list[dict[str, float]], folder: Path) -> None:
     figures = sorted({k for row in history for k in row if k != "epoch"})
     for figure in figures:
         lines = [f"{row['epoch']}\t{row[figure]:.6g}" for row in history if figure in row]
-        (folder / f"{figure}.tsv").write_text("epoch\tvalue\n" + "\n".join(lines) + "\n")
+        path = folder / f"{figure}.tsv"  # a figure named a/b (the GAN's train_disc/d_fake) is a folder a
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("epoch\tvalue\n" + "\n".join(lines) + "\n")
 
 
 def system_metrics_enabled() -> bool:

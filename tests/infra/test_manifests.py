@@ -104,9 +104,10 @@ def installed_ray_version() -> str:
 
 
 def torch_pin() -> str:
-    """The torch version the Makefile pins (``TORCH_SPEC ?= torch==X``): the project's single pin."""
-    m = re.search(r"^TORCH_SPEC\s*\?=\s*torch==(\S+)", (REPO / "Makefile").read_text(), re.M)
-    assert m, "Makefile: no `TORCH_SPEC ?= torch==<version>` line"
+    """The torch version of requirements.lock (``torch==X+cpu --hash=...``, the local build tag dropped):
+    the project's single pin, which the GPU installs name with their CUDA wheel index."""
+    m = re.search(r"^torch==([^\s+]+)", (REPO / "requirements.lock").read_text(), re.M)
+    assert m, "requirements.lock: no `torch==<version>` line"
     return m.group(1)
 
 
@@ -716,7 +717,7 @@ def dockerfile_args() -> dict[str, str]:
 
 
 def check_pip_installs(text: str, where: str, project: str) -> None:
-    """torch is installed, pinned as in the Makefile, before the project; no line installs another torch;
+    """torch is installed, pinned as in requirements.lock, before the project; no line installs another torch;
     Ray is pinned to the installed version."""
     installs = [(line, args[1:]) for line, args in shell_commands(text, "pip") if args[:1] == ["install"]]
     installs += [(line, args[3:]) for line, args in shell_commands(text, "python -m pip") if args[:1] == ["install"]]

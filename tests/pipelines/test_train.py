@@ -67,7 +67,7 @@ def test_two_worker_ddp_run(project, local_ray, family):
     # The per-epoch plots the DVC train stage declares: one <figure>.tsv per loss / val figure, a row per epoch.
     history = Path(summary["model_dir"]).parent / "history"
     assert not (history / "val_score.tsv").exists()  # val_score repeats val_<metric>: no figure of its own
-    files = {f.stem: f.read_text().splitlines() for f in history.glob("*.tsv")}
+    files = {str(f.relative_to(history).with_suffix("")): f.read_text().splitlines() for f in history.rglob("*.tsv")}
     assert f"val_{MODELS[family].val_metric}" in files and any(k.startswith("train_") and k.endswith("loss") for k in files)
     for figure, lines in files.items():
         assert lines[0] == "epoch\tvalue" and [line.split("\t")[0] for line in lines[1:]] == ["1", "2"], figure
@@ -161,6 +161,12 @@ def test_epoch_history_reads_the_epoch_figures_back_from_mlflow(tmp_path):
     write_history(history, tmp_path / "history")
     assert sorted(f.name for f in (tmp_path / "history").iterdir()) == ["train_loss.tsv", "val_mse.tsv"]
     assert (tmp_path / "history" / "val_mse.tsv").read_text() == "epoch\tvalue\n1\t0.5\n2\t0.4\n3\t0.3\n"
+
+
+def test_write_history_puts_a_figure_named_with_a_slash_in_a_folder(tmp_path):
+    """The GAN logs its discriminator's figures as train_disc/d_fake: one file in a folder train_disc."""
+    write_history([{"epoch": 1, "train_disc/d_fake": 0.25}, {"epoch": 2, "train_disc/d_fake": 0.5}], tmp_path)
+    assert (tmp_path / "train_disc" / "d_fake.tsv").read_text() == "epoch\tvalue\n1\t0.25\n2\t0.5\n"
 
 
 def test_dvc_train_stage_declares_the_history_plots():
