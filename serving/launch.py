@@ -82,7 +82,8 @@ def deploy(config: dict[str, Any], timeout_s: float = 300.0) -> str:
     # `serve deploy` and `serve status` working on the result) is reached only by the `serve run` /
     # `serve deploy` CLIs (these two calls, ray/serve/scripts.py) and the dashboard's REST API, which
     # this launcher does not start. The public serve.start does the first half but returns no client.
-    # Tested on ray 2.60.0; tests/serving/test_launch.py checks that the installed Ray still has both calls.
+    # Tested on ray 2.60.0, the range pyproject.toml pins (>=2.60,<2.61); tests/serving/test_launch.py checks
+    # that the installed Ray still has both calls.
     schema = ServeDeploySchema.model_validate(config)
     client = serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location)
     client.deploy_apps(schema, _blocking=False)  # not blocking: the loop below surfaces DEPLOY_FAILED
