@@ -175,6 +175,7 @@ def export_model(
     source: dict | None = None,
     atol: float = 1e-4,
     edit: dict | None = None,
+    sample_grids: list[str | Path] | None = None,
 ) -> dict:
     """Export the model in ``model_dir`` to ONNX graphs + ``manifest.json`` in ``out_dir``; returns the manifest.
 
@@ -184,9 +185,13 @@ def export_model(
     allowed absolute difference between ONNX Runtime and PyTorch on any float output; indices must
     match exactly (but for exact ties between two codes, see :func:`_check_codes`). ``edit``: the
     ``edit`` params of the attribute vectors (:func:`pipelines.attributes.edit_settings`; None: the
-    defaults). Raises :class:`ExportError` on any failure, having written nothing.
+    defaults). ``sample_grids``: the evaluation's sample grid PNGs (``samples.png`` ...), copied under
+    ``sample_grids/`` and listed in the manifest's ``sample_grids`` (file name -> path), so that the
+    model card of the served version shows them. Raises :class:`ExportError` on any failure, having
+    written nothing.
     """
     edit = edit_settings({"edit": edit})
+    grids = _checked_sample_grids(sample_grids or [])
     model_dir, prepared_dir, out_dir = Path(model_dir), Path(prepared_dir), Path(out_dir)
     if read_manifest(prepared_dir).get("kind") == "timeseries":
         return export_series_model(model_dir, prepared_dir, out_dir, metrics, source, atol)
@@ -227,9 +232,38 @@ def export_model(
         }
         if attributes is not None:
             manifest["attributes"] = write_attributes(tmp, *attributes, edit["labels_per_value"])
+        if grids:
+            manifest["sample_grids"] = _copy_sample_grids(grids, tmp)
         # Not key-sorted: a graph's inputs and outputs are listed in the graph's own order.
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+SAMPLE_GRIDS_DIR = "sample_grids"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _checked_sample_grids(paths: list[str | Path]) -> list[Path]:
+    """``paths`` as Paths, each an existing PNG file, their names distinct; else :class:`ExportError`."""
+    grids = [Path(p) for p in paths]
+    for grid in grids:
+        if not grid.is_file():
+            raise ExportError(f"sample grid {grid}: no such file")
+        with grid.open("rb") as f:
+            if f.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
+                raise ExportError(f"sample grid {grid}: not a PNG file")
+    names = [g.name for g in grids]
+    if len(set(names)) != len(names):
+        raise ExportError(f"sample grids with the same file name: {', '.join(sorted(names))}")
+    return grids
+
+
+def _copy_sample_grids(grids: list[Path], out_dir: Path) -> dict[str, str]:
+    """Copy ``grids`` into ``out_dir/sample_grids``; returns the manifest's entry (file name -> path in the export)."""
+    (out_dir / SAMPLE_GRIDS_DIR).mkdir()
+    for grid in grids:
+        shutil.copyfile(grid, out_dir / SAMPLE_GRIDS_DIR / grid.name)
+    return {grid.name: f"{SAMPLE_GRIDS_DIR}/{grid.name}" for grid in grids}
 
 
 def _load_model(model_dir: Path, prepared_dir: Path) -> tuple[PretrainedModel, str, dict[str, Any]]:
@@ -562,7 +596,8 @@ def export_from_params(
     """Resolve the paths of ``latentforge export --model <family>`` from ``params`` and export.
 
     Model: ``<train.output_dir>/<family>/model``; data: ``<data.output_dir>/<data.name>``; metrics:
-    ``metrics_path`` or, when present, ``artifacts/evaluate/<family>/metrics.json``; source: the
+    ``metrics_path`` or, when present, ``artifacts/evaluate/<family>/metrics.json``; sample grids: the
+    evaluation's ``plots/*samples.png`` beside that metrics file (none without); source: the
     training run recorded in ``<train.output_dir>/<family>/metrics.json``. Returns ``(out_dir, manifest)``.
     """
     if family not in MODELS:
@@ -595,7 +630,10 @@ def export_from_params(
         candidate = evaluate_dir / family / "metrics.json"
         metrics_path = candidate if candidate.is_file() else None
     metrics = {}
+    sample_grids = []
     if metrics_path is not None:
+        # Each sampler's grid of samples (samples.png, gmm_samples.png ...), drawn by evaluate.
+        sample_grids = sorted((metrics_path.parent / "plots").glob("*samples.png"))
         try:
             metrics = json.loads(metrics_path.read_text())
         except json.JSONDecodeError as exc:
@@ -606,7 +644,8 @@ def export_from_params(
     if out is None:
         out = Path(((params.get("export") or {}).get("output_dir")) or "artifacts/export") / family
     out = Path(out)
-    manifest = export_model(model_dir, prepared_dir, out, metrics=metrics, source=source, edit=params.get("edit"))
+    manifest = export_model(model_dir, prepared_dir, out, metrics=metrics, source=source, edit=params.get("edit"),
+                             sample_grids=sample_grids)
     return out, manifest
 
 

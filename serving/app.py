@@ -38,7 +38,7 @@ import numpy as np
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 from ray import serve
 from ray.serve.exceptions import BackPressureError
@@ -130,7 +130,14 @@ class ModelServer:
                            "max_batch_size": int(settings.get("max_batch_size", 16)),
                            "intra_op_threads": {graph: s.get_session_options().intra_op_num_threads
                                                 for graph, s in sessions.items()}}
+        # The evaluation's sample grids this version carries (GET /v1/models/{name}/sample-grids/{file}).
+        info["sample_grids"] = sorted(getattr(self.store.runtime, "sample_grids", {}))
         return info
+
+    def sample_grid(self, file: str) -> dict[str, Any]:
+        """One sample grid of the served version: ``{"version", "png"}`` (``png`` None when it has no such grid)."""
+        rt = self.store.runtime
+        return {"version": rt.version, "png": getattr(rt, "sample_grids", {}).get(file)}
 
     async def call(self, op: str, payload: dict) -> dict:
         """Run ``op`` on ``payload`` (a validated request body); returns ``{"status", "body", "version"}``."""
@@ -191,11 +198,14 @@ class Ingress:
         schemas.SERVED.update(limits=self.limits, models=sorted(models))
         self.page = (WEB / "index.html").read_text()
 
+    def _unknown_model(self, name: str) -> JSONResponse:
+        return error_response(404, "name", f"no model {name!r} is served; served: {', '.join(sorted(self.models))}")
+
     async def _call(self, name: str, op: str, body: BaseModel) -> JSONResponse:
         """Run ``op`` with request ``body`` on model ``name``, after the checks of the configured limits."""
         handle = self.models.get(name)
         if handle is None:
-            return error_response(404, "name", f"no model {name!r} is served; served: {', '.join(sorted(self.models))}")
+            return self._unknown_model(name)
         try:
             check_limits(body, self.limits)
         except BadInput as exc:
@@ -226,6 +236,20 @@ class Ingress:
     async def list_models(self) -> dict:
         described = await asyncio.gather(*(h.describe.remote() for h in self.models.values()))
         return {"models": sorted(described, key=lambda m: m["name"])}
+
+    @api.get("/v1/models/{name}/sample-grids/{file}", response_class=Response, responses={
+        200: {"content": {"image/png": {}}, "description": "the PNG"}, 404: {"model": ErrorResponse}})
+    async def sample_grid(self, name: str, file: str):
+        """A grid of samples that the evaluation drew from the served version (the files GET /v1/models
+        lists under ``sample_grids``), as a PNG."""
+        handle = self.models.get(name)
+        if handle is None:
+            return self._unknown_model(name)
+        grid = await handle.sample_grid.remote(file)
+        if grid["png"] is None:
+            return error_response(404, "file", f"{name} version {grid['version']} has no sample grid {file!r} "
+                                                "(GET /v1/models lists its sample_grids)")
+        return Response(grid["png"], media_type="image/png", headers={VERSION_HEADER: grid["version"]})
 
     @api.post("/v1/models/{name}/generate", response_model=GenerateResponse, responses=ERRORS)
     async def generate(self, name: str, body: GenerateRequest):

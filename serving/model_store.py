@@ -61,6 +61,20 @@ def is_series_export(export_dir: Path) -> bool:
     return json.loads((Path(export_dir) / "manifest.json").read_text()).get("kind") == "timeseries"
 
 
+def read_sample_grids(export_dir: Path) -> dict[str, bytes]:
+    """The export's sample grid PNGs (its manifest's ``sample_grids``: file name -> path in the export),
+    read into memory: file name -> bytes; empty for an export without them. A listed file that is
+    missing is an error (the export is incomplete)."""
+    listed = json.loads((Path(export_dir) / "manifest.json").read_text()).get("sample_grids") or {}
+    grids = {}
+    for name, relative in listed.items():
+        path = Path(export_dir) / relative
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing; the manifest lists it as sample grid {name!r}")
+        grids[name] = path.read_bytes()
+    return grids
+
+
 def load_text_runtime(export_dir: Path, decoder: str | None, tracking_uri: str, name: str, version: str, alias: str | None):
     """A text model (:class:`runtime.text.TextDecoder`, torch-free) as a served runtime.
 
@@ -130,6 +144,13 @@ class ModelStore:
         dest = self._cache / f"v{version}"
         shutil.rmtree(dest, ignore_errors=True)
         export_dir = download_export(self.name, version, self.tracking_uri, dest)
+        runtime = self._runtime(export_dir, version, alias)
+        # On the runtime, so that the one swap of `runtime` also swaps the model card's grids.
+        runtime.sample_grids = read_sample_grids(export_dir)
+        return runtime
+
+    def _runtime(self, export_dir: Path, version: str, alias: str | None):
+        """The runtime of the export at ``export_dir``: text, time-series or image model."""
         if is_text_export(export_dir):
             return load_text_runtime(export_dir, self.settings.get("decoder"), self.tracking_uri, self.name, version, alias)
         threads = session_threads(int(self.settings.get("intra_op_threads", 0)))

@@ -16,7 +16,7 @@ from latentforge.models.priors import pick_tokens
 from latentforge.models.samplers import GaussianMixtureConfig, GaussianMixtureSampler, fit_latent_sampler
 from latentforge.runtime.images import ModelRuntime
 from latentforge.pipelines.export import ExportError, export_model, load_sessions, pick_tokens_np, sample_vqvae2_onnx
-from latentforge.pipelines.imaging import batch_to_tensor
+from latentforge.pipelines.imaging import batch_to_tensor, save_png
 from latentforge.pipelines.onnx_graphs import RANDOM_OPS, graph_op_types
 from latentforge.pipelines.prepare import load_split
 
@@ -345,6 +345,24 @@ def test_data_of_another_shape_is_refused(data_dir, tmp_path):
     with pytest.raises(ExportError, match=r"16x16x3 images but the model .* takes 32x32x3"):
         export_model(model_dir, data_dir, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_sample_grids_travel_with_the_export_and_bad_ones_are_refused(data_dir, tmp_path):
+    cls = MODELS["ae"]
+    model_dir = cls(cls.config_class.tiny(channels=3, image_size=16)).save_pretrained(tmp_path / "model")
+    not_png = tmp_path / "plots" / "samples.png"
+    not_png.parent.mkdir()
+    not_png.write_text("not an image")
+    with pytest.raises(ExportError, match=r"sample grid .*samples\.png: not a PNG file"):
+        export_model(model_dir, data_dir, tmp_path / "out", sample_grids=[not_png])
+    with pytest.raises(ExportError, match=r"sample grid .*gmm_samples\.png: no such file"):
+        export_model(model_dir, data_dir, tmp_path / "out", sample_grids=[tmp_path / "plots" / "gmm_samples.png"])
+    assert not (tmp_path / "out").exists()
+
+    grid = save_png(np.zeros((8, 8, 3), dtype=np.uint8), not_png)  # now a real PNG
+    manifest = export_model(model_dir, data_dir, tmp_path / "out", sample_grids=[grid])
+    assert manifest["sample_grids"] == {"samples.png": "sample_grids/samples.png"}
+    assert (tmp_path / "out" / "sample_grids" / "samples.png").read_bytes() == grid.read_bytes()
 
 
 # ----------------------------------------------------------------------------------------------------

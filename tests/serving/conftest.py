@@ -54,10 +54,26 @@ def _tiny_model(family: str, prepared: Path, out: Path, seed: int) -> Path:
     return model.save_pretrained(out / f"{family}-{seed}" / "model")
 
 
+def _samples_grid(model_dir: Path, path: Path) -> Path:
+    """``samples.png`` of the model in ``model_dir``: 16 samples drawn and gridded as ``evaluate`` does."""
+    import torch
+
+    from latentforge.models import PretrainedModel
+    from latentforge.pipelines.evaluate.inference import sample
+    from latentforge.pipelines.evaluate.plots import grid_png
+    from latentforge.pipelines.imaging import tensor_to_uint8
+
+    model = PretrainedModel.from_pretrained(model_dir).eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid_png(tensor_to_uint8(sample(model, 16, torch.Generator().manual_seed(4))), path)
+    return path
+
+
 @pytest.fixture(scope="package")
 def registry(tmp_path_factory):
     """``{"uri", "root", "prepared", "exports": {label: dir}}``: a registry with vae-shapes (versions
-    1 and 2), vqvae2-shapes and gan-shapes (version 1), version 1 of each the champion."""
+    1 and 2), vqvae2-shapes and gan-shapes (version 1), version 1 of each the champion; vae-shapes
+    version 1 carries the grid of its samples (``sample_grids``: ``samples.png``)."""
     from latentforge.pipelines.export import export_model
     from latentforge.pipelines.common.params import load_params
     from latentforge.pipelines.prepare import prepare
@@ -82,7 +98,8 @@ def registry(tmp_path_factory):
     ):
         model_dir = _tiny_model(family, prepared, root / "models", seed)
         exports[label] = root / "exports" / label
-        export_model(model_dir, prepared, exports[label], metrics=metrics)
+        grids = [_samples_grid(model_dir, root / "plots" / label / "samples.png")] if label == "vae-1" else []
+        export_model(model_dir, prepared, exports[label], metrics=metrics, sample_grids=grids)
         version = register(exports[label], uri, name=MODELS[family])
         if int(version.version) == 1:
             promote(MODELS[family], uri, version=1)

@@ -32,8 +32,9 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 # Request fields whose valid values depend on the model, not stated by the schema that all models share:
 # the operations it can run (field `name`), its image size and channels (and whether a string is a
 # PNG of them), its latent shape, its samplers, its edit factors and values, and whether it scores
-# images or time series. A positive request refused on any other field is a limit the schema misses.
-MODEL_DECIDES = re.compile(r"name|sampler|factor|value|source|series|windows|images(\[\d+\])?|latents(\..+)?|[ab]\.(image|latent)")
+# images or time series, the sample grids its version carries (`file`). A positive request refused on
+# any other field is a limit the schema misses.
+MODEL_DECIDES = re.compile(r"name|file|sampler|factor|value|source|series|windows|images(\[\d+\])?|latents(\..+)?|[ab]\.(image|latent)")
 
 
 def _run(operation, mode: GenerationMode, path_parameters: dict | None, server: str, statuses: list):
