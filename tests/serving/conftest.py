@@ -83,7 +83,7 @@ def registry(tmp_path_factory):
         model_dir = _tiny_model(family, prepared, root / "models", seed)
         exports[label] = root / "exports" / label
         export_model(model_dir, prepared, exports[label], metrics=metrics)
-        version = register(exports[label], uri, name=MODELS[family])
+        version = register(exports[label], uri, name=MODELS[family], data_dir=prepared)
         if int(version.version) == 1:
             promote(MODELS[family], uri, version=1)
     return {"uri": uri, "root": root, "prepared": prepared, "exports": exports, "params": root / "params.yaml"}

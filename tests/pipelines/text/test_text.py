@@ -354,7 +354,7 @@ def test_train_text_from_a_registered_decoder_version(text_params, tmp_path):
     prepared = Path(params["data"]["output_dir"]) / params["data"]["name"]
     model_dir = tiny_decoder("vae", prepared, tmp_path, steps=2)
     export_model(model_dir, prepared, tmp_path / "export")
-    version = register(tmp_path / "export", params["mlflow"]["tracking_uri"], name="vae-decoder-test")
+    version = register(tmp_path / "export", params["mlflow"]["tracking_uri"], name="vae-decoder-test", data_dir=prepared)
     path, ref = resolve_decoder(params, f"vae-decoder-test/{version.version}")
     assert (ref["name"], ref["version"], ref["source"]) == ("vae-decoder-test", int(version.version), "registry")
     assert ref["sha256"] == resolve_decoder(params, str(model_dir))[1]["sha256"]  # the same weights came back
