@@ -17,8 +17,9 @@ a slightly soft sample still reads confidently: the line falls between a soft sh
 
 ``latentforge classifier`` trains it and writes ``<output_dir>/<data name>/``: ``config.json`` (layout,
 heads, the data's name and hash), ``model.safetensors`` and ``metrics.json`` (test-split accuracy of
-each head). Features from classifiers trained on different data (or with different settings) are not
-comparable: compare evaluation figures only under one classifier.
+each head), and logs its own MLflow run (:func:`log_classifier_run`). Features from classifiers trained
+on different data (or with different settings) are not comparable: compare evaluation figures only
+under one classifier.
 """
 
 from __future__ import annotations

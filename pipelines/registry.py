@@ -6,7 +6,11 @@ artifacts are the export directory (``manifest.json``, the ONNX graphs, the ``mo
 ``save_pretrained`` directory), logged to the training run named in the manifest
 (``source.mlflow_run_id``) or, when the export names none, to a new run. Versions are tagged with
 ``family``, ``mlflow_run_id``, ``git_commit``, ``data_name``, ``data_hash``, ``primary_metric``,
-``primary_metric_value`` and every evaluation metric of the manifest as ``metric.<name>``.
+``primary_metric_value`` and every evaluation metric of the manifest as ``metric.<name>``. The pyfunc is
+an MLflow "model from code" (:mod:`pipelines.pyfunc_model`), and the version is its MLflow 3
+``LoggedModel``: the manifest's evaluation metrics are linked to it (``model_id``), and :func:`promote`
+and the gates read them there; the ``metric.<name>`` tags are a copy, read only for versions registered
+before the metrics were linked (:func:`version_model_id`).
 
 Serving follows two aliases, never stages (deprecated in MLflow):
 
@@ -270,7 +274,8 @@ class OnnxAutoencoderModel(mlflow.pyfunc.PythonModel):
       (per-point scores of a whole series: :class:`runtime.series.SeriesRuntime`).
 
     Input of the wrong shape, values outside [0, 1] (images) or non-finite values raise ``ValueError``.
-    The registered version's signature states the shapes; its input example is a batch of two.
+    The registered version's signature states the shapes; its input example is two test images
+    (:func:`input_example`).
     """
 
     def __init__(self, format_version: int | None = None):
@@ -506,10 +511,11 @@ def _numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def code_snapshot(tmp: Path) -> Path:
-    """A copy of the sources a registered pyfunc unpickles with, for MLflow's ``code_paths``: returns
+    """A copy of the sources a registered pyfunc runs with, for MLflow's ``code_paths``: returns
     ``tmp/latentforge``, holding ``pipelines/`` (every module, subpackages included) and ``runtime/``.
 
-    The pickled classes are ``latentforge.pipelines.registry.OnnxAutoencoderModel`` and
+    The models from code (``pipelines/pyfunc_model.py``, ``pipelines/text/pyfunc_model.py``) import
+    ``latentforge.pipelines.registry.OnnxAutoencoderModel`` and
     ``latentforge.pipelines.text.registry.TextDecodeModel``; MLflow puts the model's ``code/`` folder
     first on ``sys.path`` when it loads a version, so these import from the copy, which reads the export
     with the code it was registered with. ``latentforge`` has no ``__init__.py`` (a namespace package, as
@@ -826,7 +832,7 @@ def register_from_params(
     ``dvc_exp``: the DVC experiment this runs in (:func:`common.experiments.dvc_experiment`): the version
     is tagged with its name and baseline, and the policy never moves ``champion`` (see :func:`promote`).
     """
-    # Here, not at the top: models imports torch, and this module is unpickled (OnnxAutoencoderModel)
+    # Here, not at the top: models imports torch, and this module is imported (OnnxAutoencoderModel)
     # where a registered version is loaded, which needs onnxruntime only.
     from latentforge.models import MODELS, ConfigError
 

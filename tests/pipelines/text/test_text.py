@@ -387,6 +387,9 @@ def test_register_text_version_names_its_decoder(exported, text_params):
     mlflow.set_tracking_uri(uri)
     try:
         model = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}")
+        # A model from code (pipelines/text/pyfunc_model.py), not a pickled instance.
+        flavor = mlflow.models.get_model_info(f"models:/{version.name}/{version.version}").flavors["python_function"]
+        assert flavor["model_code_path"].endswith("pyfunc_model.py") and "python_model" not in flavor
         import pandas as pd
 
         out1 = model.predict(pd.DataFrame({"text": ["a large red circle in the center"]}), params={"n": 2, "seed": 3})
