@@ -69,7 +69,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
 import latentforge.runtime
-from latentforge.pipelines.common.errors import RegistryError, TrainingError
+from latentforge.pipelines.common.errors import DataError, RegistryError, TrainingError
 from latentforge.pipelines.common.experiments import DvcExperiment
 from latentforge.pipelines.common.params import ParamsError, check_keys, section
 from latentforge.pipelines.common.tracking import experiment_id, fluent_tracking, mlflow_client
@@ -363,7 +363,7 @@ def input_example(manifest: dict[str, Any], data_dir: str | os.PathLike | None, 
                             "is real test data); pass data_dir (latentforge register reads params data.*)")
     try:
         data_manifest = read_manifest(data_dir)
-    except Exception as exc:
+    except DataError as exc:
         raise RegistryError(f"input example: {exc}") from None
     if data_manifest.get("data_hash") != expected:
         raise RegistryError(f"input example: {data_dir} holds data {str(data_manifest.get('data_hash'))[:12]}, but the "
@@ -388,7 +388,7 @@ def register(
     data_dir: str | os.PathLike | None = None,
 ):
     """Add the export in ``export_dir`` as a new version of a registered model; return that
-    ``ModelVersion`` (``.name``, ``.version``, ``.run_id``, ``.model_id``, ``.tags``).
+    ``ModelVersion`` (``.name``, ``.version``, ``.run_id``, ``.tags``; its LoggedModel: :func:`version_model_id`).
 
     The version is an MLflow 3 LoggedModel (``mlflow.pyfunc.log_model``, the model from code in
     :mod:`pipelines.pyfunc_model`), with the export's evaluation metrics linked to it (``model_id``);
@@ -426,7 +426,7 @@ def register(
     registered_family = (existing.tags or {}).get("family") if existing else None
     if registered_family not in (None, family):
         raise RegistryError(f"registered model {name!r} holds {registered_family} versions; this export is a {family}")
-    run_id = _training_run(client, tracking_uri, experiment, name, manifest, tags["git_commit"], metrics)
+    run_id = _training_run(client, tracking_uri, experiment, name, manifest, tags["git_commit"])
     tags["mlflow_run_id"] = run_id
 
     with fluent_tracking(tracking_uri), tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
@@ -441,7 +441,7 @@ def register(
             pip_requirements=pyfunc_requirements(),
             metadata={"latentforge": {"family": family, "task": probe.task, "data": data}},
         )
-        if metrics:
+        if metrics:  # to the run and, linked, to the version's LoggedModel; the metric.* tags are a copy
             mlflow.log_metrics(metrics, model_id=info.model_id)
         if existing is None:
             client.create_registered_model(
@@ -475,10 +475,9 @@ def _version_tags(manifest: dict[str, Any], metrics: dict[str, float], primary: 
     }
 
 
-def _training_run(client, tracking_uri: str, experiment: str, name: str, manifest: dict[str, Any], git_commit: str,
-                  metrics: dict[str, float]) -> str:
+def _training_run(client, tracking_uri: str, experiment: str, name: str, manifest: dict[str, Any], git_commit: str) -> str:
     """The run the version is logged to: the export's training run (which must be in this store), else a
-    new ``register-<name>`` run in ``experiment`` holding the export's metrics."""
+    new ``register-<name>`` run in ``experiment`` (:func:`register` logs the export's metrics to it)."""
     run_id = (manifest.get("source") or {}).get("mlflow_run_id")
     if run_id:
         try:
@@ -496,9 +495,7 @@ def _training_run(client, tracking_uri: str, experiment: str, name: str, manifes
         tags={"latentforge.family": manifest["family"], "latentforge.data_name": str(data.get("name")),
               "latentforge.data_hash": str(data.get("data_hash")), "mlflow.source.git.commit": git_commit},
     )
-    for key, value in metrics.items():
-        client.log_metric(run.info.run_id, key, value)
-    return run.info.run_id
+    return run.info.run_id  # register logs the metrics to it, linked to the model
 
 
 def _numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -595,7 +592,8 @@ def version_model_id(version) -> str | None:
 
 
 def _version_metrics(client, version) -> dict[str, float]:
-    """The finite evaluation metrics of a version: those linked to its LoggedModel (``version.model_id``).
+    """The finite evaluation metrics of a version: those linked to its LoggedModel (:func:`version_model_id`),
+    the latest value of each.
 
     Versions registered before the metrics were linked to the LoggedModel (or whose LoggedModel holds
     none) fall back to the copy in their ``metric.<name>`` tags.
