@@ -304,6 +304,13 @@ def test_missing_inputs_name_the_command_to_run(evaluated, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "unreachable" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "evaluate").exists()
+    # The classifier stage logs its own run: an unreachable store stops it before training, writing nothing.
+    unreachable["classifier"]["output_dir"] = str(tmp_path / "classifier")
+    path.write_text(yaml.safe_dump(unreachable))
+    assert main(["classifier", "--params", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "MLflow tracking store http://127.0.0.1:9 is unreachable" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "classifier").exists()
 
 
 def test_resolve_rejects_bad_evaluate_params(evaluated):
