@@ -112,7 +112,7 @@ def setup(root: Path) -> tuple[Path, Path, str, dict]:
     export_dir = root / "export"
     export_model(model_dir, prepared, export_dir)
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    register(export_dir, uri, name=NAME)
+    register(export_dir, uri, name=NAME, data_dir=prepared)
     promote(NAME, uri, version=1)
     # VQ-VAE-2 (params.yaml's demo size): its prior samples in a loop of small graph calls, the kind of
     # work batching across requests pays off for.
@@ -120,7 +120,7 @@ def setup(root: Path) -> tuple[Path, Path, str, dict]:
     vq_model = vq(vq.config_class.from_dict({**params["train"]["models"]["vqvae2"], "image_size": h, "channels": 3}))
     vq_dir = vq_model.save_pretrained(root / "vq-model")
     export_model(vq_dir, prepared, root / "vq-export")
-    register(root / "vq-export", uri, name=VQ_NAME)
+    register(root / "vq-export", uri, name=VQ_NAME, data_dir=prepared)
     promote(VQ_NAME, uri, version=1)
     return model_dir, export_dir, uri, params
 

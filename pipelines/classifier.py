@@ -17,8 +17,9 @@ a slightly soft sample still reads confidently: the line falls between a soft sh
 
 ``latentforge classifier`` trains it and writes ``<output_dir>/<data name>/``: ``config.json`` (layout,
 heads, the data's name and hash), ``model.safetensors`` and ``metrics.json`` (test-split accuracy of
-each head). Features from classifiers trained on different data (or with different settings) are not
-comparable: compare evaluation figures only under one classifier.
+each head), and logs its own MLflow run (:func:`log_classifier_run`). Features from classifiers trained
+on different data (or with different settings) are not comparable: compare evaluation figures only
+under one classifier.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from latentforge.pipelines.common.errors import DataError
 from latentforge.pipelines.common.files import atomic_directory
 from latentforge.pipelines.common.params import ParamsError, check_keys, section
 from latentforge.pipelines.common.progress import progress
+from latentforge.pipelines.common.tracking import experiment_id, git_commit, log_data_input, mlflow_client, tracking_uri
 from latentforge.pipelines.imaging import batch_to_tensor
 from latentforge.pipelines.prepare import load_split, read_manifest
 
@@ -352,6 +354,8 @@ def run_classifier(params: dict[str, Any], echo: Callable[[str], None] = print) 
     """
     cfg, data_dir, out = resolve_classifier(params)
     manifest = read_manifest(data_dir)
+    uri = tracking_uri(params)
+    client = mlflow_client(uri)  # fail fast, before the minutes of training, when the store is unreachable
     # Writable copies: load_split's arrays are read-only views of the Parquet buffers.
     train, test = ({k: np.array(v) for k, v in load_split(data_dir, split).items()} for split in ("train", "test"))
     names = manifest["factor_names"]
@@ -393,7 +397,33 @@ def run_classifier(params: dict[str, Any], echo: Callable[[str], None] = print) 
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         save_model(model, str(tmp / WEIGHTS_NAME))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    run_id = log_classifier_run(client, uri, section(params, "mlflow").get("experiment") or "latentforge", cfg, manifest,
+                                data_dir, metrics, out)
     accs_line = ", ".join(f"{k} {v:.3f}" for k, v in accs.items())
     echo(f"classifier for {manifest['name']}: test accuracy {accs_line}; confident on {readings['test_validity']:.3f} "
-         f"of test images, {readings['outlier_validity']:.3f} of outliers ({seconds:.1f}s) -> {out}")
+         f"of test images, {readings['outlier_validity']:.3f} of outliers ({seconds:.1f}s) -> {out}; MLflow run {run_id}")
     return out, metrics
+
+
+def log_classifier_run(client, uri: str, experiment: str, cfg: dict[str, Any], manifest: dict[str, Any], data_dir: Path,
+                       metrics: dict[str, Any], out: Path) -> str:
+    """The classifier stage's own MLflow run, in the training's experiment: ``classifier-<data name>``,
+    tagged as training runs are (data name and hash, git commit), with the settings as params, the
+    figures of ``metrics.json`` as metrics, the prepared data as its dataset input and the saved
+    ``config.json`` / ``metrics.json`` as artifacts. Returns the run id."""
+    from mlflow.entities import Metric, Param
+
+    tags = {"latentforge.stage": "classifier", "latentforge.data_name": str(manifest["name"]),
+            "latentforge.data_hash": str(manifest["data_hash"]), "mlflow.source.git.commit": git_commit()}
+    run_id = client.create_run(experiment_id(client, experiment, uri), run_name=f"classifier-{manifest['name']}",
+                               tags=tags).info.run_id
+    now = int(time.time() * 1000)
+    figures = [Metric(k, float(v), now, 0) for k, v in sorted(metrics.items())
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)]
+    settings = [Param(f"classifier.{k}", str(cfg[k])) for k in sorted(cfg) if k != "output_dir"]
+    client.log_batch(run_id, metrics=figures, params=settings)
+    log_data_input(client, run_id, manifest, data_dir, "training")
+    for name in (CONFIG_NAME, "metrics.json"):
+        client.log_artifact(run_id, str(out / name))
+    client.set_terminated(run_id, status="FINISHED")
+    return run_id

@@ -619,7 +619,7 @@ def export_from_params(
                 f"{model_dir} was trained on data {trained['data_hash'][:12]}, but {prepared_dir} holds "
                 f"{data_hash[:12]}; re-run `latentforge train --model {family}` on this data"
             )
-        source.update({k: trained[k] for k in ("mlflow_run_id", "run_name", "checkpoint", "val_metric", "val_score") if k in trained})
+        source.update({k: trained[k] for k in ("mlflow_run_id", "mlflow_model_id", "run_name", "checkpoint", "val_metric", "val_score") if k in trained})
 
     if metrics_path is not None:
         metrics_path = Path(metrics_path)

@@ -6,7 +6,11 @@ artifacts are the export directory (``manifest.json``, the ONNX graphs, the ``mo
 ``save_pretrained`` directory), logged to the training run named in the manifest
 (``source.mlflow_run_id``) or, when the export names none, to a new run. Versions are tagged with
 ``family``, ``mlflow_run_id``, ``git_commit``, ``data_name``, ``data_hash``, ``primary_metric``,
-``primary_metric_value`` and every evaluation metric of the manifest as ``metric.<name>``.
+``primary_metric_value`` and every evaluation metric of the manifest as ``metric.<name>``. The pyfunc is
+an MLflow "model from code" (:mod:`pipelines.pyfunc_model`), and the version is its MLflow 3
+``LoggedModel``: the manifest's evaluation metrics are linked to it (``model_id``), and :func:`promote`
+and the gates read them there; the ``metric.<name>`` tags are a copy, read only for versions registered
+before the metrics were linked (:func:`version_model_id`).
 
 Serving follows two aliases, never stages (deprecated in MLflow):
 
@@ -65,7 +69,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
 import latentforge.runtime
-from latentforge.pipelines.common.errors import RegistryError, TrainingError
+from latentforge.pipelines.common.errors import DataError, RegistryError, TrainingError
 from latentforge.pipelines.common.experiments import DvcExperiment
 from latentforge.pipelines.common.params import ParamsError, check_keys, section
 from latentforge.pipelines.common.tracking import experiment_id, fluent_tracking, mlflow_client
@@ -270,7 +274,8 @@ class OnnxAutoencoderModel(mlflow.pyfunc.PythonModel):
       (per-point scores of a whole series: :class:`runtime.series.SeriesRuntime`).
 
     Input of the wrong shape, values outside [0, 1] (images) or non-finite values raise ``ValueError``.
-    The registered version's signature states the shapes; its input example is a batch of two.
+    The registered version's signature states the shapes; its input example is two test images
+    (:func:`input_example`).
     """
 
     def __init__(self, format_version: int | None = None):
@@ -288,6 +293,8 @@ class OnnxAutoencoderModel(mlflow.pyfunc.PythonModel):
 
         export_dir = Path(context.artifacts[ARTIFACT_KEY])
         manifest = json.loads((export_dir / "manifest.json").read_text())
+        if self.format_version is None:  # a model from code (pipelines/pyfunc_model.py): the model config says it
+            self.format_version = (context.model_config or {}).get("format_version")
         if self.format_version is not None and manifest.get("format_version") != self.format_version:
             raise RegistryError(
                 f"{export_dir}: export format_version {manifest.get('format_version')!r}, registered as {self.format_version}"
@@ -339,15 +346,32 @@ class OnnxAutoencoderModel(mlflow.pyfunc.PythonModel):
         return {"reconstruction": recon, **encoded}
 
 
-def input_example(manifest: dict[str, Any], batch: int = 2) -> np.ndarray:
-    """A small, fixed batch of what :class:`OnnxAutoencoderModel` takes for this export."""
-    rng = np.random.default_rng(0)
-    if pyfunc_task(manifest) == "generate":
-        return rng.standard_normal((batch, *manifest["sampling"]["noise_shape"])).astype(np.float32)
-    if pyfunc_task(manifest) == "score-windows":
-        return rng.random((batch, manifest["data"]["window"], manifest["data"]["channels"]), dtype=np.float32)
-    h, w, c = manifest["data"]["image_shape"]
-    return rng.random((batch, c, h, w), dtype=np.float32)
+def input_example(manifest: dict[str, Any], data_dir: str | os.PathLike | None, batch: int = 2) -> np.ndarray:
+    """The registered version's input example: the first ``batch`` test images (NCHW, float32 in [0, 1])
+    or test windows of the prepared data in ``data_dir``, which must be the data the export was made from
+    (the same data hash). A generate-only export (gan, glo) takes noise, so its example is standard
+    normal noise (seeded), by nature. :class:`RegistryError` when the data is needed and missing or other."""
+    task = pyfunc_task(manifest)
+    if task == "generate":
+        return np.random.default_rng(0).standard_normal((batch, *manifest["sampling"]["noise_shape"])).astype(np.float32)
+    from latentforge.pipelines.prepare import load_split, read_manifest  # pyarrow: only where registering
+    from latentforge.pipelines.series import load_windows
+
+    expected = (manifest.get("data") or {}).get("data_hash")
+    if data_dir is None:
+        raise RegistryError(f"registering a {manifest['family']} export needs its prepared data (the input example "
+                            "is real test data); pass data_dir (latentforge register reads params data.*)")
+    try:
+        data_manifest = read_manifest(data_dir)
+    except DataError as exc:
+        raise RegistryError(f"input example: {exc}") from None
+    if data_manifest.get("data_hash") != expected:
+        raise RegistryError(f"input example: {data_dir} holds data {str(data_manifest.get('data_hash'))[:12]}, but the "
+                            f"export was made from {str(expected)[:12]}; prepare that data (dvc checkout) first")
+    if task == "score-windows":
+        return np.ascontiguousarray(load_windows(data_dir, data_manifest, "test")["windows"][:batch], dtype=np.float32)
+    images = load_split(data_dir, "test")["images"][:batch]  # (B, H, W, C) uint8
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255.0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -361,9 +385,15 @@ def register(
     policy: Policy | None = None,
     experiment: str = "latentforge",
     tags: dict[str, str] | None = None,
+    data_dir: str | os.PathLike | None = None,
 ):
     """Add the export in ``export_dir`` as a new version of a registered model; return that
-    ``ModelVersion`` (``.name``, ``.version``, ``.run_id``, ``.tags``).
+    ``ModelVersion`` (``.name``, ``.version``, ``.run_id``, ``.tags``; its LoggedModel: :func:`version_model_id`).
+
+    The version is an MLflow 3 LoggedModel (``mlflow.pyfunc.log_model``, the model from code in
+    :mod:`pipelines.pyfunc_model`), with the export's evaluation metrics linked to it (``model_id``);
+    :func:`promote` ranks by those. ``data_dir``: the prepared data the export was made from, whose
+    first test images are the input example (see :func:`input_example`; not needed for gan / glo).
 
     ``name``: the registered model (default ``<family>-<data name>`` from the manifest). ``policy``
     (default: :func:`policy_for` the family without params) decides which metric is tagged as the
@@ -382,7 +412,7 @@ def register(
     data = manifest.get("data") or {}
     name = name or f"{family}-{data.get('name')}"
     policy = policy or policy_for(None, family)
-    example = input_example(manifest)
+    example = input_example(manifest, data_dir)
     signature = infer_signature(example, probe.predict(None, example))
     metrics = _numeric_metrics(manifest.get("metrics") or {})
     primary = next((m for m in policy.metric_names if m in metrics), None)
@@ -396,13 +426,17 @@ def register(
     registered_family = (existing.tags or {}).get("family") if existing else None
     if registered_family not in (None, family):
         raise RegistryError(f"registered model {name!r} holds {registered_family} versions; this export is a {family}")
-    run_id = _training_run(client, tracking_uri, experiment, name, manifest, tags["git_commit"], metrics)
+    run_id = _training_run(client, tracking_uri, experiment, name, manifest, tags["git_commit"])
     tags["mlflow_run_id"] = run_id
+    trained_model_id = (manifest.get("source") or {}).get("mlflow_model_id")
+    if trained_model_id:
+        tags["trained_model_id"] = str(trained_model_id)  # the training's LoggedModel this export was made from
 
     with fluent_tracking(tracking_uri), tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name=name,
-            python_model=OnnxAutoencoderModel(manifest["format_version"]),
+            python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+            model_config={"format_version": manifest["format_version"]},
             artifacts={ARTIFACT_KEY: str(export_dir.resolve())},
             code_paths=[str(code_snapshot(Path(tmp)))],
             signature=signature,
@@ -410,6 +444,8 @@ def register(
             pip_requirements=pyfunc_requirements(),
             metadata={"latentforge": {"family": family, "task": probe.task, "data": data}},
         )
+        if metrics:  # to the run and, linked, to the version's LoggedModel; the metric.* tags are a copy
+            mlflow.log_metrics(metrics, model_id=info.model_id)
         if existing is None:
             client.create_registered_model(
                 name, tags={"family": family, "data_name": str(data.get("name"))},
@@ -442,10 +478,9 @@ def _version_tags(manifest: dict[str, Any], metrics: dict[str, float], primary: 
     }
 
 
-def _training_run(client, tracking_uri: str, experiment: str, name: str, manifest: dict[str, Any], git_commit: str,
-                  metrics: dict[str, float]) -> str:
+def _training_run(client, tracking_uri: str, experiment: str, name: str, manifest: dict[str, Any], git_commit: str) -> str:
     """The run the version is logged to: the export's training run (which must be in this store), else a
-    new ``register-<name>`` run in ``experiment`` holding the export's metrics."""
+    new ``register-<name>`` run in ``experiment`` (:func:`register` logs the export's metrics to it)."""
     run_id = (manifest.get("source") or {}).get("mlflow_run_id")
     if run_id:
         try:
@@ -463,9 +498,7 @@ def _training_run(client, tracking_uri: str, experiment: str, name: str, manifes
         tags={"latentforge.family": manifest["family"], "latentforge.data_name": str(data.get("name")),
               "latentforge.data_hash": str(data.get("data_hash")), "mlflow.source.git.commit": git_commit},
     )
-    for key, value in metrics.items():
-        client.log_metric(run.info.run_id, key, value)
-    return run.info.run_id
+    return run.info.run_id  # register logs the metrics to it, linked to the model
 
 
 def _numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -478,10 +511,11 @@ def _numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def code_snapshot(tmp: Path) -> Path:
-    """A copy of the sources a registered pyfunc unpickles with, for MLflow's ``code_paths``: returns
+    """A copy of the sources a registered pyfunc runs with, for MLflow's ``code_paths``: returns
     ``tmp/latentforge``, holding ``pipelines/`` (every module, subpackages included) and ``runtime/``.
 
-    The pickled classes are ``latentforge.pipelines.registry.OnnxAutoencoderModel`` and
+    The models from code (``pipelines/pyfunc_model.py``, ``pipelines/text/pyfunc_model.py``) import
+    ``latentforge.pipelines.registry.OnnxAutoencoderModel`` and
     ``latentforge.pipelines.text.registry.TextDecodeModel``; MLflow puts the model's ``code/`` folder
     first on ``sys.path`` when it loads a version, so these import from the copy, which reads the export
     with the code it was registered with. ``latentforge`` has no ``__init__.py`` (a namespace package, as
@@ -548,19 +582,49 @@ def _versions_and_aliases(client, name: str, tracking_uri: str) -> tuple[dict[in
     return versions, dict(model.aliases or {})
 
 
-def _version_metrics(version) -> dict[str, float]:
-    """The finite evaluation metrics a version records (its ``metric.<name>`` tags)."""
-    names = [k[len(METRIC_TAG_PREFIX):] for k in (version.tags or {}) if k.startswith(METRIC_TAG_PREFIX)]
-    return {m: v for m in names if (v := _metric(version, m)) is not None}
+def version_model_id(version) -> str | None:
+    """The id of the LoggedModel a registry version was made from, or None (registered before LoggedModels).
+
+    ``ModelVersion.model_id`` where the registry store keeps it; the SQL store does not (MLflow 3.17), but
+    it keeps the source the version was registered from, ``models:/<model_id>``.
+    """
+    if getattr(version, "model_id", None):
+        return version.model_id
+    match = re.fullmatch(r"models:/([^/@]+)", version.source or "")
+    return match.group(1) if match else None
 
 
-def _metric(version, metric: str) -> float | None:
-    raw = (version.tags or {}).get(f"{METRIC_TAG_PREFIX}{metric}")
-    try:
-        value = float(raw) if raw is not None else None
-    except ValueError:
-        return None
-    return value if value is not None and math.isfinite(value) else None
+def _version_metrics(client, version) -> dict[str, float]:
+    """The finite evaluation metrics of a version: those linked to its LoggedModel (:func:`version_model_id`),
+    the latest value of each.
+
+    Versions registered before the metrics were linked to the LoggedModel (or whose LoggedModel holds
+    none) fall back to the copy in their ``metric.<name>`` tags.
+    """
+    linked: dict[str, float] = {}
+    model_id = version_model_id(version)
+    if model_id:
+        try:
+            logged = client.get_logged_model(model_id)
+        except MlflowException:
+            logged = None
+        latest: dict[str, Any] = {}
+        for m in (logged.metrics or []) if logged else []:
+            if m.key not in latest or (m.timestamp, m.step) >= (latest[m.key].timestamp, latest[m.key].step):
+                latest[m.key] = m
+        linked = {k: float(m.value) for k, m in latest.items() if math.isfinite(m.value)}
+    if linked:
+        return linked
+    values = {}
+    for key, raw in (version.tags or {}).items():
+        if key.startswith(METRIC_TAG_PREFIX):
+            try:
+                value = float(raw)
+            except ValueError:
+                continue
+            if math.isfinite(value):
+                values[key[len(METRIC_TAG_PREFIX):]] = value
+    return values
 
 
 def promote(name: str, tracking_uri: str, version: int | None = None, policy: Policy | None = None,
@@ -589,7 +653,7 @@ def promote(name: str, tracking_uri: str, version: int | None = None, policy: Po
                 f"registered model {name!r} has no version {version}; versions: {', '.join(map(str, sorted(versions)))}"
             )
         target = int(version)
-        failed = policy.failed_gates(_version_metrics(versions[target])) if policy else []
+        failed = policy.failed_gates(_version_metrics(client, versions[target])) if policy else []
         result.update(version=target, alias=CHAMPION, failed_gates=failed)
         warning = f"; it fails its gates: {'; '.join(failed)}" if failed else ""
         if champion == target:
@@ -600,7 +664,8 @@ def promote(name: str, tracking_uri: str, version: int | None = None, policy: Po
     newest = max(versions)
     new = versions[newest]
     policy = policy or policy_for(None, (new.tags or {}).get("family", ""))
-    failed = policy.failed_gates(_version_metrics(new))
+    new_metrics = _version_metrics(client, new)
+    failed = policy.failed_gates(new_metrics)
     result.update(version=newest, mode=policy.mode, failed_gates=failed)
     if champion == newest:
         return {**result, "alias": CHAMPION, "reason": f"the newest version {newest} is the champion already"}
@@ -612,19 +677,19 @@ def promote(name: str, tracking_uri: str, version: int | None = None, policy: Po
         return _champion_unless_held(client, name, newest, challenger, result, "champion by policy: no champion before",
                                      hold_champion)
 
-    current = versions.get(champion) or client.get_model_version(name, str(champion))
+    current = _version_metrics(client, versions.get(champion) or client.get_model_version(name, str(champion)))
     for candidate in policy.candidates():
-        value, champion_value = _metric(new, candidate.metric), _metric(current, candidate.metric)
+        value, champion_value = new_metrics.get(candidate.metric), current.get(candidate.metric)
         if value is not None and champion_value is not None:
             break
     else:
-        def has(v):
-            found = [m for m in policy.metric_names if _metric(v, m) is not None]
+        def has(metrics):
+            found = [m for m in policy.metric_names if m in metrics]
             return ", ".join(found) or "none of them"
 
         raise RegistryError(
             f"cannot rank {name} version {newest} against champion version {champion}: the policy compares "
-            f"{' or '.join(policy.metric_names)}, which must be recorded on both (version {newest}: {has(new)}; "
+            f"{' or '.join(policy.metric_names)}, which must be recorded on both (version {newest}: {has(new_metrics)}; "
             f"version {champion}: {has(current)}); register an export with these evaluation metrics, or promote "
             f"by hand with --version {newest}"
         )
@@ -683,7 +748,7 @@ def check_gates(name: str, tracking_uri: str, policy: Policy) -> dict[str, Any]:
         roles.setdefault(champion, []).append("champion")
     rows = []
     for number, role in sorted(roles.items()):
-        metrics = _version_metrics(versions.get(number) or client.get_model_version(name, str(number)))
+        metrics = _version_metrics(client, versions.get(number) or client.get_model_version(name, str(number)))
         rows.append({"version": number, "roles": role, "figures": {g.metric: metrics.get(g.metric) for g in policy.gates},
                      "failed": policy.failed_gates(metrics)})
     return {"name": name, "champion": champion, "versions": rows}
@@ -768,7 +833,7 @@ def register_from_params(
     ``dvc_exp``: the DVC experiment this runs in (:func:`common.experiments.dvc_experiment`): the version
     is tagged with its name and baseline, and the policy never moves ``champion`` (see :func:`promote`).
     """
-    # Here, not at the top: models imports torch, and this module is unpickled (OnnxAutoencoderModel)
+    # Here, not at the top: models imports torch, and this module is imported (OnnxAutoencoderModel)
     # where a registered version is loaded, which needs onnxruntime only.
     from latentforge.models import MODELS, ConfigError
 
@@ -784,8 +849,9 @@ def register_from_params(
     policy = policy_for(params, family)
     uri = resolve_tracking_uri(params)
     experiment = section(params, "mlflow").get("experiment") or "latentforge"
+    data = section(params, "data")
     version = register(export_dir, uri, name=name, policy=policy, experiment=experiment,
-                       tags=dvc_exp.tags if dvc_exp else None)
+                       tags=dvc_exp.tags if dvc_exp else None, data_dir=Path(data["output_dir"]) / data["name"])
     hold = f"this runs in {dvc_exp}" if dvc_exp else None
     decision = promote(version.name, uri, policy=policy, hold_champion=hold) if promote_it else None
     return version, decision

@@ -47,7 +47,7 @@ from latentforge.pipelines.common.errors import DataError, TrainingError
 from latentforge.pipelines.common.files import atomic_directory
 from latentforge.pipelines.common.params import ParamsError, apply_overrides, check_keys, section
 from latentforge.pipelines.common.progress import progress
-from latentforge.pipelines.common.tracking import experiment_id, git_commit, mlflow_client, tracking_uri
+from latentforge.pipelines.common.tracking import experiment_id, git_commit, log_data_input, mlflow_client, tracking_uri
 from latentforge.pipelines.imaging import batch_to_tensor, tensor_to_uint8
 from latentforge.pipelines.prepare import load_split, read_manifest
 from latentforge.runtime.grid import make_grid
@@ -306,6 +306,7 @@ def start_or_resume_run(client, job: TrainJob, cluster: dict[str, Any]) -> tuple
     flat.update({f"train.{k}": v for k, v in job.train.items() if k not in ("models", "families")})
     flat.update({"family": job.family, "data.name": job.manifest["name"], "data.count": job.manifest["count"]})
     client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in flat.items()])
+    log_data_input(client, run.info.run_id, job.manifest, job.data_dir, "training")
     return run.info.run_id, False
 
 
@@ -407,18 +408,53 @@ def run_training(job: TrainJob, echo: Callable[[str], None] = print) -> dict[str
     best = result.get_best_checkpoint(metric="val_score", mode="min") or result.checkpoint
     if best is None:
         raise TrainingError(f"training {job.run_name} reported no checkpoint")
+    model_id = start_trained_model(client, job, run_id)
     try:
         history = epoch_history(client, run_id)
-        summary = _write_outputs(job, best, result.metrics, run_id, time.time() - t0, echo, history)
+        summary = _write_outputs(job, best, result.metrics, run_id, time.time() - t0, echo, history, model_id)
     except Exception as exc:
+        client.finalize_logged_model(model_id, "FAILED")
         client.set_terminated(run_id, status="FAILED")
         raise TrainingError(f"writing the outputs of {job.run_name} failed: {type(exc).__name__}: {exc}") from exc
     client.log_artifacts(run_id, str(job.output_dir / "model"), artifact_path="model")
     client.log_artifact(run_id, str(job.output_dir / "metrics.json"))
+    finish_trained_model(client, run_id, model_id, summary)
     client.set_terminated(run_id, status="FINISHED")
     echo(f"done {job.run_name}: best checkpoint {summary['checkpoint']} ({val_metric} {summary['val_score']:.5g}); "
          f"model -> {summary['model_dir']}; MLflow run {run_id}")
     return summary
+
+
+TRAINED_MODEL_TYPE = "latentforge-checkpoint"  # the LoggedModel type of a trained (not yet exported) model
+
+
+def start_trained_model(client, job: TrainJob, run_id: str) -> str:
+    """A PENDING MLflow LoggedModel for the checkpoint this run is about to write; returns its model id.
+
+    It holds no files of its own: the checkpoint is the run's ``model/`` artifact already, which the
+    ``latentforge.checkpoint`` tag names. Every finished training (a resumed run too) gets a new one,
+    since each writes a new checkpoint; ``metrics.json`` names it (``mlflow_model_id``), so that
+    ``evaluate`` links its metrics to it.
+    """
+    experiment = client.get_run(run_id).info.experiment_id
+    model = client.create_logged_model(
+        experiment, name=job.family, source_run_id=run_id, model_type=TRAINED_MODEL_TYPE,
+        tags={"latentforge.checkpoint": f"runs:/{run_id}/model", "latentforge.data_hash": job.manifest["data_hash"]},
+    )
+    return model.model_id
+
+
+def finish_trained_model(client, run_id: str, model_id: str, summary: dict[str, Any]) -> None:
+    """Link the chosen checkpoint's validation figures (``val/<name>``, ``val_score``) to the trained
+    LoggedModel and mark it READY."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    figures = {"val_score": summary["val_score"], **{f"val/{k}": v for k, v in summary["val"].items()}}
+    metrics = [Metric(k, float(v), now, int(summary["step"]), model_id=model_id)
+               for k, v in figures.items() if isinstance(v, (int, float)) and math.isfinite(v)]
+    client.log_batch(run_id, metrics=metrics)
+    client.finalize_logged_model(model_id, "READY")
 
 
 def root_cause(exc: BaseException) -> str:
@@ -470,7 +506,8 @@ def system_metrics_enabled() -> bool:
 
 
 def _write_outputs(job: TrainJob, checkpoint, last_metrics: dict, run_id: str, seconds: float,
-                   echo: Callable[[str], None] = print, history: list[dict[str, float]] | None = None) -> dict[str, Any]:
+                   echo: Callable[[str], None] = print, history: list[dict[str, float]] | None = None,
+                   model_id: str | None = None) -> dict[str, Any]:
     """Copy the chosen checkpoint's model to ``<output_dir>/<family>/model``, with the latent sampler of
     ``train.sampler`` fitted to it (:func:`fit_sampler`), and write ``metrics.json`` and the per-epoch
     ``history/`` plots (:func:`write_history`) (DVC stage outputs), atomically."""
@@ -489,6 +526,7 @@ def _write_outputs(job: TrainJob, checkpoint, last_metrics: dict, run_id: str, s
             "family": job.family,
             "run_name": job.run_name,
             "mlflow_run_id": run_id,
+            "mlflow_model_id": model_id,  # the trained LoggedModel (start_trained_model)
             "checkpoint": checkpoint.path,
             "val_metric": state["val_metric"],
             "val_score": state["val_score"],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -93,3 +94,25 @@ def fluent_tracking(uri: str) -> Iterator[None]:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = env
+
+
+# MLflow's stores keep a dataset digest of at most 36 characters; the data hash (sha256, 64 hex digits)
+# is the digest's source, so the digest is its first 36 digits and the full hash is an input tag.
+DIGEST_CHARS = 36
+
+
+def log_data_input(client, run_id: str, manifest: dict[str, Any], data_dir: str | Path, context: str) -> None:
+    """Log the prepared data set as an MLflow dataset input of run ``run_id`` (``mlflow.log_input``'s record):
+    named ``manifest["name"]``, its digest the data hash (see :data:`DIGEST_CHARS`), its source the
+    prepared folder, tagged ``mlflow.data.context`` (``training``, ``evaluation``) and the full hash."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    with warnings.catch_warnings():
+        # MLflow 3.17 registers its local-artifact source twice and warns that a local path matches both.
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        source = resolve_dataset_source(str(Path(data_dir).resolve()))
+    dataset = MetaDataset(source, name=str(manifest["name"]), digest=str(manifest["data_hash"])[:DIGEST_CHARS])
+    tags = [InputTag("mlflow.data.context", context), InputTag("latentforge.data_hash", str(manifest["data_hash"]))]
+    client.log_inputs(run_id, datasets=[DatasetInput(Dataset(**dataset.to_dict()), tags=tags)])

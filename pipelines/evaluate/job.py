@@ -17,7 +17,7 @@ from latentforge.models import MODELS, ConfigError
 from latentforge.pipelines.attributes import EDIT_DEFAULTS, edit_settings
 from latentforge.pipelines.common.errors import EvaluationError, ParamsError
 from latentforge.pipelines.common.params import check_keys, section
-from latentforge.pipelines.common.tracking import mlflow_client, tracking_uri
+from latentforge.pipelines.common.tracking import DIGEST_CHARS, log_data_input, mlflow_client, tracking_uri
 from latentforge.pipelines.prepare import read_manifest
 
 EVALUATE_SCHEMA: dict[str, Any] = {
@@ -210,14 +210,20 @@ def loss_history(client, run_id: str) -> dict[str, list[tuple[int, float]]]:
 
 def log_to_mlflow(client, job: EvalJob, metrics: dict[str, float], folder: Path, primary: str, direction: str) -> None:
     """Metrics as ``eval/<name>`` (finite values only), the files under ``evaluate/``, and tags naming
-    the primary metric (the registry's promotion policy reads them)."""
+    the primary metric (the registry's promotion policy reads them). The metrics are linked to the
+    trained LoggedModel that ``metrics.json`` names (``mlflow_model_id``; none for a model trained before
+    LoggedModels were logged) and to the evaluated data set (its name and digest, as the run's input)."""
     now = int(time.time() * 1000)
-    batch = [Metric(f"eval/{k}", float(v), now, 0) for k, v in sorted(metrics.items()) if math.isfinite(v)]
+    model_id = job.train_metrics.get("mlflow_model_id")
+    dataset = {"dataset_name": str(job.manifest["name"]), "dataset_digest": str(job.manifest["data_hash"])[:DIGEST_CHARS]}
+    batch = [Metric(f"eval/{k}", float(v), now, 0, model_id=model_id, **dataset)
+             for k, v in sorted(metrics.items()) if math.isfinite(v)]
     tags = [
         RunTag("latentforge.eval.primary_metric", f"eval/{primary}"),
         RunTag("latentforge.eval.primary_direction", direction),
         RunTag("latentforge.eval.data_hash", job.manifest["data_hash"]),
     ]
+    log_data_input(client, job.run_id, job.manifest, job.data_dir, "evaluation")
     for i in range(0, max(len(batch), 1), 1000):
         client.log_batch(job.run_id, metrics=batch[i : i + 1000], tags=tags if i == 0 else [])
     client.log_artifacts(job.run_id, str(folder), artifact_path="evaluate")

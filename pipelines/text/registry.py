@@ -1,14 +1,17 @@
 """Registering a text export as its own MLflow model version, tied to its decoder version.
 
-``register_text(export_dir, tracking_uri)`` logs a pyfunc (:class:`TextDecodeModel`, ONNX Runtime only)
-to the text model's training run and registers it as ``<family>-<data>-text``, tagged with the decoder
-it was trained against (``decoder_name``, ``decoder_version``, ``decoder_sha256``). Serving loads it with
+``register_text(export_dir, tracking_uri)`` logs a pyfunc (:class:`TextDecodeModel`, ONNX Runtime only,
+logged as a model from code: :mod:`pipelines.text.pyfunc_model`) to the text model's training run, its
+evaluation metrics linked to the version's LoggedModel, and registers it as ``<family>-<data>-text``,
+tagged with the decoder it was trained against (``decoder_name``, ``decoder_version``,
+``decoder_sha256``). Serving loads it with
 :func:`runtime.text.TextDecoder.load` (``decoder_name``/``decoder_version`` of the decoder it
 serves), which refuses a mismatch. Neither module imports torch.
 """
 
 from __future__ import annotations
 
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -88,11 +91,16 @@ def register_text(export_dir: str | Path, tracking_uri: str, name: str | None = 
         raise RegistryError(f"the text model's run {run_id} is not in the tracking store {tracking_uri}") from None
     with fluent_tracking(tracking_uri), tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
-            name=name, python_model=TextDecodeModel(), artifacts={ARTIFACT_KEY: str(export_dir.resolve())},
+            name=name, python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+            artifacts={ARTIFACT_KEY: str(export_dir.resolve())},
             code_paths=[str(code_snapshot(Path(tmp)))], signature=signature, input_example=(example, params),
             pip_requirements=pyfunc_requirements() + ["tokenizers", "pandas"],
             metadata={"latentforge": {"kind": "text", "family": manifest["family"], "decoder": decoder}},
         )
+        metrics = {k: float(v) for k, v in (manifest.get("metrics") or {}).items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        if metrics:  # linked to the version's LoggedModel; the metric.* tags below are a copy
+            mlflow.log_metrics(metrics, model_id=info.model_id)
         try:
             client.get_registered_model(name)
         except Exception:

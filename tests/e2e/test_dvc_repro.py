@@ -90,7 +90,12 @@ def test_dvc_repro_twice_then_push(repo_copy):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{repo_copy / 'mlflow.db'}")
-    assert client.get_model_version_by_alias("vae-shapes", "champion").version in (1, "1")
+    champion = client.get_model_version_by_alias("vae-shapes", "champion")
+    assert champion.version in (1, "1")
+    # The version names the trained LoggedModel it was exported from, and evaluate's figures are linked to it.
+    trained = client.get_logged_model(champion.tags["trained_model_id"])
+    assert trained.source_run_id == champion.tags["mlflow_run_id"]
+    assert {"eval/recon_mse", "val_score"} <= {m.key for m in trained.metrics or []}
     assert "artifacts/evaluate/vae/plots" in sh("dvc", "plots", "show", "--json", cwd=repo_copy).stdout
     # ... and the text model: trained against that champion, exported, registered as champion of its own
     # model with the decoder version it must be served beside.

@@ -23,6 +23,7 @@ import yaml
 from latentforge.models import MODELS, train_step
 from latentforge.pipelines.cli import main
 from latentforge.pipelines.common.params import ParamsError
+from latentforge.pipelines.common.tracking import fluent_tracking
 from latentforge.pipelines.export import export_model, load_sessions
 from latentforge.pipelines.imaging import batch_to_tensor
 from latentforge.pipelines.prepare import load_split
@@ -36,6 +37,7 @@ from latentforge.pipelines.registry import (
     list_models,
     promote,
     register,
+    version_model_id,
 )
 from tests.pipelines.conftest import REPO, tiny_section
 
@@ -72,7 +74,7 @@ def store(project):
 
 @pytest.fixture(scope="module")
 def exports(project, store):
-    """Export directories: ``vae`` (iwae_nll 10, recon_mse 0.05, exported from the training run), ``ae-good``
+    """The prepared data (``prepared``) and export directories: ``vae`` (iwae_nll 10, recon_mse 0.05, exported from the training run), ``ae-good``
     / ``ae-worse`` / ``ae-better`` (psnr 20 / 18 / 21, no run) and ``gan`` (no evaluation metrics)."""
     root, params = project
     _, run_id = store
@@ -85,7 +87,7 @@ def exports(project, store):
     for label, psnr in (("ae-good", 20.0), ("ae-worse", 18.0), ("ae-better", 21.0)):
         export_model(models["ae"], prepared, dirs[label], metrics={"psnr": psnr})
     export_model(models["gan"], prepared, dirs["gan"])
-    return dirs
+    return {**dirs, "prepared": prepared}
 
 
 def _aliases(uri: str, name: str) -> dict[str, str]:
@@ -97,7 +99,7 @@ def _aliases(uri: str, name: str) -> dict[str, str]:
 def test_register_and_promote_by_policy(store, exports):
     uri, train_run = store
     name = "ae-policy"
-    first = register(exports["ae-good"], uri, name=name, policy=PSNR)
+    first = register(exports["ae-good"], uri, data_dir=exports["prepared"], name=name, policy=PSNR)
     assert int(first.version) == 1 and first.tags["family"] == "ae"
     assert first.tags["primary_metric"] == "psnr" and float(first.tags["primary_metric_value"]) == 20.0
     assert first.tags["mlflow_run_id"] == first.run_id != train_run  # no run in the export: a new one
@@ -110,13 +112,13 @@ def test_register_and_promote_by_policy(store, exports):
     assert _aliases(uri, name) == {CHAMPION: "1"}
 
     # A worse version stays challenger; the champion does not move.
-    assert int(register(exports["ae-worse"], uri, name=name, policy=PSNR).version) == 2
+    assert int(register(exports["ae-worse"], uri, data_dir=exports["prepared"], name=name, policy=PSNR).version) == 2
     decision = promote(name, uri, policy=PSNR)
     assert decision["alias"] == CHALLENGER and (decision["value"], decision["champion_value"]) == (18.0, 20.0)
     assert _aliases(uri, name) == {CHAMPION: "1", CHALLENGER: "2"}
 
     # Better by 1 dB: not enough against a margin of 2, enough against the margin of 0.5.
-    register(exports["ae-better"], uri, name=name, policy=PSNR)
+    register(exports["ae-better"], uri, data_dir=exports["prepared"], name=name, policy=PSNR)
     assert promote(name, uri, policy=Policy("psnr", "max", 2.0))["alias"] == CHALLENGER
     assert _aliases(uri, name) == {CHAMPION: "1", CHALLENGER: "3"}
     decision = promote(name, uri, policy=PSNR)
@@ -142,7 +144,7 @@ def test_a_held_champion_never_moves(store, exports):
     uri, _ = store
     name = "ae-held"
     hold = "this runs in DVC experiment 'psnr-up' (baseline 0123456)"
-    first = register(exports["ae-good"], uri, name=name, policy=PSNR, tags={"dvc_experiment": "psnr-up"})
+    first = register(exports["ae-good"], uri, data_dir=exports["prepared"], name=name, policy=PSNR, tags={"dvc_experiment": "psnr-up"})
     assert first.tags["dvc_experiment"] == "psnr-up" and first.tags["family"] == "ae"
     decision = promote(name, uri, policy=PSNR, hold_champion=hold)  # no champion yet: still not champion
     assert decision["alias"] == CHALLENGER and decision["held"] and decision["previous_champion"] is None
@@ -152,14 +154,14 @@ def test_a_held_champion_never_moves(store, exports):
     assert promote(name, uri, policy=PSNR)["alias"] == CHAMPION  # the main pipeline run promotes it
     assert _aliases(uri, name) == {CHAMPION: "1"}
 
-    register(exports["ae-better"], uri, name=name, policy=PSNR)  # beats the champion by 1 dB > margin 0.5
+    register(exports["ae-better"], uri, data_dir=exports["prepared"], name=name, policy=PSNR)  # beats the champion by 1 dB > margin 0.5
     decision = promote(name, uri, policy=PSNR, hold_champion=hold)
     assert decision["alias"] == CHALLENGER and decision["held"] and decision["changed"]
     assert "would be champion by policy: psnr 21 > 20 + margin 0.5" in decision["reason"]
     assert "champion is kept (version 1) because this runs in DVC experiment 'psnr-up'" in decision["reason"]
     assert _aliases(uri, name) == {CHAMPION: "1", CHALLENGER: "2"}
 
-    register(exports["ae-worse"], uri, name=name, policy=PSNR)  # the policy keeps it challenger anyway: nothing held
+    register(exports["ae-worse"], uri, data_dir=exports["prepared"], name=name, policy=PSNR)  # the policy keeps it challenger anyway: nothing held
     decision = promote(name, uri, policy=PSNR, hold_champion=hold)
     assert decision["alias"] == CHALLENGER and "held" not in decision and decision["reason"].startswith("challenger by policy")
     decision = promote(name, uri, version=2, hold_champion=hold)  # by hand (register-text --champion) is held too
@@ -173,23 +175,23 @@ def test_training_run_fallback_and_missing_metric(store, exports):
     uri, train_run = store
     # Logged to the training run the export names; the VAE's default policy ranks by iwae_nll.
     name = "vae-fallback"
-    first = register(exports["vae"], uri, name=name)
+    first = register(exports["vae"], uri, data_dir=exports["prepared"], name=name)
     assert first.run_id == first.tags["mlflow_run_id"] == train_run and first.tags["git_commit"] == "c0ffee"
     assert first.tags["primary_metric"] == "iwae_nll" and first.tags["metric.recon_mse"] == "0.05"
-    register(exports["vae"], uri, name=name)
+    register(exports["vae"], uri, data_dir=exports["prepared"], name=name)
     promote(name, uri, version=1)
     # Neither version has `elbo`: the fallback ranks them; equal values: a tie never wins.
     decision = promote(name, uri, policy=Policy("elbo", "max", 0.0, fallback=Policy("recon_mse", "min", 0.0)))
     assert decision["metric"] == "recon_mse" and decision["alias"] == CHALLENGER
     with pytest.raises(RegistryError, match="holds vae versions; this export is a gan"):
-        register(exports["gan"], uri, name=name)
+        register(exports["gan"], uri, data_dir=exports["prepared"], name=name)
 
     # No metric at all (an export without evaluation figures): ranked by nothing, so promote refuses.
     name = "gan-nometric"
-    version = register(exports["gan"], uri, name=name)
+    version = register(exports["gan"], uri, data_dir=exports["prepared"], name=name)
     assert version.tags["primary_metric"] == "fd_classifier" and "primary_metric_value" not in version.tags
     assert promote(name, uri)["alias"] == CHAMPION  # no champion: no metric needed
-    register(exports["gan"], uri, name=name)
+    register(exports["gan"], uri, data_dir=exports["prepared"], name=name)
     with pytest.raises(RegistryError, match=r"cannot rank gan-nometric version 2 against champion version 1.*compares fd_classifier.*--version 2"):
         promote(name, uri)
     assert _aliases(uri, name) == {CHAMPION: "1"}
@@ -198,7 +200,7 @@ def test_training_run_fallback_and_missing_metric(store, exports):
 def test_unknown_model_or_version_moves_nothing(store, exports):
     uri, _ = store
     name = "ae-errors"
-    register(exports["ae-good"], uri, name=name)
+    register(exports["ae-good"], uri, data_dir=exports["prepared"], name=name)
     promote(name, uri)
     with pytest.raises(RegistryError, match=r"no registered model 'vae-nope'.*ae-errors"):
         promote("vae-nope", uri)
@@ -215,7 +217,7 @@ def test_unknown_model_or_version_moves_nothing(store, exports):
     manifest["source"]["mlflow_run_id"] = "0" * 32
     (moved / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(RegistryError, match="training run 0{32} is not in the tracking store"):
-        register(moved, uri, name="vae-elsewhere")
+        register(moved, uri, data_dir=exports["prepared"], name="vae-elsewhere")
     assert [r["version"] for r in list_models(uri, name=name)] == [1]
 
 
@@ -224,7 +226,7 @@ def test_champion_loads_in_a_fresh_process(store, exports, tmp_path):
     repo: its predictions equal the export's ONNX sessions called directly."""
     uri, _ = store
     for name, export in (("vae-served", exports["vae"]), ("gan-served", exports["gan"])):
-        register(export, uri, name=name)
+        register(export, uri, data_dir=exports["prepared"], name=name)
         promote(name, uri, version=1)
     images = np.random.default_rng(1).random((3, 3, 16, 16), dtype=np.float32)
     noise = np.random.default_rng(2).standard_normal((3, *json.loads((exports["gan"] / "manifest.json").read_text())["sampling"]["noise_shape"])).astype(np.float32)
@@ -360,18 +362,18 @@ def test_gates_keep_a_failing_version_from_champion(store, exports):
     name = "ae-gated"
     gated = Policy("psnr", "max", 0.0, gates=(Gate("psnr", ">=", 19.0),))
     # A first version that fails its gate becomes challenger, not champion: nothing is served.
-    register(exports["ae-worse"], uri, name=name)  # psnr 18
+    register(exports["ae-worse"], uri, data_dir=exports["prepared"], name=name)  # psnr 18
     decision = promote(name, uri, policy=gated)
     assert decision["alias"] == CHALLENGER and decision["failed_gates"] == ["psnr 18, needs >= 19"]
     assert decision["reason"] == "challenger by policy: fails its gates: psnr 18, needs >= 19 (no champion)"
     assert _aliases(uri, name) == {CHALLENGER: "1"}
     # A gate that holds: the next version (psnr 20) becomes champion.
-    register(exports["ae-good"], uri, name=name)
+    register(exports["ae-good"], uri, data_dir=exports["prepared"], name=name)
     decision = promote(name, uri, policy=gated)
     assert decision["alias"] == CHAMPION and decision["failed_gates"] == []
     assert _aliases(uri, name) == {CHAMPION: "2", CHALLENGER: "1"}
     # Better by policy (21 > 20) but failing a stricter gate: the champion stays, and the reason says why.
-    register(exports["ae-better"], uri, name=name)
+    register(exports["ae-better"], uri, data_dir=exports["prepared"], name=name)
     strict = Policy("psnr", "max", 0.0, gates=(Gate("psnr", ">=", 25.0),))
     decision = promote(name, uri, policy=strict)
     assert decision["alias"] == CHALLENGER and "psnr 21, needs >= 25 (champion stays version 2)" in decision["reason"]
@@ -423,3 +425,73 @@ def test_cli_gates(project, store, exports, monkeypatch, capsys):
     assert code == 2 and "vae-shapes version 1 (champion) fails" in err and "version 2 (newest) fails" in err
     code, _, err = run(holds, "gates", "--model", "gan")  # never registered under gan-shapes here
     assert code == 2 and "gan: no registered model 'gan-shapes'" in err
+
+
+def test_versions_are_logged_models_from_code_with_linked_metrics_and_real_examples(store, exports, tmp_path):
+    """A version is the LoggedModel of ``mlflow.pyfunc.log_model`` (a model from code, not a pickle), the
+    export's evaluation metrics linked to it; its input example is the prepared test split's first images
+    (noise only for a generate-only export); registering without the data is one clear error."""
+    import mlflow
+    from mlflow.models import Model
+    from mlflow.tracking import MlflowClient
+
+    uri, _ = store
+    client = MlflowClient(uri)
+    version = register(exports["vae"], uri, name="vae-logged", data_dir=exports["prepared"])
+    assert version.source == f"models:/{version_model_id(version)}"
+    logged = client.get_logged_model(version_model_id(version))
+    assert logged.source_run_id == version.run_id
+    assert {m.key: m.value for m in logged.metrics} == {"iwae_nll": 10.0, "recon_mse": 0.05}
+
+    with fluent_tracking(uri):  # models:/ URIs resolve against the fluent registry
+        local = Path(mlflow.artifacts.download_artifacts(f"models:/{version.name}/{version.version}", dst_path=str(tmp_path / "vae")))
+    model = Model.load(local)
+    flavor = model.flavors["python_function"]
+    assert flavor["model_code_path"].endswith("pyfunc_model.py") and "python_model" not in flavor
+    assert flavor["config"] == {"format_version": json.loads((exports["vae"] / "manifest.json").read_text())["format_version"]}
+    expected = load_split(exports["prepared"], "test")["images"][:2].transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+    np.testing.assert_allclose(model.load_input_example(local), expected, atol=1e-7)
+
+    gan = register(exports["gan"], uri, name="gan-logged")  # noise in, images out: no data needed
+    with fluent_tracking(uri):
+        gan_local = Path(mlflow.artifacts.download_artifacts(f"models:/{gan.name}/{gan.version}", dst_path=str(tmp_path / "gan")))
+    noise_shape = json.loads((exports["gan"] / "manifest.json").read_text())["sampling"]["noise_shape"]
+    assert Model.load(gan_local).load_input_example(gan_local).shape == (2, *noise_shape)
+    assert client.get_logged_model(version_model_id(gan)).metrics in (None, [])  # no evaluation metrics in that export
+
+    with pytest.raises(RegistryError, match="needs its prepared data"):
+        register(exports["vae"], uri, name="vae-logged")
+    other = tmp_path / "other-data"
+    shutil.copytree(exports["prepared"], other)
+    data_manifest = json.loads((other / "manifest.json").read_text())
+    data_manifest["data_hash"] = "f" * 64
+    (other / "manifest.json").write_text(json.dumps(data_manifest))
+    with pytest.raises(RegistryError, match=r"holds data ffffffffffff, but the export was made from"):
+        register(exports["vae"], uri, name="vae-logged", data_dir=other)
+    assert [r["version"] for r in list_models(uri, name="vae-logged")] == [1]
+
+
+def test_promote_ranks_by_the_logged_model_metrics(store, exports):
+    """The policy compares the metrics linked to the versions' LoggedModels, not the ``metric.*`` tag copies;
+    a version registered before LoggedModels (no ``model_id``) is ranked by its tags."""
+    from mlflow.tracking import MlflowClient
+
+    uri, _ = store
+    client = MlflowClient(uri)
+    name = "ae-logged"
+    first = register(exports["ae-good"], uri, name=name, policy=PSNR, data_dir=exports["prepared"])  # psnr 20
+    promote(name, uri, policy=PSNR)
+    second = register(exports["ae-worse"], uri, name=name, policy=PSNR, data_dir=exports["prepared"])  # psnr 18
+    # A later figure for version 2's model (say, evaluated again): 22 on the LoggedModel, 18 in its tags.
+    client.log_metric(second.run_id, "psnr", 22.0, model_id=version_model_id(second))
+    assert client.get_model_version(name, "2").tags["metric.psnr"] == "18.0"
+    decision = promote(name, uri, policy=PSNR)
+    assert decision["alias"] == CHAMPION and (decision["value"], decision["champion_value"]) == (22.0, 20.0)
+
+    # An older version: registered without a LoggedModel, its metrics only in the tags.
+    old = client.create_model_version(name, source=f"runs:/{first.run_id}/{name}", run_id=first.run_id,
+                                      tags={"family": "ae", "metric.psnr": "23.0"})
+    assert version_model_id(old) is None
+    decision = promote(name, uri, policy=PSNR)
+    assert decision["version"] == int(old.version) and decision["alias"] == CHAMPION
+    assert (decision["value"], decision["champion_value"]) == (23.0, 22.0)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from mlflow.entities import LoggedModelStatus
 
 from latentforge.models import MODELS, ConfigError, PretrainedModel
 from latentforge.pipelines.data import DataError
@@ -55,6 +56,18 @@ def test_two_worker_ddp_run(project, local_ray, family):
     assert run.data.params["family"] == family and run.data.params["train.num_workers"] == "2"
     assert run.data.tags["latentforge.data_hash"] == job.manifest["data_hash"]
     assert "mlflow.source.git.commit" in run.data.tags and run.data.tags["ray.num_cpus"] == "2.0"
+    # The prepared data is the run's dataset input, its digest the data hash (MLflow keeps 36 characters).
+    [data_input] = run.inputs.dataset_inputs
+    assert data_input.dataset.name == job.manifest["name"] and data_input.dataset.digest == job.manifest["data_hash"][:36]
+    assert {t.key: t.value for t in data_input.tags} == {"mlflow.data.context": "training",
+                                                          "latentforge.data_hash": job.manifest["data_hash"]}
+    # The trained model is a LoggedModel of the run, READY, with the chosen checkpoint's val figures linked.
+    trained = client.get_logged_model(metrics["mlflow_model_id"])
+    assert trained.source_run_id == run.info.run_id and trained.status == LoggedModelStatus.READY
+    assert trained.tags["latentforge.checkpoint"] == f"runs:/{run.info.run_id}/model"
+    linked = {m.key: m.value for m in trained.metrics}
+    assert linked["val_score"] == pytest.approx(metrics["val_score"])
+    assert linked[f"val/{MODELS[family].val_metric}"] == pytest.approx(metrics["val"][MODELS[family].val_metric])
     assert "samples_per_sec" in run.data.metrics and "epoch/val_score" in run.data.metrics
     assert any(k.startswith("train/") for k in run.data.metrics)
     # Image grids are MLflow time-stepped images, one per epoch (step 1, 2), so the run's page steps through them.

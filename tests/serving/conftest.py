@@ -100,7 +100,7 @@ def registry(tmp_path_factory):
         exports[label] = root / "exports" / label
         grids = [_samples_grid(model_dir, root / "plots" / label / "samples.png")] if label == "vae-1" else []
         export_model(model_dir, prepared, exports[label], metrics=metrics, sample_grids=grids)
-        version = register(exports[label], uri, name=MODELS[family])
+        version = register(exports[label], uri, name=MODELS[family], data_dir=prepared)
         if int(version.version) == 1:
             promote(MODELS[family], uri, version=1)
     return {"uri": uri, "root": root, "prepared": prepared, "exports": exports, "params": root / "params.yaml"}

@@ -41,7 +41,7 @@ def series_server(tmp_path_factory):
     export_dir = root / "export"
     export_model(model.save_pretrained(root / "model"), prepared, export_dir, metrics={"threshold": 0.05, "auroc": 0.5})
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    version = register(export_dir, uri, name=NAME)
+    version = register(export_dir, uri, name=NAME, data_dir=prepared)
     assert version.tags["family"] == "lstm_ae"
     promote(NAME, uri, version=1)
 

@@ -124,7 +124,10 @@ def evaluated(project, tmp_path_factory, monkeypatch_module):
     model.eval()
     train_dir = Path(params["train"]["output_dir"]) / "vae"
     model.save_pretrained(train_dir / "model")
-    (train_dir / "metrics.json").write_text(json.dumps({"mlflow_run_id": run_id, "data_hash": manifest["data_hash"]}))
+    # The trained LoggedModel the train stage makes (pipelines.train.start_trained_model), named in metrics.json.
+    model_id = client.create_logged_model(exp.experiment_id, name="vae", source_run_id=run_id).model_id
+    (train_dir / "metrics.json").write_text(json.dumps({"mlflow_run_id": run_id, "mlflow_model_id": model_id,
+                                                        "data_hash": manifest["data_hash"]}))
 
     job = resolve_evaluation(params, "vae")
     lines: list[str] = []
@@ -146,6 +149,18 @@ def test_classifier_stage_writes_model_and_test_accuracy(evaluated):
     assert {"test_accuracy_label", "test_accuracy_factor_shape", "test_accuracy_factor_colour"} <= set(metrics)
     assert {"test_validity", "outlier_validity", *(f"outlier_validity_{k}" for k in OUTLIER_KINDS)} <= set(metrics)
     model, meta = load_classifier(out)
+    # The stage's own MLflow run, in the training's store and experiment: params, its figures, the data input.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(params["mlflow"]["tracking_uri"])
+    experiment = client.get_experiment_by_name(params["mlflow"]["experiment"])
+    [run] = client.search_runs([experiment.experiment_id], "tags.`latentforge.stage` = 'classifier'")
+    assert run.info.run_name == f"classifier-{params['data']['name']}" and run.info.status == "FINISHED"
+    assert run.data.metrics["test_accuracy_label"] == pytest.approx(metrics["test_accuracy_label"])
+    assert run.data.params["classifier.epochs"] == "1" and run.data.tags["latentforge.data_hash"] == meta["data_hash"]
+    [data_input] = run.inputs.dataset_inputs
+    assert data_input.dataset.digest == meta["data_hash"][:36] and data_input.dataset.name == params["data"]["name"]
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.json", "metrics.json"}
     assert meta["settings"]["outlier_weight"] == DEFAULT_OUTLIER_WEIGHT  # params without the key: the default
     assert meta["heads"]["label"] == 40 and meta["heads"]["factor_shape"] == 5
     assert model.features(torch.rand(2, 3, 16, 16)).shape == (2, meta["feature_dim"])
@@ -236,6 +251,14 @@ def test_evaluate_logs_to_the_training_run(evaluated):
     assert run.data.metrics["eval/recon_mse"] == pytest.approx(out["recon_mse"])
     assert run.data.metrics["eval/iwae_nll"] == pytest.approx(out["iwae_nll"])
     assert run.data.tags["latentforge.eval.primary_metric"] == "eval/iwae_nll"
+    # The evaluation figures are linked to the trained LoggedModel and to the evaluated data set (the run's input).
+    linked = {m.key: m for m in client.get_logged_model(job.train_metrics["mlflow_model_id"]).metrics}
+    assert linked["eval/iwae_nll"].value == pytest.approx(out["iwae_nll"])
+    assert linked["eval/iwae_nll"].dataset_digest == job.manifest["data_hash"][:36]
+    assert linked["eval/iwae_nll"].dataset_name == job.manifest["name"]
+    inputs = {(i.dataset.name, i.dataset.digest, {t.key: t.value for t in i.tags}["mlflow.data.context"])
+              for i in run.inputs.dataset_inputs}
+    assert inputs == {(job.manifest["name"], job.manifest["data_hash"][:36], "evaluation")}
     files = {a.path for a in client.list_artifacts(job.run_id, "evaluate")}
     assert "evaluate/metrics.json" in files
     plots = {a.path for a in client.list_artifacts(job.run_id, "evaluate/plots")}
@@ -281,6 +304,13 @@ def test_missing_inputs_name_the_command_to_run(evaluated, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "unreachable" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "evaluate").exists()
+    # The classifier stage logs its own run: an unreachable store stops it before training, writing nothing.
+    unreachable["classifier"]["output_dir"] = str(tmp_path / "classifier")
+    path.write_text(yaml.safe_dump(unreachable))
+    assert main(["classifier", "--params", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "MLflow tracking store http://127.0.0.1:9 is unreachable" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "classifier").exists()
 
 
 def test_resolve_rejects_bad_evaluate_params(evaluated):

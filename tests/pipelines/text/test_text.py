@@ -354,7 +354,7 @@ def test_train_text_from_a_registered_decoder_version(text_params, tmp_path):
     prepared = Path(params["data"]["output_dir"]) / params["data"]["name"]
     model_dir = tiny_decoder("vae", prepared, tmp_path, steps=2)
     export_model(model_dir, prepared, tmp_path / "export")
-    version = register(tmp_path / "export", params["mlflow"]["tracking_uri"], name="vae-decoder-test")
+    version = register(tmp_path / "export", params["mlflow"]["tracking_uri"], name="vae-decoder-test", data_dir=prepared)
     path, ref = resolve_decoder(params, f"vae-decoder-test/{version.version}")
     assert (ref["name"], ref["version"], ref["source"]) == ("vae-decoder-test", int(version.version), "registry")
     assert ref["sha256"] == resolve_decoder(params, str(model_dir))[1]["sha256"]  # the same weights came back
@@ -387,6 +387,9 @@ def test_register_text_version_names_its_decoder(exported, text_params):
     mlflow.set_tracking_uri(uri)
     try:
         model = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}")
+        # A model from code (pipelines/text/pyfunc_model.py), not a pickled instance.
+        flavor = mlflow.models.get_model_info(f"models:/{version.name}/{version.version}").flavors["python_function"]
+        assert flavor["model_code_path"].endswith("pyfunc_model.py") and "python_model" not in flavor
         import pandas as pd
 
         out1 = model.predict(pd.DataFrame({"text": ["a large red circle in the center"]}), params={"n": 2, "seed": 3})
