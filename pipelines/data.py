@@ -27,6 +27,7 @@ import numpy as np
 from latentforge.pipelines.common.errors import DataError
 from latentforge.pipelines.common.files import sha256_file
 from latentforge.pipelines.common.params import ParamsError, check_keys
+from latentforge.pipelines.common.progress import progress
 
 
 @dataclass
@@ -211,7 +212,7 @@ def load_shapes(num_images: int, seed: int, image_size: int = 32, jitter: int = 
     offsets = rng.integers(-jitter, jitter + 1, size=(num_images, 2)) if jitter > 0 else np.zeros((num_images, 2))
     images = np.empty((num_images, image_size, image_size, 3), dtype=np.uint8)
     captions = []
-    for i in range(num_images):
+    for i in progress(range(num_images), "render shapes", unit="images"):
         values = {k: SHAPE_FACTORS[k][factors[i, j]] for j, k in enumerate(names)}
         images[i] = render_shape(values, image_size, (float(offsets[i, 0]), float(offsets[i, 1])))
         captions.append(shape_caption(values, rng))
@@ -352,7 +353,7 @@ def load_image_folder(path: str, image_size: int = 32, channels: int = 3, seed: 
     mode = "L" if channels == 1 else "RGB"
     images = np.empty((len(files), image_size, image_size, channels), dtype=np.uint8)
     raw = {}
-    for i, p in enumerate(files):
+    for i, p in enumerate(progress(files, f"read {root}", unit="images")):
         try:
             with Image.open(p) as im:
                 im = im.convert(mode).resize((image_size, image_size), Image.BILINEAR)

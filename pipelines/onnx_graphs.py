@@ -22,6 +22,7 @@ import onnx
 import torch
 from torch import Tensor, nn
 
+from latentforge.pipelines.common.progress import progress
 from latentforge.runtime.images import ExportError, onnx_session
 
 OPSET = 18
@@ -77,7 +78,7 @@ def export_graphs(graphs: list[Graph], directory: Path, atol: float, external: b
     (``<graph>.onnx.data``). Raises :class:`ExportError` on the first failure.
     """
     with reuse_onnx_registry():
-        for graph in graphs:
+        for graph in progress(graphs, f"export {len(graphs)} ONNX graphs", unit="graphs"):
             graph.file = f"{graph.name}.onnx"
             export_graph(graph, directory / graph.file, external)
             session = onnx_session(directory / graph.file, spin=False)

@@ -19,6 +19,7 @@ import torch
 from latentforge.models import PretrainedModel
 from latentforge.models.text import CaptionScorer, TextMap, TextMapConfig, freeze, state_digest
 from latentforge.pipelines.common.cluster import quiet_worker_logging
+from latentforge.pipelines.common.progress import progress
 from latentforge.pipelines.imaging import batch_to_tensor
 from latentforge.pipelines.text.captioner import caption, code_bank, fit_captioner, scoring_space
 
@@ -57,7 +58,8 @@ def text_loop_per_worker(cfg: dict[str, Any]) -> None:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["epochs"] * steps)
     rng = np.random.default_rng(cfg["seed"] + rank)
     losses: list[float] = []
-    for epoch in range(cfg["epochs"]):
+    epochs = range(cfg["epochs"])
+    for epoch in progress(epochs, "text map", unit="epochs") if rank == 0 else epochs:
         text_map.train()
         drawn = len(rows) + rng.choice(len(data["embedding"]) - len(rows), size=pseudo_per_epoch, replace=False)
         perm = rng.permutation(np.concatenate([np.arange(len(rows)), drawn]))
