@@ -637,15 +637,15 @@ def decode_batch(batch: dict[str, Any], image_shape: list[int]) -> dict[str, Any
         windows = np.frombuffer(blob, dtype=np.float32).reshape((len(batch["window"]), *image_shape))
         return {
             "series": torch.from_numpy(windows.copy()),
-            "label": torch.as_tensor(batch["label"], dtype=torch.int64),
-            "index": torch.as_tensor(batch["index"], dtype=torch.int64),
+            "label": torch.tensor(batch["label"], dtype=torch.int64),
+            "index": torch.tensor(batch["index"], dtype=torch.int64),
         }
     blob = b"".join(batch["image"])
     images = np.frombuffer(blob, dtype=np.uint8).reshape((len(batch["image"]), *image_shape))
     return {
         "image": batch_to_tensor(images),
-        "label": torch.as_tensor(batch["label"], dtype=torch.int64),
-        "index": torch.as_tensor(batch["index"], dtype=torch.int64),
+        "label": torch.tensor(batch["label"], dtype=torch.int64),
+        "index": torch.tensor(batch["index"], dtype=torch.int64),
     }
 
 

@@ -30,6 +30,7 @@ def connect_ray(num_cpus: int | None = None) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, logging_config=quiet)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", logging_config=quiet)
+    quiet_ray_data()
     print(f"Ray's logs: {ray_log_dir()}", flush=True)
 
 
@@ -77,3 +78,17 @@ def quiet_worker_logging() -> None:
     import logging
 
     logging.getLogger().setLevel(logging.WARNING)
+    quiet_ray_data()
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's console lines in this process at :data:`RAY_CONSOLE_LOG_LEVEL`: each dataset's "execution
+    finished in ..." (two per epoch) and its progress-bar hint stay in its ``ray-data.log`` file. Ray Data
+    configures its ``ray.data`` logger when imported, with a handler named ``console``."""
+    import logging
+
+    import ray.data  # noqa: F401  (its import sets up the handlers changed here)
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.get_name() == "console":
+            handler.setLevel(RAY_CONSOLE_LOG_LEVEL)

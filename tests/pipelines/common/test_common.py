@@ -138,3 +138,23 @@ def test_unreachable_store_raises_the_callers_error() -> None:
 def test_user_errors_keep_their_builtin_bases() -> None:
     assert issubclass(DataError, ValueError) and issubclass(DataError, UserError)
     assert issubclass(TrainingError, RuntimeError) and issubclass(TrainingError, UserError)
+
+
+def test_ray_data_executions_stay_off_the_console_of_a_connected_process(tmp_path: Path) -> None:
+    """connect_ray's process prints no "Dataset ... execution finished" line; Ray Data's log file has it."""
+    import subprocess
+    import sys
+
+    script = (
+        "import ray, ray.data\n"
+        "from latentforge.pipelines.common.cluster import connect_ray, ray_log_dir\n"
+        "connect_ray(num_cpus=1)\n"
+        "ray.data.range(10).materialize()\n"
+        "print('LOGS', ray_log_dir())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "execution finished" not in out.stdout + out.stderr
+    logs = Path(out.stdout.split("LOGS ")[1].strip())
+    assert any("execution finished" in f.read_text(errors="replace") for f in logs.rglob("ray-data*.log"))
