@@ -15,6 +15,7 @@ from pathlib import Path
 from latentforge.pipelines.common.errors import DataError, UserError
 from latentforge.pipelines.common.experiments import DvcExperiment, dvc_experiment
 from latentforge.pipelines.common.params import DEFAULT_PARAMS, ParamsError, apply_overrides, load_params, section
+from latentforge.pipelines.common.progress import quiet_library_bars
 from latentforge.pipelines.common.tracking import tracking_uri
 from latentforge.pipelines.prepare import load_split, prepare
 from latentforge.pipelines.submit import submit_training
@@ -489,6 +490,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def main(argv: list[str] | None = None) -> int:
     """Run the ``latentforge`` command line; returns the exit status (2 for a user error)."""
     args = build_parser().parse_args(argv)
+    quiet_library_bars()
     try:
         return args.func(args)
     except _user_errors() as exc:

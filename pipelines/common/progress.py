@@ -8,6 +8,7 @@ finishes sooner.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import IO, Iterable, Iterator, TypeVar
@@ -76,6 +77,16 @@ def progress(items: Iterable[T], desc: str, total: int | None = None, unit: str 
         for item in items:
             yield item
             bar.update()
+
+
+def quiet_library_bars(stream: IO[str] | None = None) -> None:
+    """When ``stream`` (default stderr) is no terminal, turn off the bars of the libraries a stage calls,
+    which a log file would get as one long line of carriage returns: MLflow's artifact downloads and
+    Hugging Face's (the sentence encoder's "Loading weights"). Their own switches, set only where unset;
+    child processes (Ray workers started here) inherit them."""
+    if not _is_terminal(stream if stream is not None else sys.stderr):
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _is_terminal(stream: IO[str]) -> bool:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import io
+import os
 
-from latentforge.pipelines.common.progress import Progress, progress
+from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
+
+from latentforge.pipelines.common.progress import Progress, progress, quiet_library_bars
 
 
 def test_plain_lines_in_a_log_file_at_most_every_interval() -> None:
@@ -22,3 +25,12 @@ def test_unknown_total() -> None:
     bar = Progress("reading", None, unit="rows", stream=io.StringIO())
     bar.update(7)
     assert bar.line(2.0) == "reading: 7 rows, 3.5 rows/s"
+
+
+def test_library_bars_are_off_when_the_log_is_a_file(monkeypatch, tmp_path):
+    for name in ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        monkeypatch.delenv(name, raising=False)
+    with open(tmp_path / "log.txt", "w") as log:
+        quiet_library_bars(log)
+    assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false" and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+    assert MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.get() is False  # MLflow reads it as off
