@@ -29,7 +29,8 @@ def test_unknown_total() -> None:
 
 def test_library_bars_are_off_when_the_log_is_a_file(monkeypatch, tmp_path):
     for name in ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "HF_HUB_DISABLE_PROGRESS_BARS"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "unset")  # recorded, so that the test's changes are undone after it
+        monkeypatch.delenv(name)
     with open(tmp_path / "log.txt", "w") as log:
         quiet_library_bars(log)
     assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false" and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
