@@ -22,8 +22,6 @@ O(L^2) forward) over a batch of sequences at once.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -101,12 +99,6 @@ class CodePrior(nn.Module):
 
     ``cond_codes``/``cond_size``: when given, the prior is conditioned on a (cond_h, cond_w) map of
     indices in ``[0, cond_codes)`` whose sides divide (height, width) (the top codes of VQ-VAE-2).
-
-    ``cond_features``/``cond_channels``: instead of learning its own embedding of the condition map, the
-    prior reads a fixed function of it: ``cond_features(cond)`` -> (B, cond_channels, height, width) at
-    this prior's grid (VQ-VAE-2's decoded top map, the very features its bottom codes were quantised
-    from), projected to ``dim`` by a 1x1 and a 3x3 conv. The callable is its owner's (not a submodule of
-    the prior, so its weights are saved once, by the owner) and must not carry gradient.
     """
 
     def __init__(
@@ -119,8 +111,6 @@ class CodePrior(nn.Module):
         heads: int = 4,
         cond_codes: int | None = None,
         cond_size: tuple[int, int] | None = None,
-        cond_features: Callable[[Tensor], Tensor] | None = None,
-        cond_channels: int | None = None,
     ):
         super().__init__()
         if dim % heads:
@@ -129,10 +119,6 @@ class CodePrior(nn.Module):
             raise ValueError("give both cond_codes and cond_size, or neither")
         if cond_size is not None and (height % cond_size[0] or width % cond_size[1]):
             raise ValueError(f"cond_size {cond_size} must divide the code map size {(height, width)}")
-        if (cond_features is None) != (cond_channels is None):
-            raise ValueError("give both cond_features and cond_channels, or neither")
-        if cond_features is not None and cond_codes is None:
-            raise ValueError("cond_features reads a condition map: give cond_codes and cond_size too")
         self.num_codes = num_codes
         self.height, self.width = height, width
         self.length = height * width
@@ -145,19 +131,16 @@ class CodePrior(nn.Module):
         self.blocks = nn.ModuleList(_Block(dim, heads) for _ in range(layers))
         self.ln_f = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_codes)
-        self.cond_emb = self.cond_net = self.cond_proj = None
-        self._cond_features = cond_features
-        if cond_features is not None:
-            self.cond_proj = nn.Sequential(
-                nn.Conv2d(cond_channels, dim, 1), nn.GELU(), nn.Conv2d(dim, dim, 3, padding=1)
-            )
-        elif cond_codes is not None:
+        if cond_codes is not None:
             # Embed the condition map, mix each cell with its neighbours (3x3 convs), then upsample to
             # this grid: cheap, and every position gets the top context around it, not only its cell.
             self.cond_emb = nn.Embedding(cond_codes, dim)
             self.cond_net = nn.Sequential(
                 nn.Conv2d(dim, dim, 3, padding=1), nn.GELU(), nn.Conv2d(dim, dim, 3, padding=1)
             )
+        else:
+            self.cond_emb = None
+            self.cond_net = None
         self.apply(self._init)
         nn.init.normal_(self.pos_emb, std=0.02)
         nn.init.normal_(self.bos, std=0.02)
@@ -172,7 +155,7 @@ class CodePrior(nn.Module):
     # -- conditioning ----------------------------------------------------------------------------
     def embed_condition(self, cond: Tensor | None) -> Tensor | None:
         """Per-position conditioning (B, L, dim) from a condition map (B, cond_h, cond_w) int64."""
-        if self.cond_size is None:
+        if self.cond_emb is None:
             if cond is not None:
                 raise ValueError("this prior is unconditional; cond must be None")
             return None
@@ -180,11 +163,8 @@ class CodePrior(nn.Module):
             raise ValueError("this prior is conditional; pass cond of shape (B, %d, %d)" % self.cond_size)
         if cond.dim() != 3 or tuple(cond.shape[1:]) != self.cond_size:
             raise ValueError(f"cond must have shape (B, {self.cond_size[0]}, {self.cond_size[1]}), got {tuple(cond.shape)}")
-        if self._cond_features is not None:
-            c = self.cond_proj(self._cond_features(cond.long()))
-        else:
-            c = self.cond_net(self.cond_emb(cond.long()).permute(0, 3, 1, 2))
-            c = F.interpolate(c, size=(self.height, self.width), mode="nearest")
+        c = self.cond_net(self.cond_emb(cond.long()).permute(0, 3, 1, 2))
+        c = F.interpolate(c, size=(self.height, self.width), mode="nearest")
         return c.flatten(2).transpose(1, 2)
 
     # -- full sequence ---------------------------------------------------------------------------
@@ -248,7 +228,7 @@ class CodePrior(nn.Module):
         position = position.reshape(1)
         x = torch.where(position == 0, self.bos.view(1, -1), self.tok_emb(prev_token.long()))
         x = x + self.pos_emb.index_select(0, position)
-        if self.cond_size is not None:
+        if self.cond_emb is not None:
             if cond_emb is None:
                 raise ValueError("this prior is conditional; pass cond_emb=prior.embed_condition(cond)")
             x = x + cond_emb.index_select(1, position).squeeze(1)

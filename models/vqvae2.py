@@ -44,15 +44,11 @@ from latentforge.models.base import (
     ModelConfig,
     PretrainedModel,
     require_divisible,
-    require_choice,
     require_positive,
 )
 from latentforge.models.blocks import check_phase
 from latentforge.models.priors import CodePrior
 from latentforge.models.quantize import VectorQuantizerEMA, is_exporting
-
-
-BOTTOM_CONDITIONS = ("codes", "decoded_top")
 
 
 @dataclass
@@ -67,10 +63,6 @@ class VQVAE2Config(ModelConfig):
     docstring).
     ``bottom_dropout``: the fraction of training images whose bottom codes the decoder does not see (zeros
     instead), so that the top codes must carry the image's global content (see ``forward``).
-    ``bottom_condition``: what the bottom prior reads of the top codes. ``"codes"`` (the paper's): its own
-    learned embedding of the top indices, upsampled. ``"decoded_top"``: the autoencoder's decoded top map
-    ``dec_t(q_t)`` at the bottom grid, the features the bottom codes were quantised from (frozen for the
-    prior), so that it need not relearn that map from the indices.
     """
 
     image_size: int = 28
@@ -92,7 +84,6 @@ class VQVAE2Config(ModelConfig):
     prior_lr: float = 3e-4
     vq_steps: int = 0
     bottom_dropout: float = 0.0
-    bottom_condition: str = "codes"
 
     def validate(self) -> None:
         super().validate()
@@ -110,7 +101,6 @@ class VQVAE2Config(ModelConfig):
             raise ConfigError(f"VQVAE2Config.dead_threshold must be >= 0, got {self.dead_threshold}")
         if not 0.0 <= self.bottom_dropout < 1.0:
             raise ConfigError(f"VQVAE2Config.bottom_dropout must be in [0, 1), got {self.bottom_dropout}")
-        require_choice(self, "bottom_condition", BOTTOM_CONDITIONS)
         if self.vq_steps < 0:
             raise ConfigError(f"VQVAE2Config.vq_steps must be >= 0, got {self.vq_steps}")
         for name in ("bottom_factor", "top_factor"):
@@ -238,10 +228,7 @@ class VQVAE2(PretrainedModel):
         ht, hb = c.top_size, c.bottom_size
         prior = dict(dim=c.prior_dim, layers=c.prior_layers, heads=c.prior_heads)
         self.prior_top = CodePrior(c.num_codes, ht, ht, **prior)
-        cond: dict = dict(cond_codes=c.num_codes, cond_size=(ht, ht))
-        if c.bottom_condition == "decoded_top":
-            cond.update(cond_features=self._decoded_top, cond_channels=d)
-        self.prior_bottom = CodePrior(c.num_codes, hb, hb, **cond, **prior)
+        self.prior_bottom = CodePrior(c.num_codes, hb, hb, cond_codes=c.num_codes, cond_size=(ht, ht), **prior)
 
     # -- shapes ----------------------------------------------------------------------------------
     @property
@@ -279,12 +266,6 @@ class VQVAE2(PretrainedModel):
     def _decode_raw(self, q_t: Tensor, q_b: Tensor) -> Tensor:
         """Unclamped reconstruction in image units from the quantised maps (the training target's scale)."""
         return (self.dec(torch.cat([q_b, self.up_t(q_t)], dim=1)) + 1) / 2
-
-    def _decoded_top(self, top: Tensor) -> Tensor:
-        """Top indices (B, ht, wt) -> the decoded top map (B, code_dim, hb, wb) that the bottom quantiser
-        reads beside the bottom features: the bottom prior's condition with ``bottom_condition:
-        decoded_top``. Detached: the prior's loss never reaches the autoencoder."""
-        return self.dec_t(self.vq_t.codes_from_indices(top)).detach()
 
     def _latent(self, q_t: Tensor, q_b: Tensor) -> Tensor:
         ratio = self.config.top_factor // self.config.bottom_factor

@@ -11,14 +11,9 @@ from latentforge.models.priors import CodePrior, pick_tokens
 torch.set_num_threads(1)
 
 
-def _prior(conditional: bool | str = False, **kw) -> CodePrior:
-    """conditional: False, True (a learned embedding of a 2x2 map of 5 codes) or "features" (a fixed
-    function of that map at the prior's 4x4 grid, as VQ-VAE-2's decoded top map)."""
+def _prior(conditional: bool = False, **kw) -> CodePrior:
     torch.manual_seed(0)
     cond = dict(cond_codes=5, cond_size=(2, 2)) if conditional else {}
-    if conditional == "features":
-        table = torch.randn(5, 3)
-        cond.update(cond_channels=3, cond_features=lambda c: table[c].permute(0, 3, 1, 2).repeat_interleave(2, 2).repeat_interleave(2, 3))
     return CodePrior(num_codes=7, height=4, width=4, dim=32, layers=2, heads=4, **cond, **kw).eval()
 
 
@@ -35,7 +30,7 @@ def test_forward_shape_and_causality():
     assert not torch.allclose(other[:, 10:], logits[:, 10:])
 
 
-@pytest.mark.parametrize("conditional", [False, True, "features"])
+@pytest.mark.parametrize("conditional", [False, True])
 def test_cached_steps_match_full_forward(conditional):
     prior = _prior(conditional)
     codes = torch.randint(0, 7, (3, 16))
@@ -53,7 +48,7 @@ def test_cached_steps_match_full_forward(conditional):
         prev = codes[:, i]
 
 
-@pytest.mark.parametrize("conditional", [False, True, "features"])
+@pytest.mark.parametrize("conditional", [False, True])
 def test_sample_returns_valid_indices_in_batches(conditional):
     prior = _prior(conditional)
     cond = torch.randint(0, 5, (6, 2, 2)) if conditional else None
@@ -135,29 +130,6 @@ def test_bad_arguments():
         _prior()(torch.zeros(2, 3, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="n must"):
         _prior().sample(0)
-    with pytest.raises(ValueError, match="cond_features and cond_channels"):
-        CodePrior(num_codes=4, height=4, width=4, cond_codes=3, cond_size=(2, 2), cond_channels=3)
-    with pytest.raises(ValueError, match="give cond_codes"):
-        CodePrior(num_codes=4, height=4, width=4, cond_features=lambda c: c, cond_channels=3)
-
-
-def test_feature_conditioned_prior_learns_to_follow_its_condition():
-    """The same task as above, read through a fixed feature map of the condition (one-hot here)."""
-    torch.manual_seed(0)
-    one_hot = lambda c: torch.nn.functional.one_hot(c, 5).float().permute(0, 3, 1, 2).repeat_interleave(2, 2).repeat_interleave(2, 3)
-    prior = CodePrior(num_codes=5, height=4, width=4, dim=32, layers=1, heads=2, cond_codes=5, cond_size=(2, 2),
-                      cond_features=one_hot, cond_channels=5)
-    assert not any("cond_emb" in name for name, _ in prior.named_parameters())
-    opt = torch.optim.Adam(prior.parameters(), lr=3e-3)
-    for _ in range(150):
-        cond = torch.randint(0, 5, (16, 2, 2))
-        loss = prior.loss(cond.repeat_interleave(2, 1).repeat_interleave(2, 2), cond)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    cond = torch.randint(0, 5, (8, 2, 2), generator=torch.Generator().manual_seed(1))
-    codes = prior.eval().sample(8, cond=cond, top_k=1)
-    assert torch.equal(codes, cond.repeat_interleave(2, 1).repeat_interleave(2, 2))
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter: fast, enough here
