@@ -67,6 +67,8 @@ class GANConfig(ModelConfig):
     generator (0 = a plain copy of the live one). ``upsample``: ``"transposed"`` (DCGAN) or ``"nearest"``
     (resize + 3x3 conv). ``r1_weight``: gamma of the R1 penalty gamma/2 * E||grad_x D(x)||^2 on real
     images (0 = off). ``disc_batchnorm``: BatchNorm after every discriminator conv but the first (DCGAN).
+    ``cpu_bf16``: run the training passes (both phases and the EMA statistics refresh) under bfloat16
+    autocast when the model is on CPU; weights, optimiser states, losses and sampling stay float32.
     """
 
     latent_dim: int = 100
@@ -83,6 +85,7 @@ class GANConfig(ModelConfig):
     upsample: str = "transposed"
     r1_weight: float = 0.0
     disc_batchnorm: bool = False
+    cpu_bf16: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -236,6 +239,16 @@ class GAN(PretrainedModel):
         check_phase(self, phase)
         real = batch["image"]
         check_images(real, self.config, "forward")
+        with self._training_autocast(real):
+            return self._phase_loss(real, phase)
+
+    def _training_autocast(self, like: Tensor) -> contextlib.AbstractContextManager:
+        """bfloat16 autocast on CPU when ``cpu_bf16`` is set (the pipeline's ``train.bf16`` covers GPUs only)."""
+        if self.config.cpu_bf16 and like.device.type == "cpu":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _phase_loss(self, real: Tensor, phase: str) -> LossOutput:
         z = torch.randn(real.shape[0], self.config.latent_dim, device=real.device, dtype=real.dtype)
         loss_type = self.config.loss
         if phase == "gen":
@@ -298,7 +311,8 @@ class GAN(PretrainedModel):
         like = next(self.generator_ema.parameters())
         seeded = torch.Generator().manual_seed(step)
         z = standard_normal(EMA_STATS_BATCH, self.config.latent_dim, like, seeded, None)
-        self.generator_ema.train()(z)
+        with self._training_autocast(like):
+            self.generator_ema.train()(z)
         self.generator_ema.eval()
 
     @torch.no_grad()

@@ -320,3 +320,32 @@ def test_disc_batchnorm_normalises_every_conv_but_the_first_and_trains():
     for step in range(3):
         logs = train_step(model, opt, make_batch(seed=step), step)
     assert all(math.isfinite(v) for v in logs.values())
+
+
+def _conv_output_dtypes(module: torch.nn.Module) -> tuple[list[torch.dtype], list]:
+    """The dtypes of every conv output of ``module`` from now on, and the hook handles to remove."""
+    seen: list[torch.dtype] = []
+    handles = [m.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+               for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+    return seen, handles
+
+
+@pytest.mark.parametrize("cpu_bf16", [False, True])
+def test_cpu_bf16_autocasts_the_training_passes_only(cpu_bf16):
+    model = tiny(cpu_bf16=cpu_bf16, upsample="nearest")
+    opt = model.configure_optimizers()
+    seen, handles = _conv_output_dtypes(model)
+    for step in range(3):
+        logs = train_step(model, opt, make_batch(seed=step), step)
+    trained = list(seen)
+    model.eval()
+    seen.clear()
+    images = model.sample(2, generator=torch.Generator().manual_seed(0)).images
+    for h in handles:
+        h.remove()
+    # Both networks and the EMA copy's statistics refresh ran convs; all in bf16 when asked for.
+    assert len(trained) > 0 and set(trained) == {torch.bfloat16 if cpu_bf16 else torch.float32}
+    assert all(math.isfinite(v) for v in logs.values()), logs
+    assert set(seen) == {torch.float32} and images.dtype == torch.float32  # sampling stays float32
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(s["exp_avg"].dtype == torch.float32 for o in opt.values() for s in o.state.values())
