@@ -56,6 +56,15 @@ def captions_from_params(params: dict[str, Any], echo: Callable[[str], None] = p
     data_dir = Path(data["output_dir"]) / data["name"]
     manifest = read_manifest(data_dir)
     check_holdouts(text, manifest)
+    if text["pseudo_ratio"] <= 0:
+        # Nothing to caption (and word attention has no one embedding per caption to train on); the
+        # stage output still exists, saying so, and train-text with pseudo_ratio > 0 refuses it.
+        record = {"key": captions_key(text, manifest), "skipped": "text.pseudo_ratio is 0", "aligned_size": 0,
+                  "unlabelled_count": 0, "cosine": float("nan"), "seconds": 0.0}
+        with atomic_directory(text["captions_dir"]) as tmp:
+            (tmp / "captions.json").write_text(json.dumps(record, indent=2) + "\n")
+        echo(f"caption-text: text.pseudo_ratio is 0, nothing to caption -> {text['captions_dir']}")
+        return record
     return write_captions(text, data_dir, manifest, echo)
 
 
@@ -90,6 +99,8 @@ def check_captions(text: dict[str, Any], manifest: dict[str, Any]) -> dict[str, 
     if not path.is_file():
         raise DataError(f"no pseudo-captions at {text['captions_dir']} (text.pseudo_ratio > 0 needs them): {rerun}")
     record = json.loads(path.read_text())
+    if record.get("skipped"):
+        raise DataError(f"{text['captions_dir']} holds no pseudo-captions ({record['skipped']} when they were made): {rerun}")
     want = captions_key(text, manifest)
     stale = sorted(k for k in want if record["key"].get(k) != want[k])
     if stale:

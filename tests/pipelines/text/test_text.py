@@ -234,7 +234,8 @@ def test_dvc_caption_stage_feeds_every_train_text():
 
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert stages["caption_text"]["outs"] == ["${text.captions_dir}"]
-    assert set(stages["caption_text"]["params"]) == {f"text.{k}" for k in CAPTION_SETTINGS}
+    # pseudo_ratio too: at 0 the stage captions nothing (only says so)
+    assert set(stages["caption_text"]["params"]) == {f"text.{k}" for k in (*CAPTION_SETTINGS, "pseudo_ratio")}
     assert "${text.captions_dir}" in stages["train_text"]["do"]["deps"]
 
 
@@ -256,6 +257,13 @@ def test_missing_or_stale_captions_are_one_line_errors(text_params, tmp_path, ca
     assert main(["train-text", *model, "--set", "captioner_epochs=7"]) == 2
     err = capsys.readouterr().err
     assert "captioner_epochs" in err and "caption-text" in err
+    # caption-text with pseudo_ratio 0 captions nothing (word attention, which has no captioner, needs that)
+    skipped = ["--params", str(path), "--set", "text.pseudo_ratio=0", "--set", f"text.captions_dir={tmp_path / 'skipped'}"]
+    assert main(["caption-text", *skipped]) == 0
+    assert not (tmp_path / "skipped" / "captions.npz").exists()
+    capsys.readouterr()
+    assert main(["train-text", *model, "--set", f"captions_dir={tmp_path / 'skipped'}"]) == 2
+    assert "holds no pseudo-captions" in capsys.readouterr().err
 
 
 def test_tier_b_combinations_never_reach_pseudo_captions_or_the_bank(trained):
