@@ -1,6 +1,7 @@
 """The image captioner that pseudo-captions the unlabelled train images (``text.pseudo_ratio``; trained
-once for every family by the ``caption-text`` stage, :mod:`.captions`), its retrieval space (the cosine that both the bank and reranking score by),
-and the code bank of the train images' code maps (``text.bank``) that it captions for retrieval."""
+once for every family by the ``caption-text`` stage, :mod:`.captions`), its retrieval space (the
+cosine that both the bank and reranking score by), and the code bank of the train images' code maps
+(``text.bank``) that it captions for retrieval."""
 
 from __future__ import annotations
 
