@@ -212,6 +212,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_caption_text(args: argparse.Namespace) -> int:
+    from latentforge.pipelines.text.captions import captions_from_params
+
+    record = captions_from_params(_params(args))
+    print(json.dumps({k: record[k] for k in ("aligned_size", "unlabelled_count", "cosine", "seconds")}))
+    return 0
+
+
 def cmd_train_text(args: argparse.Namespace) -> int:
     from latentforge.pipelines.text.job import experiment_decoder, resolve_text_job
     from latentforge.pipelines.text.train import run_text_training
@@ -424,6 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = stage("evaluate", "evaluate a trained family on the test split -> artifacts/evaluate/<family>/, logged to its MLflow run")
     p.add_argument("--model", required=True, help="model family, e.g. vae, vqvae2, gan, conv_ae, lstm_ae (an unknown name lists them all)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = stage("caption-text", "train the image captioner on the aligned pairs and pseudo-caption the unlabelled train "
+              "images, once for every family's train-text -> artifacts/text-captions")
+    p.set_defaults(func=cmd_caption_text)
 
     p = stage("train-text", "learn f_tau (text -> latent space) on an aligned subset, decoder frozen -> artifacts/text/<family>")
     p.add_argument("--model", required=True, help="the decoder: a family (its artifacts/train/<family>/model), a "

@@ -51,20 +51,14 @@ def prepare_arrays(job: TextJob, echo: Callable[[str], None] = print) -> tuple[d
     (N, *latent) float32 (flat-latent families with an encoder) or ``top`` (N, ht, wt), ``bottom``
     (N, hb, wb) int64 (VQ-VAE-2), and ``row`` (N,) int64, the train-split rows. With ``text.pseudo_ratio``
     > 0 (or a code bank), the same for every other train image (the unlabelled ones) under
-    ``pseudo_``-prefixed keys, without embeddings: the workers caption them (:class:`models.text.ImageCaptioner`).
+    ``pseudo_``-prefixed keys, without embeddings (``train-text`` adds the ``caption-text`` stage's
+    pseudo-captions, :func:`pipelines.text.captions.load_captions`).
     The unlabelled images keep the tier (a) combinations (``text.holdout``) and lose the tier (b) ones
     (``text.holdout_strict``): no pseudo-caption and no bank entry shows those.
     """
     text = job.text
     train = load_split(job.data_dir, "train")
-    holdout = holdout_pairs(text["holdout"], job.manifest)
-    strict = holdout_pairs(text["holdout_strict"], job.manifest)
-    rows = aligned_rows(train["captions"], train["factors"], job.manifest, text["aligned_fraction"], holdout + strict, text["seed"])
-    captions = [str(c) for c in train["captions"][rows]]
-    spec = encoder_spec(text)
-    if spec.get("pooling") == "words" and text["vocab_floor"] is not None:
-        # The aligned captions' words: at serving a word unlike all of them counts less (VocabularyWeights).
-        spec.update(vocabulary=sorted({w for c in captions for w in words_of(c)}), vocab_floor=float(text["vocab_floor"]))
+    rows, captions, spec, holdout, strict = aligned_selection(text, job.manifest, train)
     t0 = time.time()
     arrays: dict[str, np.ndarray] = {**text_features(spec, captions), "image": np.array(train["images"][rows]), "row": rows}
     echo(f"aligned set: {len(rows)} of {len(train['captions'])} train images ({text['aligned_fraction']:g}), "
@@ -76,8 +70,7 @@ def prepare_arrays(job: TextJob, echo: Callable[[str], None] = print) -> tuple[d
     others = np.zeros(0, dtype=np.int64)
     # The unlabelled images: pseudo-captioned for f_tau, and (a code-map decoder with text.bank) the bank's maps.
     if text["pseudo_ratio"] > 0 or (text["bank"] and hasattr(decoder, "decode_indices")):
-        others = np.setdiff1d(np.arange(len(train["captions"])), rows)
-        others = others[~combination_rows(train["factors"][others], job.manifest, strict)]
+        others = unlabelled_rows(train, job.manifest, rows, strict)
         pseudo = {"image": np.array(train["images"][others]), **decoder_targets(decoder, train["images"][others]), "row": others}
         arrays.update({f"pseudo_{k}": v for k, v in pseudo.items()})
     if text["pseudo_ratio"] > 0:
@@ -95,6 +88,29 @@ def prepare_arrays(job: TextJob, echo: Callable[[str], None] = print) -> tuple[d
         "sample_captions": captions[:16],
     }
     return arrays, info
+
+
+def aligned_selection(text: dict[str, Any], manifest: dict[str, Any], train: dict[str, np.ndarray]
+                      ) -> tuple[np.ndarray, list[str], dict[str, Any], list[tuple[int, int]], list[tuple[int, int]]]:
+    """What the aligned set is, whatever the decoder: (its train-split rows, their captions, the encoder
+    spec (with the captions' vocabulary for pooled words), tier (a) and tier (b) held-out pairs)."""
+    holdout = holdout_pairs(text["holdout"], manifest)
+    strict = holdout_pairs(text["holdout_strict"], manifest)
+    rows = aligned_rows(train["captions"], train["factors"], manifest, text["aligned_fraction"], holdout + strict, text["seed"])
+    captions = [str(c) for c in train["captions"][rows]]
+    spec = encoder_spec(text)
+    if spec.get("pooling") == "words" and text["vocab_floor"] is not None:
+        # The aligned captions' words: at serving a word unlike all of them counts less (VocabularyWeights).
+        spec.update(vocabulary=sorted({w for c in captions for w in words_of(c)}), vocab_floor=float(text["vocab_floor"]))
+    return rows, captions, spec, holdout, strict
+
+
+def unlabelled_rows(train: dict[str, np.ndarray], manifest: dict[str, Any], rows: np.ndarray,
+                    strict: list[tuple[int, int]]) -> np.ndarray:
+    """The train-split rows outside the aligned set ``rows``, without the tier (b) combinations ``strict``:
+    the images that are pseudo-captioned and go into the code bank."""
+    others = np.setdiff1d(np.arange(len(train["captions"])), rows)
+    return others[~combination_rows(train["factors"][others], manifest, strict)]
 
 
 def decoder_targets(decoder, images: np.ndarray) -> dict[str, np.ndarray]:

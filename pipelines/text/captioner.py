@@ -1,6 +1,7 @@
-"""On the workers: the image captioner that pseudo-captions the unlabelled train images
-(``text.pseudo_ratio``), its retrieval space (the cosine that both the bank and reranking score by),
-and the code bank of the train images' code maps (``text.bank``) that it captions for retrieval."""
+"""The image captioner that pseudo-captions the unlabelled train images (``text.pseudo_ratio``; trained
+once for every family by the ``caption-text`` stage, :mod:`.captions`), its retrieval space (the
+cosine that both the bank and reranking score by), and the code bank of the train images' code maps
+(``text.bank``) that it captions for retrieval."""
 
 from __future__ import annotations
 
@@ -11,19 +12,16 @@ from latentforge.models.text import CAPTIONER_LR, CAPTIONER_WEIGHT_DECAY, CodeBa
 from latentforge.pipelines.imaging import batch_to_tensor
 
 
-def fit_captioner(images: np.ndarray, embedding: np.ndarray, epochs: int, batch_size: int, per_rank: int,
+def fit_captioner(images: np.ndarray, embedding: np.ndarray, epochs: int, batch_size: int,
                   seed: int) -> tuple[ImageCaptioner, float]:
-    """Train :class:`models.text.ImageCaptioner` on this worker's aligned (image, embedding) pairs (DDP
-    across workers: ``per_rank`` rows each, the same step count on every rank); return it and its last
-    epoch's mean cosine to the captions. ``images`` (N, H, W, C) uint8, ``embedding`` (N, E) float32."""
-    # Imported here: only a Ray Train worker runs this, and importing this module must not load ray.
-    import ray.train.torch
-
+    """Train :class:`models.text.ImageCaptioner` on the aligned (image, embedding) pairs, in this process
+    (the ``caption-text`` stage, once for every family); return it and its last epoch's mean cosine to
+    the captions. ``images`` (N, H, W, C) uint8, ``embedding`` (N, E) float32."""
+    torch.manual_seed(seed)
     captioner = ImageCaptioner(images.shape[-1], embedding.shape[1])
-    wrapped = ray.train.torch.prepare_model(captioner)
     optimizer = torch.optim.AdamW(captioner.parameters(), CAPTIONER_LR, weight_decay=CAPTIONER_WEIGHT_DECAY)
-    batch_size = max(1, min(batch_size, per_rank))
-    steps = max(1, per_rank // batch_size)
+    batch_size = max(1, min(batch_size, len(images)))
+    steps = max(1, len(images) // batch_size)
     rng = np.random.default_rng(seed)
     cosine = 0.0
     for _ in range(epochs):
@@ -32,7 +30,7 @@ def fit_captioner(images: np.ndarray, embedding: np.ndarray, epochs: int, batch_
         for s in range(steps):
             idx = np.sort(perm[s * batch_size:(s + 1) * batch_size])
             target = torch.from_numpy(embedding[idx])
-            loss = 1 - (wrapped(batch_to_tensor(images[idx])) * torch.nn.functional.normalize(target, dim=-1)).sum(-1).mean()
+            loss = 1 - (captioner(batch_to_tensor(images[idx])) * torch.nn.functional.normalize(target, dim=-1)).sum(-1).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -128,6 +128,11 @@ def evaluate_text(text_dir: str | Path, classifier_dir: str | Path, prepared_dir
     metrics.update(classifier_trust(classifier_dir, heads))
     sets = prompt_sets(record, manifest, train, count, seed)
     train_pixels = batch_to_tensor(np.array(train["images"])).flatten(1)
+    # The nearest train image of a sample is the nearest distinct one: shapes repeats images (9600 train
+    # images, 6123 distinct), and the copy rates compare each sample with every distinct image only once.
+    distinct_pixels = batch_to_tensor(np.unique(np.array(train["images"]), axis=0)).flatten(1)
+    # Each prompt set's text inputs, encoded once for all modes and temperatures (the encoder is deterministic).
+    encoded = {name: encode_chunks(record["text_encoder"], prompts) for name, (prompts, _, _) in sets.items()}
     rows = np.asarray(record["aligned"]["aligned_rows"])[:count]
     with torch.no_grad():
         ceiling, metrics["ceiling_method"] = reconstructions(decoder, train, rows, seed)
@@ -141,7 +146,7 @@ def evaluate_text(text_dir: str | Path, classifier_dir: str | Path, prepared_dir
             # What a perfect generator scores: held-out real images under the same threshold. On a data set
             # with few distinct images (shapes repeats train images in val) a real new image is often a "copy".
             val = load_split(prepared_dir, "val")["images"][:REAL_COPY_IMAGES]
-            metrics["copy_rate_real"] = copy_rate(batch_to_tensor(np.array(val)), train_pixels, threshold)
+            metrics["copy_rate_real"] = copy_rate(batch_to_tensor(np.array(val)), distinct_pixels, threshold)
         metrics["copy_threshold"] = threshold
         generator = torch.Generator().manual_seed(seed)
         for mode in modes:
@@ -150,12 +155,13 @@ def evaluate_text(text_dir: str | Path, classifier_dir: str | Path, prepared_dir
                     continue  # the k samples at the mode are one image: nothing to rank
                 prefix = f"{mode}_t{temperature:g}"
                 for name, (prompts, targets, stated) in sets.items():
-                    images = decode_prompts(mode, text_map, decoder, scorer, record, prompts, n, temperature, generator)
+                    images = decode_prompts(mode, text_map, decoder, scorer, record, prompts, n, temperature, generator,
+                                            encoded[name])
                     flat = images.flatten(0, 1)
                     logits = read(classifier, flat)
                     used = [heads.index(f"factor_{f}") if f != LABEL_HEAD else 0 for f in stated]
                     score(metrics, f"{prefix}_{name}", logits, np.repeat(targets[:, used], n, axis=0), [heads[j] for j in used])
-                    metrics[f"{prefix}_{name}_copy_rate"] = None if threshold is None else copy_rate(flat, train_pixels, threshold)
+                    metrics[f"{prefix}_{name}_copy_rate"] = None if threshold is None else copy_rate(flat, distinct_pixels, threshold)
                     if name == "free" and n > 1:
                         free_entropy(metrics, prefix, logits, n, manifest)
                 if f"{prefix}_paraphrase_per_factor" in metrics:
@@ -185,14 +191,19 @@ def classifier_trust(classifier_dir: str | Path, heads: list[str]) -> dict[str, 
             "classifier_trusted": bool(used) and min(used) >= CLASSIFIER_MIN_ACCURACY}
 
 
+def encode_chunks(spec: dict[str, Any], prompts: list[str]) -> list[dict[str, torch.Tensor]]:
+    """The text inputs (:func:`pipelines.text.encoders.text_tensors`) of ``prompts``, :data:`CHUNK` at a time."""
+    return [text_tensors(spec, prompts[i:i + CHUNK]) for i in range(0, len(prompts), CHUNK)]
+
+
 def decode_prompts(mode: str, text_map, decoder, scorer, record: dict[str, Any], prompts: list[str], n: int,
-                   temperature: float, generator: torch.Generator) -> torch.Tensor:
+                   temperature: float, generator: torch.Generator,
+                   encoded: list[dict[str, torch.Tensor]] | None = None) -> torch.Tensor:
     """(N, n, C, H, W) images for N prompts in ``mode``: ``generate`` (:meth:`TextMap.generate`), ``retrieve``
     (:meth:`TextMap.retrieve`, training images) or ``rerank`` (:data:`RERANK_K` generated samples, the n the
-    ``scorer`` ranks best)."""
+    ``scorer`` ranks best). ``encoded``: the prompts' :func:`encode_chunks`, when already computed."""
     out = []
-    for i in range(0, len(prompts), CHUNK):
-        inputs = text_tensors(record["text_encoder"], prompts[i:i + CHUNK])
+    for inputs in encoded if encoded is not None else encode_chunks(record["text_encoder"], prompts):
         emb, mask = inputs["embedding"], inputs.get("mask")
         if mode == "retrieve":
             out.append(text_map.retrieve(decoder, emb, n, temperature, generator, mask)[0])

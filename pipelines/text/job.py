@@ -48,6 +48,7 @@ TEXT_SCHEMA: dict[str, Any] = {
     "cpus_per_worker": (int, float),
     "seed": int,
     "output_dir": str,
+    "captions_dir": str,
     "eval_prompts": int,
 }
 BANK_SPACES = ("residuals", "captions")  # what text.bank_whitening whitens (models.text.retrieval_space)
@@ -124,8 +125,13 @@ def resolve_text_job(params: dict[str, Any], model: str, overrides: list[str] | 
     manifest = read_manifest(data_dir)
     check_data(decoder_dir, meta, ref, data_dir, manifest)
     check_holdouts(text, manifest)
+    if text["pseudo_ratio"] > 0:
+        # Imported here: pipelines.text.captions imports this module (through .aligned).
+        from latentforge.pipelines.text.captions import check_captions
 
-    digest_key = {k: text[k] for k in TEXT_SCHEMA if k not in ("num_workers", "cpus_per_worker", "output_dir", "eval_prompts")}
+        check_captions(text, manifest)
+
+    digest_key = {k: text[k] for k in TEXT_SCHEMA if k not in ("num_workers", "cpus_per_worker", "output_dir", "captions_dir", "eval_prompts")}
     digest_key.update(decoder=ref.get("sha256"), data=manifest["data_hash"])
     digest = hashlib.sha256(json.dumps(digest_key, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return TextJob(

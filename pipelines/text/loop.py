@@ -21,7 +21,8 @@ from latentforge.models.text import CaptionScorer, TextMap, TextMapConfig, freez
 from latentforge.pipelines.common.cluster import quiet_worker_logging
 from latentforge.pipelines.common.progress import progress
 from latentforge.pipelines.imaging import batch_to_tensor
-from latentforge.pipelines.text.captioner import caption, code_bank, fit_captioner, scoring_space
+from latentforge.pipelines.text.captioner import code_bank, scoring_space
+from latentforge.pipelines.text.captions import captioner_from_bytes
 
 
 def text_loop_per_worker(cfg: dict[str, Any]) -> None:
@@ -44,13 +45,13 @@ def text_loop_per_worker(cfg: dict[str, Any]) -> None:
     n_aligned = len(arrays["embedding"])
     rows = np.arange(n_aligned)[rank::world]
     # This worker's rows: its shard of the aligned set, then (pseudo_ratio > 0) its shard of the
-    # unlabelled images with the captioner's embeddings; an epoch is every aligned row plus a fresh draw
-    # of pseudo_ratio times as many pseudo-captioned ones.
+    # unlabelled images with the captioner's embeddings (the caption-text stage's); an epoch is every
+    # aligned row plus a fresh draw of pseudo_ratio times as many pseudo-captioned ones.
     data = {k: v[rows] for k, v in arrays.items() if not k.startswith("pseudo_")}
     logger = _mlflow_client(cfg["tracking_uri"]) if rank == 0 else None
     captioner, pseudo_per_epoch = None, 0
-    if cfg["pseudo_ratio"] > 0 and "pseudo_image" in arrays:
-        captioner, data, pseudo_per_epoch = _add_pseudo_captions(cfg, data, rank, world, logger)
+    if cfg["pseudo_ratio"] > 0 and "pseudo_embedding" in arrays:
+        captioner, data, pseudo_per_epoch = _add_pseudo_captions(cfg, data, rank, world)
     # Steps from the global counts, so that every DDP rank takes the same number.
     per_epoch = max(1, n_aligned // world + pseudo_per_epoch)
     batch_size = min(cfg["batch_size"], per_epoch)
@@ -114,25 +115,18 @@ def _log_metrics(logger, run_id: str, metrics: dict[str, float], step: int) -> N
     logger.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
 
 
-def _add_pseudo_captions(cfg: dict[str, Any], data: dict[str, np.ndarray], rank: int, world: int,
-                         logger) -> tuple[Any, dict[str, np.ndarray], int]:
-    """Train the captioner on this worker's aligned pairs and caption its shard of the unlabelled images:
-    (captioner, ``data`` with those images appended, pseudo-captioned rows to draw per epoch)."""
+def _add_pseudo_captions(cfg: dict[str, Any], data: dict[str, np.ndarray], rank: int,
+                         world: int) -> tuple[Any, dict[str, np.ndarray], int]:
+    """This worker's shard of the unlabelled images with their pseudo-captions (the ``caption-text``
+    stage's, shipped in ``cfg``): (the captioner, ``data`` with them appended, pseudo-captioned rows to
+    draw per epoch)."""
     arrays = cfg["arrays"]
     n_aligned = len(arrays["embedding"])
-    t_caption = time.time()
     shard = np.arange(len(arrays["pseudo_image"]))[rank::world]
     pseudo = {k[len("pseudo_"):]: v[shard] for k, v in arrays.items() if k.startswith("pseudo_")}
-    captioner, cosine = fit_captioner(data["image"], data["embedding"], cfg["captioner_epochs"], cfg["batch_size"],
-                                      n_aligned // world, cfg["seed"])
-    pseudo["embedding"] = caption(captioner, pseudo["image"])
     data = {k: np.concatenate([data[k], pseudo[k]]) for k in data}
     pseudo_per_epoch = min(len(shard), int(round(cfg["pseudo_ratio"] * (n_aligned // world))))
-    if logger is not None:
-        _log_metrics(logger, cfg["run_id"], {"captioner/cosine": cosine}, 0)
-        print(f"[latentforge] captioner: cosine {cosine:.3f} to the aligned captions; {len(shard)} images captioned "
-              f"in {time.time() - t_caption:.1f}s", flush=True)
-    return captioner, data, pseudo_per_epoch
+    return captioner_from_bytes(cfg["captioner_file"]), data, pseudo_per_epoch
 
 
 def _train_epoch(wrapped: torch.nn.Module, optimizer: torch.optim.Optimizer, sched, data: dict[str, np.ndarray],
@@ -165,7 +159,8 @@ def _log_epoch(logger, cfg: dict[str, Any], epoch: int, epoch_logs: dict[str, fl
 def _report_final(rank: int, cfg: dict[str, Any], text_map: TextMap, decoder, captioner, state: dict[str, Any],
                   metrics: dict[str, Any]) -> None:
     """The one ``ray.train.report``: rank 0 attaches the checkpoint (``text_map/``, ``decoder/``,
-    ``captioner.safetensors`` when a captioner was trained (reranking scores with it), ``bank.npz`` with
+    ``captioner.safetensors`` with pseudo-captions (the caption-text stage's captioner and its retrieval
+    space: reranking scores with it), ``bank.npz`` with
     ``bank``, ``state.json``: ``state`` and the decoder's digest now)."""
     import ray.train
 

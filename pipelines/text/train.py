@@ -7,7 +7,8 @@ user can get wrong before Ray starts; :func:`run_text_training` then
 
 1. builds the aligned set (:mod:`.aligned`): ``text.aligned_fraction`` of the captioned train images,
    with every image of the ``text.holdout`` (shape, colour) combinations left out (they test
-   composition in ``evaluate-text``);
+   composition in ``evaluate-text``), and reads the other images' pseudo-captions, which the
+   ``caption-text`` stage made once for every family (:mod:`.captions`);
 2. embeds the captions (:mod:`.encoders`: MiniLM through sentence-transformers offline, or the hashed
    n-gram encoder) and computes the targets with the frozen model: the encoder's mean (flat latents) or
    the codes (VQ-VAE-2);
@@ -36,6 +37,7 @@ from latentforge.pipelines.common.cluster import connect_ray, train_logging_conf
 from latentforge.pipelines.common.errors import TrainingError
 from latentforge.pipelines.common.tracking import experiment_id, git_commit, mlflow_client
 from latentforge.pipelines.text.aligned import prepare_arrays
+from latentforge.pipelines.text.captions import load_captions
 from latentforge.pipelines.text.job import TextJob
 from latentforge.pipelines.text.loop import text_loop_per_worker
 from latentforge.pipelines.text.outputs import prompt_grid, write_outputs
@@ -48,9 +50,10 @@ def run_text_training(job: TextJob, echo: Callable[[str], None] = print) -> dict
     """Train f_tau for ``job`` on Ray Train; write the stage output; return a summary."""
     client = mlflow_client(job.tracking_uri)
     arrays, info = prepare_arrays(job, echo)
+    captioner_file, captions = add_pseudo_captions(job, arrays, echo)
     decoder = PretrainedModel.from_pretrained(job.decoder_dir)
     text_map = build_text_map(decoder, arrays, job.text)
-    run_id = start_run(client, job, text_map, info)
+    run_id = start_run(client, job, text_map, info, captions)
     t = job.text
     echo(f"starting {job.run_name}: f_tau ({text_map.config.kind}) for {job.family} on {info['aligned_size']} aligned pairs, "
          f"{t['num_workers']} worker(s); MLflow run {run_id}")
@@ -58,7 +61,7 @@ def run_text_training(job: TextJob, echo: Callable[[str], None] = print) -> dict
     decoder_files = {name: (Path(job.decoder_dir) / name).read_bytes() for name in ("config.json", "model.safetensors")}
     connect_ray()
     t0 = time.time()
-    result = _fit(job, client, run_id, loop_config(job, arrays, decoder_files, text_map, run_id))
+    result = _fit(job, client, run_id, loop_config(job, arrays, decoder_files, captioner_file, text_map, run_id))
     with result.checkpoint.as_directory() as ckpt:
         state = json.loads((Path(ckpt) / "state.json").read_text())
         if state["decoder_before"] != state["decoder_after"] and not t["finetune_decoder"]:
@@ -73,6 +76,18 @@ def run_text_training(job: TextJob, echo: Callable[[str], None] = print) -> dict
     return summary
 
 
+def add_pseudo_captions(job: TextJob, arrays: dict[str, np.ndarray],
+                        echo: Callable[[str], None] = print) -> tuple[bytes | None, dict[str, Any] | None]:
+    """With ``text.pseudo_ratio`` > 0: add the ``caption-text`` stage's pseudo-captions of the unlabelled
+    images to ``arrays`` (``pseudo_embedding``, rows as ``pseudo_row``); return (its captioner file's
+    bytes, its ``captions.json`` record); else (None, None)."""
+    if job.text["pseudo_ratio"] <= 0:
+        return None, None
+    arrays["pseudo_embedding"], blob, record = load_captions(job.text, job.manifest, arrays["pseudo_row"])
+    echo(f"pseudo-captions from {job.text['captions_dir']} (captioner cosine {record['cosine']:.3f} to the aligned captions)")
+    return blob, record
+
+
 def build_text_map(decoder: PretrainedModel, arrays: dict[str, np.ndarray], text: dict[str, Any]) -> TextMap:
     """f_tau for ``decoder`` from the ``text`` settings: over codes for a code-map decoder, with word
     attention when the arrays carry a word ``mask``; its input width is the embeddings' last axis."""
@@ -84,9 +99,10 @@ def build_text_map(decoder: PretrainedModel, arrays: dict[str, np.ndarray], text
                         latent_weight=float(text["latent_weight"]), lr=float(text["lr"]), seed=text["seed"])
 
 
-def start_run(client, job: TextJob, text_map: TextMap, info: dict[str, Any]) -> str:
+def start_run(client, job: TextJob, text_map: TextMap, info: dict[str, Any], captions: dict[str, Any] | None = None) -> str:
     """Create the MLflow run of ``job`` (tagged with the data and the decoder it trains against), log
-    its settings and the aligned set's size; return its id."""
+    its settings, the aligned set's size and, with pseudo-captions (``captions``: their ``captions.json``),
+    the captioner's cosine to the aligned captions; return its id."""
     from mlflow.entities import Metric, Param
 
     exp_id = experiment_id(client, job.experiment, job.tracking_uri)
@@ -103,19 +119,22 @@ def start_run(client, job: TextJob, text_map: TextMap, info: dict[str, Any]) -> 
     flat.update({"family": job.family, "encoder": info["text_encoder"]["kind"], "aligned_size": info["aligned_size"],
                  "pseudo_count": info["pseudo_count"],
                  "holdout": info["holdout"], "decoder": job.decoder_ref.get("name") or job.decoder_ref["path"]})
-    client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in flat.items()],
-                     metrics=[Metric("aligned_size", info["aligned_size"], int(time.time() * 1000), 0)])
+    now = int(time.time() * 1000)
+    metrics = [Metric("aligned_size", info["aligned_size"], now, 0)]
+    if captions is not None:
+        metrics.append(Metric("captioner/cosine", captions["cosine"], now, 0))
+    client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in flat.items()], metrics=metrics)
     return run_id
 
 
-def loop_config(job: TextJob, arrays: dict[str, np.ndarray], decoder_files: dict[str, bytes], text_map: TextMap,
-                run_id: str) -> dict[str, Any]:
+def loop_config(job: TextJob, arrays: dict[str, np.ndarray], decoder_files: dict[str, bytes], captioner_file: bytes | None,
+                text_map: TextMap, run_id: str) -> dict[str, Any]:
     """The ``train_loop_config`` of :func:`pipelines.text.loop.text_loop_per_worker`."""
     t = job.text
     return {
-        "arrays": arrays, "decoder_files": decoder_files, "text_map_config": text_map.config.to_dict(),
+        "arrays": arrays, "decoder_files": decoder_files, "captioner_file": captioner_file, "text_map_config": text_map.config.to_dict(),
         "epochs": t["epochs"], "batch_size": t["batch_size"], "seed": t["seed"],
-        "pseudo_ratio": float(t["pseudo_ratio"]), "captioner_epochs": t["captioner_epochs"],
+        "pseudo_ratio": float(t["pseudo_ratio"]),
         "bank": bool(t["bank"]) and text_map.config.kind == "codes", "bank_text_weight": float(t["bank_text_weight"]),
         "bank_whitening": None if t["bank_whitening"] is None else float(t["bank_whitening"]), "bank_space": t["bank_space"],
         "finetune_decoder": t["finetune_decoder"], "finetune_lr_scale": float(t["finetune_lr_scale"]),

@@ -38,7 +38,8 @@ def _register_text_model(registry, decoder: str, with_bank_and_captioner: bool):
     params = load_params(REPO / "params.yaml")
     params["data"]["output_dir"] = str(registry["prepared"].parent)
     params["mlflow"]["tracking_uri"] = uri
-    params["text"].update(encoder="hashed", hashed_dim=128, aligned_fraction=0.5, output_dir=str(root / "text"))
+    # pseudo_ratio 0: nothing is trained here (the captioner below is built by hand), so no caption-text output.
+    params["text"].update(encoder="hashed", hashed_dim=128, aligned_fraction=0.5, pseudo_ratio=0.0, output_dir=str(root / "text"))
     job = resolve_text_job(params, decoder)
     arrays, info = prepare_arrays(job, echo=lambda s: None)
     model = PretrainedModel.from_pretrained(job.decoder_dir)

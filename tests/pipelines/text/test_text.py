@@ -40,8 +40,11 @@ def text_params(project):
     params = json.loads(json.dumps(params))
     params["text"].update(encoder="hashed", hashed_dim=256, aligned_fraction=0.5, epochs=4, batch_size=16,
                           hidden_dim=32, num_workers=1, cpus_per_worker=1, output_dir=str(root / "text"), eval_prompts=40,
-                          pseudo_ratio=1.0, captioner_epochs=5)
+                          pseudo_ratio=1.0, captioner_epochs=5, captions_dir=str(root / "captions"))
     params["evaluate"]["output_dir"] = str(root / "evaluate")
+    from latentforge.pipelines.text.captions import captions_from_params
+
+    captions_from_params(params, echo=lambda s: None)  # the caption_text stage, shared by every family's train-text
     return root, params
 
 
@@ -196,6 +199,71 @@ def test_train_text_cli_bad_input_is_one_line_exit_2(text_params, tmp_path, caps
                        ("bank_whitening=0", "bank_whitening"), ("bank_space=words", "bank_space")):
         assert main(["train-text", "--params", str(path), "--model", "vae", "--set", bad]) == 2
         assert field in capsys.readouterr().err
+
+
+def test_train_text_reads_the_shared_captions(trained, text_params):
+    """caption-text captions the unlabelled images once; every family's train-text trains on those
+    pseudo-captions and keeps that captioner (the one reranking scores with), not one of its own."""
+    from mlflow.tracking import MlflowClient
+
+    from latentforge.models.text import CaptionScorer
+
+    _, params = text_params
+    folder = Path(params["text"]["captions_dir"])
+    stored = json.loads((folder / "captions.json").read_text())
+    with np.load(folder / "captions.npz") as f:
+        rows, embedding = f["row"], f["embedding"]
+    assert np.allclose(np.linalg.norm(embedding, axis=1), 1.0, atol=1e-5)
+    shared = CaptionScorer.load(folder / "captioner.safetensors").captioner.state_dict()
+    for family, (job, summary) in trained.items():
+        record = json.loads((Path(summary["output_dir"]) / "text.json").read_text())
+        assert record["aligned"]["unlabelled_rows"] == rows.tolist() and record["aligned"]["pseudo_count"] == len(rows)
+        kept = CaptionScorer.load(Path(summary["output_dir"]) / "captioner.safetensors").captioner.state_dict()
+        assert all(torch.equal(shared[k], kept[k]) for k in shared), family
+        run = MlflowClient(params["mlflow"]["tracking_uri"]).get_run(summary["mlflow_run_id"])
+        assert run.data.metrics["captioner/cosine"] == pytest.approx(stored["cosine"])
+
+
+def test_dvc_caption_stage_feeds_every_train_text():
+    """dvc.yaml: caption_text reruns when any setting the captions depend on changes, and every family's
+    train_text depends on its output (so DVC runs it first)."""
+    import yaml
+
+    from latentforge.pipelines.text.captions import CAPTION_SETTINGS
+    from tests.pipelines.conftest import REPO
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert stages["caption_text"]["outs"] == ["${text.captions_dir}"]
+    # pseudo_ratio too: at 0 the stage captions nothing (only says so)
+    assert set(stages["caption_text"]["params"]) == {f"text.{k}" for k in (*CAPTION_SETTINGS, "pseudo_ratio")}
+    assert "${text.captions_dir}" in stages["train_text"]["do"]["deps"]
+
+
+def test_missing_or_stale_captions_are_one_line_errors(text_params, tmp_path, capsys):
+    """train-text with pseudo_ratio > 0 refuses to start without the caption-text stage's output, or with
+    one made from other settings, and says what to run."""
+    import yaml
+
+    from latentforge.pipelines.cli import main
+
+    _, params = text_params
+    prepared = Path(params["data"]["output_dir"]) / params["data"]["name"]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    model = ["--model", str(tiny_decoder("vae", prepared, tmp_path, steps=1)), "--params", str(path)]
+    assert main(["train-text", *model, "--set", f"captions_dir={tmp_path / 'none'}"]) == 2
+    err = capsys.readouterr().err
+    assert "no pseudo-captions" in err and "caption-text" in err
+    assert main(["train-text", *model, "--set", "captioner_epochs=7"]) == 2
+    err = capsys.readouterr().err
+    assert "captioner_epochs" in err and "caption-text" in err
+    # caption-text with pseudo_ratio 0 captions nothing (word attention, which has no captioner, needs that)
+    skipped = ["--params", str(path), "--set", "text.pseudo_ratio=0", "--set", f"text.captions_dir={tmp_path / 'skipped'}"]
+    assert main(["caption-text", *skipped]) == 0
+    assert not (tmp_path / "skipped" / "captions.npz").exists()
+    capsys.readouterr()
+    assert main(["train-text", *model, "--set", f"captions_dir={tmp_path / 'skipped'}"]) == 2
+    assert "holds no pseudo-captions" in capsys.readouterr().err
 
 
 def test_tier_b_combinations_never_reach_pseudo_captions_or_the_bank(trained):
@@ -501,15 +569,17 @@ def test_labelled_data_feeds_text_training_and_reports_class_accuracy(text_param
     from latentforge.pipelines.prepare import prepare
     from latentforge.pipelines.text.job import resolve_text_job
     from latentforge.pipelines.text.train import run_text_training
+    from latentforge.pipelines.text.captions import captions_from_params
     from latentforge.pipelines.text.evaluate import evaluate_text
 
     _, base = text_params
     params = json.loads(json.dumps(base))
     params["data"].update(name="digits", source="digits", output_dir=str(tmp_path / "prepared"))
     params["data"]["digits"]["image_size"] = 16
-    params["text"]["output_dir"] = str(tmp_path / "text")
+    params["text"].update(output_dir=str(tmp_path / "text"), captions_dir=str(tmp_path / "captions"))
     params["classifier"].update(epochs=1, widths=[8], feature_dim=16, output_dir=str(tmp_path / "clf"))
     prepare(params)
+    captions_from_params(params, echo=lambda s: None)
     prepared = tmp_path / "prepared" / "digits"
     captions = load_split(prepared, "train")["captions"]
     assert all(c.strip() for c in captions) and "seven" in " ".join(captions)  # every image captioned from its class
